@@ -1,0 +1,364 @@
+"""Run configuration: YAML files in configs/ parsed into typed dataclasses, with dotted overrides.
+
+One dataclass per component (STYLE.md); the root `RunConfig` holds them. Each component receives
+only its own section. `load_config(path, overrides)` reads the YAML, resolves the model preset,
+applies `key.sub=value` overrides, and validates everything with pydantic before anything starts:
+an unknown key, a wrong type or an out-of-range value raises `ConfigError`, whose message is one
+line naming the file (or the override), the dotted key and what is allowed.
+
+Test: `pytest tests/orchestrator/test_orch_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+_STRICT = ConfigDict(extra="forbid")
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message is one line naming the file and key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Component configs owned by the orchestrator. ModelArgs, DataConfig and RewardConfig live in
+# their own packages and are embedded below.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """Where metrics go: always metrics.jsonl in the run directory, plus Weights & Biases."""
+
+    __pydantic_config__ = _STRICT
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline unless asked
+    project: str = "sputnik"
+    entity: Optional[str] = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    log_every: PositiveInt = 1  # steps between metric records
+    heatmap_every: PositiveInt = 50  # steps between expert-load heatmaps / rollout tables
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    """How to reach Ray and what each role asks for. address None = start an embedded local Ray."""
+
+    __pydantic_config__ = _STRICT
+    address: Optional[str] = None  # "auto" inside `ray job submit`; None starts Ray locally
+    num_cpus: Optional[PositiveInt] = None  # for the embedded Ray (None = all cores)
+    host: str = "127.0.0.1"  # embedded Ray binds here
+    storage_path: Optional[str] = None  # shared storage for multi-node checkpoints (NFS, s3://)
+    cpus_per_learner: PositiveFloat = 0.5
+    gpus_per_learner: NonNegFloat = 0.0
+    cpus_per_sampler: PositiveFloat = 0.25
+    gpus_per_sampler: NonNegFloat = 0.0
+    cpus_per_evaluator: PositiveFloat = 0.25
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Ray Train + DeepSpeed pretraining (issue 7)."""
+
+    __pydantic_config__ = _STRICT
+    workers: PositiveInt = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: bool = False  # FP8 block-scaled linears (Triton on GPU, emulated on CPU)
+    offload_optimizer: bool = False
+    micro_batch_size: PositiveInt = 8  # sequences per worker per micro-step
+    grad_accum: PositiveInt = 1
+    steps: PositiveInt = 200
+    lr: PositiveFloat = 3e-3
+    min_lr_ratio: Fraction = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: NonNegInt = 20
+    weight_decay: NonNegFloat = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: NonNegFloat = 1.0
+    activation_checkpointing: bool = False
+    expert_parallel: PositiveInt = 1
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
+    max_failures: NonNegInt = 0
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """Sampling settings of the RolloutSampler actors."""
+
+    __pydantic_config__ = _STRICT
+    num_samplers: PositiveInt = 1
+    max_new_tokens: PositiveInt = 128
+    temperature: NonNegFloat = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """The GRPO loop (issue 8)."""
+
+    __pydantic_config__ = _STRICT
+    steps: PositiveInt = 50
+    prompts_per_step: PositiveInt = 16
+    group_size: Annotated[int, Field(ge=2)] = 8
+    learners: PositiveInt = 1
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    epochs: PositiveInt = 1
+    minibatch_size: PositiveInt = 64  # completions per optimizer step
+    lr: PositiveFloat = 5e-4
+    grad_clip: NonNegFloat = 1.0
+    advantage_scale: Literal["std", "none"] = "std"
+    aggregation: Literal["token", "sequence"] = "token"
+    clip_low: Fraction = 0.2
+    clip_high: Fraction = 0.28
+    kl_beta: NonNegFloat = 0.0  # 0 skips the reference model entirely
+    entropy_coef: NonNegFloat = 0.0
+    reference: Literal["colocated", "actor"] = "colocated"
+    dynamic_sampling: bool = False
+    max_refill_rounds: NonNegInt = 2
+    overlong: Literal["none", "filter", "penalty"] = "none"
+    mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
+    num_evaluators: PositiveInt = 1
+    eval_every: PositiveInt = 10
+    heldout_size: PositiveInt = 64
+    checkpoint_every: PositiveInt = 25
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """`sputnik eval`: score a checkpoint on a task table."""
+
+    __pydantic_config__ = _STRICT
+    checkpoint: Optional[str] = None  # a run directory, a checkpoint directory or an HF directory
+    tasks: Optional[str] = None  # a task table (jsonl/parquet) or a generator name
+    samples_per_task: PositiveInt = 1  # n in pass@k
+    k: list[PositiveInt] = dataclasses.field(default_factory=lambda: [1])
+    limit: Optional[PositiveInt] = None  # score only the first N tasks
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The root: everything one `sputnik` command needs."""
+
+    __pydantic_config__ = _STRICT
+    name: str = "run"
+    seed: NonNegInt = 0
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rewards: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['grpo.group_size=8', 'name=x'] -> {'grpo.group_size': 8, 'name': 'x'} (values as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def resolve_model_preset(model: Any, source: str) -> dict[str, Any]:
+    """`model: tiny` or `model: {preset: tiny, dim: 256}` -> the preset's fields with overrides."""
+    if isinstance(model, str):
+        model = {"preset": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{source}: key 'model' must be a preset name or a mapping")
+    model = dict(model)
+    preset = model.pop("preset", None)
+    if preset is None:
+        return model
+    path = Path(preset) if str(preset).endswith((".yaml", ".yml")) else CONFIG_DIR / "models" / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"{source}: key 'model.preset' names unknown preset {preset!r} (known: {', '.join(known)})")
+    return {**_read_yaml(path, "model preset"), **model}
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(tp: Any) -> list[str] | None:
+    tp = _unwrap(tp)
+    if dataclasses.is_dataclass(tp):
+        return [f.name for f in dataclasses.fields(tp) if not f.name.startswith("_")]
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _unwrap(args[0])
+    return tp
+
+
+def _type_at(schema: Any, loc: tuple) -> Any:
+    """The declared type at a pydantic error location (None when it cannot be followed)."""
+    tp = schema
+    for part in loc:
+        tp = _unwrap(tp)
+        if not dataclasses.is_dataclass(tp) or not isinstance(part, str):
+            return None
+        hints = typing.get_type_hints(tp, include_extras=True)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def format_validation_error(err: pydantic.ValidationError, schema: Any, source_of) -> str:
+    """The first problem of a pydantic error as one line: '<source>: key 'a.b' <problem>'."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if isinstance(p, str))
+    key = ".".join(loc) or "(root)"
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        allowed = _field_names(_type_at(schema, loc[:-1]))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        problem = f"is not a known key{hint}"
+    elif e["type"] in ("missing", "missing_argument"):
+        problem = "is required but missing"
+    else:
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 60 else type(value).__name__
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problem = f"has invalid value {shown}: {msg[0].lower() + msg[1:]}"
+    return f"{source_of(key)}: key '{key}' {problem}"
+
+
+def validate_section(schema: Any, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Validate one component section (e.g. ModelArgs from `model:`) with a one-line error."""
+    try:
+        return pydantic.TypeAdapter(schema).validate_python(data)
+    except pydantic.ValidationError as err:
+        pre = f"{prefix}." if prefix else ""
+        line = format_validation_error(err, schema, lambda key: source)
+        raise ConfigError(line.replace("key '", f"key '{pre}", 1).replace(f"'{pre}(root)'", f"'{prefix}'")) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read a run config YAML (or the defaults when path is None), apply overrides, validate."""
+    source = str(path) if path is not None else "default config"
+    raw = _read_yaml(Path(path), "config file") if path is not None else {}
+    over = parse_overrides(list(overrides)) if not isinstance(overrides, dict) else dict(overrides)
+    raw["model"] = resolve_model_preset(raw.get("model", {"preset": "tiny"}), source)
+    model_over = {k: v for k, v in over.items() if k == "model.preset"}
+    if model_over:  # a preset swap on the command line replaces the preset, keeping explicit keys
+        raw["model"] = resolve_model_preset({"preset": model_over["model.preset"]}, "command line")
+    for key, value in over.items():
+        if key != "model.preset":
+            _set_dotted(raw, key, value, f"command-line override '{key}={value}'")
+
+    def source_of(key: str) -> str:
+        for k in over:
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"command-line override '{k}={over[k]}'"
+        return source
+
+    try:
+        cfg = pydantic.TypeAdapter(RunConfig).validate_python(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, RunConfig, source_of)) from None
+    for section, schema in component_schemas().items():
+        value = validate_section(schema, getattr(cfg, section), source_of(section), section)
+        setattr(cfg, section, value)
+    return cfg
+
+
+def component_schemas() -> dict[str, Any]:
+    """Sections whose dataclasses live in other packages (imported lazily: they pull in torch)."""
+    schemas: dict[str, Any] = {}
+    try:
+        from model import ModelArgs
+
+        schemas["model"] = ModelArgs
+    except ImportError:
+        pass
+    try:
+        from data import DataConfig
+
+        schemas["data"] = DataConfig
+    except ImportError:
+        pass
+    try:
+        from rl.rewards import RewardConfig
+
+        schemas["rewards"] = RewardConfig
+    except ImportError:
+        pass
+    return schemas
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain Python data (dicts, lists, scalars) for YAML/JSON/W&B."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config; `load_config(path)` reads it back to an equal RunConfig."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

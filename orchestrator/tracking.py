@@ -1,0 +1,132 @@
+"""Metrics tracking: one place that writes metrics.jsonl and Weights & Biases, plus progress bars.
+
+`Tracker(run_dir, cfg.tracking, name=..., config=...)` appends one JSON object per logged step to
+`run_dir/metrics.jsonl` (always with `step` and `time`, seconds since the tracker started) and
+mirrors it to W&B. W&B runs offline unless the config says online, and its files live inside the
+run directory. The API key is read by wandb itself from the environment or netrc; nothing here
+prints or saves it.
+
+Test: `pytest tests/orchestrator/test_orch_tracking.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from orchestrator.config import TrackingConfig
+
+
+class Tracker:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: TrackingConfig,
+        *,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        job_type: str | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.t0 = time.time()
+        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb_run = None
+        if cfg.wandb_mode != "disabled":
+            self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One record: scalars go to metrics.jsonl and W&B; W&B media objects go to W&B only."""
+        record = {"step": int(step), "time": round(time.time() - self.t0, 3)}
+        media = {}
+        for k, v in metrics.items():
+            scalar = _scalar(v)
+            if scalar is not None:
+                record[k] = scalar
+            else:
+                media[k] = v
+        self._file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=int(step))
+
+    def summary(self, figures: Mapping[str, Any]) -> None:
+        """Final figures: `summary.json` in the run directory (merged with earlier ones) and W&B."""
+        path = self.run_dir / "summary.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(figures)
+        path.write_text(json.dumps(old, indent=2, default=str) + "\n")
+        if self.wandb_run is not None:
+            for k, v in figures.items():
+                self.wandb_run.summary[k] = v
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _scalar(v: Any) -> float | int | str | bool | None:
+    if isinstance(v, bool) or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if hasattr(v, "item") and getattr(v, "numel", lambda: getattr(v, "size", 2))() == 1:
+        return _scalar(v.item())
+    return None
+
+
+def _start_wandb(run_dir: Path, cfg: TrackingConfig, *, name, config, job_type):
+    import wandb
+
+    # Offline unless the user asked for online; never prompt for a login.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=name,
+        job_type=job_type,
+        tags=list(cfg.tags),
+        config=dict(config or {}),
+        dir=str(run_dir),
+        mode=cfg.wandb_mode,
+        settings=settings,
+        reinit="create_new",
+    )
+
+
+def progress(iterable: Iterable, *, total: int | None = None, description: str = "") -> Iterator:
+    """A rich progress bar on a terminal; silent (plain iteration) when stdout is not a TTY."""
+    if not sys.stdout.isatty() or os.environ.get("SPUTNIK_NO_PROGRESS"):
+        yield from iterable
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total if total is not None else _len(iterable))
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+def _len(it: Iterable) -> int | None:
+    try:
+        return len(it)  # type: ignore[arg-type]
+    except TypeError:
+        return None

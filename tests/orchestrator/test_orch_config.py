@@ -1,0 +1,147 @@
+"""Config loading: YAML + dotted overrides into typed dataclasses, and every error path."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import (
+    CONFIG_DIR,
+    ConfigError,
+    GRPOConfig,
+    RunConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+        assert cfg.name, path
+
+
+def test_yaml_values_and_overrides_are_typed(tmp_path):
+    p = write(tmp_path, "name: a\ngrpo:\n  group_size: 4\n  clip_high: 0.3\n")
+    cfg = load_config(p, ["grpo.group_size=16", "rollout.temperature=0.7", "tracking.tags=[x, y]", "name=b"])
+    assert cfg.name == "b"
+    assert cfg.grpo.group_size == 16 and isinstance(cfg.grpo.group_size, int)
+    assert cfg.grpo.clip_high == 0.3
+    assert cfg.rollout.temperature == 0.7
+    assert cfg.tracking.tags == ["x", "y"]
+    # untouched sections keep their dataclass defaults
+    assert cfg.pretrain == type(cfg.pretrain)()
+
+
+def test_parse_overrides_yaml_scalars():
+    assert parse_overrides(["a.b=3", "c=true", "d=0.5", "e=hello", "f="]) == {
+        "a.b": 3, "c": True, "d": 0.5, "e": "hello", "f": ""}
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3", "a..b=1", ".a=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides([bad])
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_unknown_key_in_file_names_file_key_and_allowed(tmp_path):
+    p = write(tmp_path, "grpo:\n  group_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = one_line(e)
+    assert str(p) in msg and "'grpo.group_sise'" in msg and "group_size" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    p = write(tmp_path, "nmae: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = one_line(e)
+    assert "'nmae'" in msg and "allowed:" in msg and "name" in msg
+
+
+def test_unknown_key_on_command_line_names_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["grpo.groupsize=8"])
+    msg = one_line(e)
+    assert "command-line override 'grpo.groupsize=8'" in msg and "'grpo.groupsize'" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("grpo.group_size=abc", "grpo.group_size", "integer"),
+        ("grpo.group_size=1", "grpo.group_size", "greater than or equal to 2"),
+        ("rollout.top_p=1.5", "rollout.top_p", "less than or equal to 1"),
+        ("pretrain.zero_stage=5", "pretrain.zero_stage", "0, 1, 2 or 3"),
+        ("grpo.advantage_scale=mean", "grpo.advantage_scale", "'std' or 'none'"),
+        ("tracking.wandb_mode=loud", "tracking.wandb_mode", "'offline'"),
+        ("pretrain.lr=-1", "pretrain.lr", "greater than 0"),
+        ("pretrain.fp8=maybe", "pretrain.fp8", "bool"),
+    ],
+)
+def test_bad_values_name_key_and_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = one_line(e)
+    assert f"'{key}'" in msg and allowed in msg and "command-line override" in msg
+
+
+def test_section_given_a_scalar(tmp_path):
+    p = write(tmp_path, "grpo: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "'grpo'" in one_line(e)
+
+
+def test_override_into_scalar_is_rejected():
+    with pytest.raises(ConfigError, match="'name' is a value, not a section"):
+        load_config(None, ["name.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "grpo: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "not valid YAML" in one_line(e) and str(p) in str(e.value)
+    p2 = write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p2)
+
+
+def test_unknown_model_preset_lists_known(tmp_path):
+    p = write(tmp_path, "model: gigantic\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "'model.preset'" in one_line(e) and "gigantic" in str(e.value)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIG_DIR / "grpo_math.yaml", ["grpo.group_size=4", "pretrain.betas=[0.8, 0.9]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert again.pretrain.betas == (0.8, 0.9)
+
+
+def test_defaults_match_dataclass_defaults():
+    cfg = load_config(None)
+    assert cfg.grpo == GRPOConfig()
+    assert {f.name for f in dataclasses.fields(RunConfig)} >= {"model", "data", "pretrain", "grpo", "rollout", "rewards", "cluster", "tracking"}

@@ -1,0 +1,62 @@
+"""Tracker: metrics.jsonl records, summary.json, and a real offline W&B run inside the run directory."""
+
+import json
+import math
+
+import pytest
+
+from orchestrator.config import TrackingConfig
+from orchestrator.tracking import Tracker, progress
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_jsonl_without_wandb(tmp_path):
+    import torch
+
+    with Tracker(tmp_path, TrackingConfig(wandb_mode="disabled"), name="t") as tr:
+        tr.log({"loss": 2.5, "lr": torch.tensor(1e-3), "n": 3, "bad": float("nan"), "obj": object()}, step=1)
+        tr.log({"loss": 2.0}, step=2)
+        tr.summary({"final_loss": 2.0})
+        tr.summary({"extra": 1})
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("time" in r and r["time"] >= 0 for r in rows)
+    assert rows[0]["loss"] == 2.5 and math.isclose(rows[0]["lr"], 1e-3, rel_tol=1e-6) and rows[0]["n"] == 3
+    assert rows[0]["bad"] == "nan"  # non-finite values stay valid JSON
+    assert "obj" not in rows[0]  # non-scalars are W&B-only
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"final_loss": 2.0, "extra": 1}
+
+
+def test_offline_wandb_run_lives_in_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-that-must-not-leak-0000000000")
+    cfg = TrackingConfig(wandb_mode="offline", tags=["unit"])
+    tr = Tracker(tmp_path, cfg, name="unit-run", config={"a": 1})
+    assert tr.wandb_run is not None
+    assert tr.wandb_run.name == "unit-run" and list(tr.wandb_run.tags) == ["unit"]
+    assert tr.wandb_run.config["a"] == 1
+    for step in range(3):
+        tr.log({"loss": 1.0 / (step + 1)}, step=step)
+    tr.summary({"final": 0.33})
+    tr.close()
+    wandb_dir = tmp_path / "wandb"
+    runs = list(wandb_dir.glob("offline-run-*"))
+    assert len(runs) == 1, list(wandb_dir.iterdir())
+    # The API key is never written anywhere in the run directory.
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert b"secret-key-that-must-not-leak" not in f.read_bytes(), f
+
+
+def test_progress_is_plain_iteration_without_tty(capsys):
+    assert list(progress(range(5), description="x")) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_step_is_recorded_in_every_mode(tmp_path, mode):
+    with Tracker(tmp_path, TrackingConfig(wandb_mode=mode), name="s") as tr:
+        tr.log({"x": 1}, step=7)
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["step"] == 7
