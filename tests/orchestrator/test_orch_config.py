@@ -109,9 +109,13 @@ def test_section_given_a_scalar(tmp_path):
     assert "'grpo'" in one_line(e)
 
 
-def test_override_into_scalar_is_rejected():
+def test_override_into_scalar_is_rejected(tmp_path):
+    p = write(tmp_path, "name: a\n")
     with pytest.raises(ConfigError, match="'name' is a value, not a section"):
+        load_config(p, ["name.x=1"])
+    with pytest.raises(ConfigError) as e:  # not in the file: the type check names the key instead
         load_config(None, ["name.x=1"])
+    assert "command-line override 'name.x=1'" in one_line(e) and "'name'" in str(e.value)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -1,0 +1,140 @@
+"""DeepSeekMoE (V3 section 2.1.2): shared experts + fine-grained routed experts, sigmoid gate with
+group-limited top-k and auxiliary-loss-free balancing.
+
+Gate: s = sigmoid(x W^T) in fp32; experts are *chosen* on s + bias (the balancing bias), groups
+scored by the sum of their top-2 biased affinities and only the best n_limited_groups kept; the
+gate *weights* come from the unbiased s, normalised over the chosen experts when norm_topk, times
+route_scale.
+
+Dispatch: the (token, expert) pairs are sorted by expert into contiguous segments, the routed
+experts run as a grouped GEMM over those segments, and the results are scattered back weighted by
+the gate — no Python loop over tokens.
+
+Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
+Test: `pytest tests/model/test_model_moe.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.score_func, self.route_scale, self.norm_topk = args.score_func, args.route_scale, args.norm_topk
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        # Balancing bias: a buffer, changed only by `update_bias`, never by gradients.
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights [N, K], expert indices [N, K], unbiased affinities s [N, E]), router in fp32."""
+        logits = F.linear(x_ND.float(), self.weight.float())
+        s = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = s + self.bias
+        if self.n_groups > 1:
+            g = biased.view(x_ND.size(0), self.n_groups, -1)
+            group_scores = g.topk(2, dim=-1).values.sum(-1)  # (N, groups)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = g.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        idx_NK = biased.topk(self.topk, dim=-1).indices
+        w_NK = s.gather(1, idx_NK)
+        if self.norm_topk:
+            w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
+        return w_NK * self.route_scale, idx_NK, s
+
+
+class Experts(nn.Module):
+    """Routed experts with stacked weights, so a grouped GEMM runs them all at once."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # gate, x @ w1[e]
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # down
+
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Rows of x sorted by expert; offsets[e] = end row of expert e."""
+        h = F.silu(grouped_mm(x_MD, self.w1, offsets_E)) * grouped_mm(x_MD, self.w3, offsets_E)
+        return grouped_mm(h, self.w2, offsets_E)
+
+
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w[e]; one matmul per expert segment (empty ones skipped)."""
+    out = x_MK.new_empty(x_MK.size(0), w_EKN.size(-1))
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            out[start:end] = x_MK[start:end] @ w_EKN[e]
+        start = end
+    return out
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_experts, self.topk = args.n_routed_experts, args.n_activated_experts
+        self.seq_aux_alpha = args.seq_aux_loss_alpha
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        # Tokens routed to each expert since the last bias update (local to this rank).
+        self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        # Expert parallelism swaps this for an all-to-all version (model/parallel.py).
+        self.routed = self._routed_local
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x = x_BTD.reshape(-1, D)
+        w_NK, idx_NK, s_NE = self.gate(x)
+        if self.training:
+            with torch.no_grad():
+                self.load += torch.bincount(idx_NK.flatten(), minlength=self.n_experts).to(self.load.dtype)
+        self.aux_loss = self._seq_aux_loss(s_NE.view(B, T, -1), idx_NK.view(B, T, -1)) if self.training and self.seq_aux_alpha > 0 else None
+        y = self.routed(x, w_NK.to(x.dtype), idx_NK)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, T, D)
+
+    def _routed_local(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        order = idx_NK.flatten().argsort(stable=True)  # (N*K,) pair ids sorted by expert
+        token = order // self.topk
+        counts = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
+        y_sorted = self.experts(x_ND[token], counts.cumsum(0))
+        y_sorted = y_sorted * w_NK.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x_ND).index_add_(0, token, y_sorted)
+
+    def _seq_aux_loss(self, s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over sequences."""
+        B, T, E = s_BTE.shape
+        chosen = torch.zeros(B, E, device=s_BTE.device).scatter_add_(1, idx_BTK.reshape(B, -1), torch.ones(B, T * self.topk, device=s_BTE.device))
+        f = chosen * E / (self.topk * T)
+        p = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
+        return self.seq_aux_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, speed: float) -> None:
+        """bias += speed * sign(mean(load) - load), centred so the mean bias stays 0; resets counts."""
+        delta = speed * torch.sign(load_E.mean() - load_E.float())
+        self.gate.bias += (delta - delta.mean()).to(self.gate.bias.device)
+        self.load.zero_()

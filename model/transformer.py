@@ -1,0 +1,190 @@
+"""The DeepSeek-V3 transformer: embedding, Blocks (MLA + dense FFN or DeepSeekMoE), final norm,
+output head, and multi-token prediction modules (V3 section 2.2).
+
+`Transformer.forward(tokens)` returns the main head's logits; `loss(tokens, targets)` adds the MTP
+loss: module k combines the previous depth's hidden state with the embedding of the token k steps
+ahead and predicts the token after it, sharing the embedding and the output head.
+
+Shapes: B batch, T positions, D dim, V vocab.
+Test: `pytest tests/model/`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.args import ModelArgs
+from model.attention import MLA, LatentCache
+from model.moe import MLP, MoE
+from model.norm import RMSNorm
+from model.rope import precompute_freqs_cis
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn = MLA(args)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.activation_checkpointing = False
+
+    def forward(self, x, freqs, cache=None, start_pos=0, mask=None):
+        if self.activation_checkpointing and self.training and cache is None:
+            return checkpoint(self._forward, x, freqs, None, start_pos, mask, use_reentrant=False)
+        return self._forward(x, freqs, cache, start_pos, mask)
+
+    def _forward(self, x, freqs, cache, start_pos, mask):
+        x = x + self.attn(self.attn_norm(x), freqs, cache=cache, start_pos=start_pos, mask_BTS=mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: h' = Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
+        self.block = Block(layer_id, args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)  # before the shared head
+
+    def forward(self, h_BTD, emb_BTD, freqs):
+        x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+        return self.block(x, freqs)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab, bias=False)
+        # MTP modules use the MoE unless every layer of the main model is dense.
+        mtp_layer_id = args.n_layers if args.n_dense_layers < args.n_layers else 0
+        self.mtp = nn.ModuleList(MTPModule(mtp_layer_id, args) for _ in range(args.mtp_depth))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.args.init_std)
+        if self.args.tie_embeddings:
+            self.head.weight = self.embed.weight
+        for m in self.moe_layers():
+            m.gate.bias.zero_()
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def _check_tokens(self, tokens: torch.Tensor, start_pos: int) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq] (got shape {tuple(tokens.shape)})")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab):
+            raise ValueError(f"tokens hold ids outside [0, {self.args.vocab}) (min {int(tokens.min())}, max {int(tokens.max())})")
+        if start_pos + tokens.size(1) > self.args.max_seq_len:
+            raise ValueError(f"sequence length {start_pos + tokens.size(1)} exceeds max_seq_len {self.args.max_seq_len}")
+
+    def hidden(self, tokens, *, start_pos=0, caches=None, positions_BT=None, mask_BTS=None):
+        """Final hidden states before the output norm: [B, T, D]."""
+        self._check_tokens(tokens, start_pos)
+        T = tokens.size(1)
+        if positions_BT is None:
+            freqs = self.freqs_cis[start_pos : start_pos + T].unsqueeze(0)
+        else:
+            freqs = self.freqs_cis[positions_BT]
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, caches[i] if caches is not None else None, start_pos, mask_BTS)
+        return h
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, caches=None, positions_BT=None, mask_BTS=None) -> torch.Tensor:
+        """Main-head logits [B, T, V]."""
+        h = self.hidden(tokens, start_pos=start_pos, caches=caches, positions_BT=positions_BT, mask_BTS=mask_BTS)
+        return self.head(self.norm(h))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+        """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ sequence-wise aux loss)."""
+        h = self.hidden(tokens)
+        ce = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        total, metrics = ce, {"ce_loss": ce.item()}
+        T = tokens.size(1)
+        if self.mtp and T > len(self.mtp):
+            mtp_losses = []
+            h_prev = h
+            for k, mod in enumerate(self.mtp, start=1):
+                n = T - k  # positions i whose token i+k+1 exists
+                emb = self.embed(targets[:, k - 1 : k - 1 + n].clamp(min=0))  # token i+k = target i+k-1
+                h_prev = mod(h_prev[:, :n], emb, self.freqs_cis[:n].unsqueeze(0))
+                logits = self.head(mod.norm(h_prev))
+                mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k : k + n].flatten(), ignore_index=ignore_index))
+            mtp = torch.stack(mtp_losses).mean()
+            total = total + self.args.mtp_loss_weight * mtp
+            metrics["mtp_loss"] = mtp.item()
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if aux:
+            aux_loss = torch.stack(aux).sum()
+            total = total + aux_loss
+            metrics["seq_aux_loss"] = aux_loss.item()
+        metrics["loss"] = total.item()
+        return total, metrics
+
+    def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[b, t] | tokens[b, :t+1]) under the main head: [B, T] (float32)."""
+        logits = self.forward(tokens).float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+    # --- load balancing ------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[MoE]:
+        """The main model's MoE layers (MTP blocks excluded: their load follows the main model's)."""
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def expert_loads(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last bias update: [n_moe_layers, E] (this rank)."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, self.args.n_routed_experts)
+        return torch.stack([m.load for m in layers])
+
+    def expert_bias(self) -> torch.Tensor:
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, self.args.n_routed_experts)
+        return torch.stack([m.gate.bias for m in layers])
+
+    @torch.no_grad()
+    def update_expert_bias(self, loads: torch.Tensor) -> None:
+        """Aux-loss-free update, given loads already summed over data-parallel ranks."""
+        for m, load in zip(self.moe_layers(), loads):
+            m.update_bias(load, self.args.bias_update_speed)
+        for mod in self.mtp:
+            if isinstance(mod.block.ffn, MoE):
+                mod.block.ffn.load.zero_()
+
+    # --- caches --------------------------------------------------------------------------------
+
+    def new_caches(self, batch: int, max_len: int) -> list[LatentCache]:
+        p = self.embed.weight
+        return [LatentCache.empty(self.args, batch, max_len, device=p.device, dtype=p.dtype) for _ in self.layers]
+
+    def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:
+        """Total parameters, or those used per token (shared + n_activated of the routed experts)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp.") and not include_mtp:
+                continue
+            n = p.numel()
+            if activated and ".experts.w" in name:
+                n = n // self.args.n_routed_experts * self.args.n_activated_experts
+            total += n
+        return total

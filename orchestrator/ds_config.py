@@ -1,0 +1,64 @@
+"""DeepSpeed engine setup shared by the pretraining workers and the GRPO policy learners.
+
+`deepspeed_config(...)` turns our dataclass settings into DeepSpeed's JSON config;
+`lr_lambda(...)` is the warmup + cosine schedule (a torch LambdaLR, so DeepSpeed saves its state
+in every checkpoint); `mark_expert_parameters(...)` tags routed-expert weights the way DeepSpeed's
+MoE support expects (`allreduce=False`, `group_name`), so ZeRO reduces their gradients over the
+expert-data-parallel group instead of the whole data-parallel group.
+
+Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    zero_stage: int,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    grad_clip: float,
+    bf16: bool,
+    offload_optimizer: bool = False,
+) -> dict[str, Any]:
+    on_gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage > 0:
+        # Round-robin-free contiguous buckets keep results independent of the world size.
+        zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True})
+    if offload_optimizer and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no build step on CPU).
+            "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": not on_gpu or not offload_optimizer},
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup from lr/warmup to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

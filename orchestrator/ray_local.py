@@ -1,0 +1,37 @@
+"""Starting or joining Ray: embedded on 127.0.0.1 for laptops and tests, `address` for clusters.
+
+Test: used by every `ray`-marked test.
+"""
+
+from __future__ import annotations
+
+import os
+
+from orchestrator.config import ClusterConfig
+
+
+def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
+    """Connect to the cluster at cfg.address, or start a local Ray bound to cfg.host."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train V2 (the TorchTrainer we use) is opt-in on some Ray versions.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    env = {"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "SPUTNIK_KERNELS", "TRITON_INTERPRET", "PYTHONPATH") if k in os.environ}}
+    env["env_vars"]["RAY_TRAIN_V2_ENABLED"] = "1"
+    if runtime_env:
+        env.update(runtime_env)
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            _node_ip_address=cfg.host,
+            runtime_env=env,
+            log_to_driver=True,
+        )
+    return ray
