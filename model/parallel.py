@@ -28,3 +28,64 @@ def apply_activation_checkpointing(model: Transformer) -> int:
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Names of the routed-expert weights (sharded under expert parallelism)."""
     return [n for n, _ in model.named_parameters() if ".experts.w" in n]
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (in_splits, out_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_splits, out_splits = ctx.splits
+        out = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def _routed_expert_parallel(moe: MoE, group, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    """Dispatch (token, expert) pairs to the rank owning the expert, run, and combine back."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    n_local = moe.n_experts // ep
+    order = idx_NK.flatten().argsort(stable=True)  # pairs sorted by global expert = by owner rank
+    token = order // moe.topk
+    counts = torch.bincount(idx_NK.flatten(), minlength=moe.n_experts)  # (E,)
+    # every rank learns how many pairs each rank sends to each of its local experts
+    counts_from = torch.empty_like(counts)
+    dist.all_to_all_single(counts_from, counts, group=group)  # [src rank, local expert] flattened
+    send = counts.view(ep, n_local).sum(1).tolist()
+    recv_by_src = counts_from.view(ep, n_local)
+    recv = recv_by_src.sum(1).tolist()
+    x_recv = _AllToAll.apply(x_ND[token], recv, send, group)
+    # received rows are grouped by source rank; regroup by local expert for the grouped GEMM
+    local_expert = torch.repeat_interleave(torch.arange(n_local).repeat(ep), recv_by_src.flatten())
+    regroup = local_expert.argsort(stable=True)
+    y = moe.experts(x_recv[regroup], torch.bincount(local_expert, minlength=n_local).cumsum(0))
+    y = torch.empty_like(y).index_copy(0, regroup, y)  # back to source-rank order
+    y_back = _AllToAll.apply(y, send, recv, group)
+    y_back = y_back * w_NK.flatten()[order].unsqueeze(-1)
+    return torch.zeros_like(x_ND).index_add_(0, token, y_back)
+
+
+def apply_expert_parallel(model: Transformer, group=None) -> None:
+    """Keep only this rank's slice of each MoE layer's routed experts; exchange tokens all-to-all.
+
+    Rank r of the group owns experts [r * E/ep, (r+1) * E/ep). Gate, shared experts and all other
+    weights stay replicated. Call before building the optimizer.
+    """
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+        if moe.n_experts % ep:
+            raise ValueError(f"expert-parallel size {ep} does not divide n_routed_experts {moe.n_experts}")
+        n_local = moe.n_experts // ep
+        sl = slice(rank * n_local, (rank + 1) * n_local)
+        for name in ("w1", "w2", "w3"):
+            full = getattr(moe.experts, name)
+            setattr(moe.experts, name, nn.Parameter(full.detach()[sl].clone()))
+        moe.routed = lambda x, w, idx, _m=moe: _routed_expert_parallel(_m, group, x, w, idx)
+        moe.ep_group = group
