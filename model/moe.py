@@ -79,14 +79,10 @@ class Experts(nn.Module):
 
 
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """out[rows of e] = x[rows of e] @ w[e]; one matmul per expert segment (empty ones skipped)."""
-    out = x_MK.new_empty(x_MK.size(0), w_EKN.size(-1))
-    start = 0
-    for e, end in enumerate(offsets_E.tolist()):
-        if end > start:
-            out[start:end] = x_MK[start:end] @ w_EKN[e]
-        start = end
-    return out
+    """out[rows of e] = x[rows of e] @ w[e]: one matmul per contiguous expert segment."""
+    ends = offsets_E.tolist()
+    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
+    return torch.cat([xe @ w_EKN[e] for e, xe in enumerate(x_MK.split(sizes))])
 
 
 class MoE(nn.Module):
