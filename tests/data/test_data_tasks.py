@@ -1,0 +1,76 @@
+"""Task tables: schema, deterministic split with no prompt in both, HumanEval, reasoning-gym, files."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.synthetic import problems
+from data.tasks import COLUMNS, TaskFileError, generate_arithmetic, generate_reasoning_gym, load_humaneval, read_tasks
+from data.templates import render_completion, render_prompt
+
+
+def test_arithmetic_tasks_answers_and_split():
+    t = generate_arithmetic(200, seed=1)
+    assert t.column_names == COLUMNS and t.num_rows == 200
+    for row in t.to_pylist()[:50]:
+        a, b = row["prompt"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert int(row["answer"]) == int(a) + int(b)
+    assert generate_arithmetic(200, seed=1).equals(t)
+    train = generate_arithmetic(100, seed=2, split="train").column("prompt").to_pylist()
+    held = generate_arithmetic(100, seed=2, split="heldout").column("prompt").to_pylist()
+    assert not set(train) & set(held)
+
+
+def test_worked_reasoning_is_correct():
+    for p in problems(200, 0, families=("add", "sub", "chain", "word"), digits=3):
+        assert p.reasoning.endswith(f"={p.answer}.")
+
+
+def test_templates():
+    prompt = render_prompt("What is 1 + 2?")
+    assert prompt.endswith("Assistant: <think>")
+    assert render_completion(" 1+2+0=3 c0.", "3") == " 1+2+0=3 c0.</think> <answer>3</answer>"
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        render_prompt("x", "chatml")
+
+
+def test_humaneval_has_164_runnable_tasks():
+    t = load_humaneval()
+    assert t.num_rows == 164 and set(t.column("kind").to_pylist()) == {"code"}
+    row = t.to_pylist()[0]
+    ns = {}
+    exec(row["prompt"] + row["answer"] + "\n" + row["tests"], ns)  # canonical solution passes its tests
+
+
+@pytest.mark.parametrize("name", ["basic_arithmetic", "chain_sum", "countdown", "gsm_symbolic"])
+def test_reasoning_gym_is_deterministic(name):
+    a, b = generate_reasoning_gym(name, 5, seed=3), generate_reasoning_gym(name, 5, seed=3)
+    assert a.equals(b) and a.num_rows == 5 and all(a.column("answer").to_pylist())
+
+
+def test_read_gsm8k_math_and_errors(tmp_path):
+    g = tmp_path / "gsm.jsonl"
+    g.write_text(json.dumps({"question": "2+2?", "answer": "think\n#### 1,004"}) + "\n")
+    assert read_tasks(g).column("answer").to_pylist() == ["1004"]
+    m = tmp_path / "math.parquet"
+    pq.write_table(pa.table({"problem": ["x?"], "solution": ["so \\boxed{\\frac{1}{2}}."]}), m)
+    assert read_tasks(m).column("answer").to_pylist() == ["\\frac{1}{2}"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{oops\n")
+    with pytest.raises(TaskFileError, match="bad.jsonl: row 1 is not valid JSON"):
+        read_tasks(bad)
+    cols = tmp_path / "cols.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), cols)
+    with pytest.raises(TaskFileError, match="cols.parquet: row 0 has none of the column sets"):
+        read_tasks(cols)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(TaskFileError, match="holds no tasks"):
+        read_tasks(tmp_path / "empty.jsonl")
+    (tmp_path / "corrupt.parquet").write_bytes(b"nope")
+    with pytest.raises(TaskFileError, match="corrupt.parquet: not a readable Parquet"):
+        read_tasks(tmp_path / "corrupt.parquet")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"question": "\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(TaskFileError, match="row 0 is not UTF-8"):
+        read_tasks(tmp_path / "latin.jsonl")
