@@ -82,7 +82,8 @@ class PretrainConfig:
     offload_optimizer: bool = False
     micro_batch_size: PositiveInt = 8  # sequences per worker per micro-step
     grad_accum: PositiveInt = 1
-    steps: PositiveInt = 200
+    steps: PositiveInt = 200  # length of the LR schedule
+    stop_after: Optional[PositiveInt] = None  # end early at this step (resume later continues the schedule)
     lr: PositiveFloat = 3e-3
     min_lr_ratio: Fraction = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: NonNegInt = 20
@@ -326,25 +327,15 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] =
 
 def component_schemas() -> dict[str, Any]:
     """Sections whose dataclasses live in other packages (imported lazily: they pull in torch)."""
-    schemas: dict[str, Any] = {}
-    try:
-        from model import ModelArgs
+    from data import DataConfig
+    from model import ModelArgs
 
-        schemas["model"] = ModelArgs
-    except ImportError:
-        pass
-    try:
-        from data import DataConfig
-
-        schemas["data"] = DataConfig
-    except ImportError:
-        pass
-    try:
+    schemas: dict[str, Any] = {"model": ModelArgs, "data": DataConfig}
+    try:  # the reward package (issue 6) may not have landed yet
         from rl.rewards import RewardConfig
-
-        schemas["rewards"] = RewardConfig
     except ImportError:
-        pass
+        return schemas
+    schemas["rewards"] = RewardConfig
     return schemas
 
 

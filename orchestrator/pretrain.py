@@ -1,0 +1,128 @@
+"""`sputnik pretrain`: Ray Train TorchTrainer with N DeepSpeed workers over the MoE model.
+
+Steps: validate the config against the cluster (before any worker starts), prepare or reuse the
+tokenizer and shards, run the workers (orchestrator/pretrain_worker.py) with a FailureConfig so a
+lost worker restarts everything from the last complete checkpoint, then export the final model as
+a Hugging Face directory in the run directory. Re-running with the same `--out` resumes from the
+latest checkpoint there (Ray Train restores the run from its storage folder).
+
+Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs
+from orchestrator.cli import NotAvailable
+from orchestrator.config import ConfigError, RunConfig, to_dict
+from orchestrator.rundir import create_run_dir
+
+CACHE_ENV = "SPUTNIK_CACHE"
+# Datasheet bf16 dense peaks used for MFU (FLOP/s per device); unknown devices report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, ".cache/sputnik")).resolve()
+
+
+def validate(cfg: RunConfig) -> None:
+    """Errors a user can cause, reported before any worker starts."""
+    p, m = cfg.pretrain, cfg.model
+    assert isinstance(m, ModelArgs)
+    if p.expert_parallel > 1:
+        if p.workers % p.expert_parallel:
+            raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide pretrain.workers ({p.workers})")
+        if m.n_routed_experts % p.expert_parallel:
+            raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide model.n_routed_experts ({m.n_routed_experts})")
+        raise NotAvailable("pretrain.expert_parallel > 1 inside DeepSpeed is not wired yet (model.parallel.apply_expert_parallel works on its own)")
+    if p.fp8:
+        raise NotAvailable("pretrain.fp8 needs the FP8 kernels of issue #4, which have not landed")
+    if p.zero_stage == 3 and p.expert_parallel > 1:
+        raise ConfigError("key 'pretrain.zero_stage' 3 cannot be combined with pretrain.expert_parallel > 1")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"key 'data.seq_len' ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if p.warmup_steps >= p.steps:
+        raise ConfigError(f"key 'pretrain.warmup_steps' ({p.warmup_steps}) must be below pretrain.steps ({p.steps})")
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def run(cfg: RunConfig, cli_args) -> int:
+    validate(cfg)
+    run_dir = create_run_dir(cfg, cli_args.out).resolve()
+    print(f"pretrain: run directory {run_dir}", flush=True)
+    from data.prepare import prepare_corpus
+    from data.tokenizer import load_tokenizer
+
+    try:
+        corpus = prepare_corpus(cfg.data, cache_root())
+    except (FileNotFoundError, ValueError) as e:  # bad user files: one line naming the file
+        raise ConfigError(str(e)) from None
+    tok = load_tokenizer(corpus.tokenizer_path)
+    if tok.vocab_size > cfg.model.vocab:
+        raise ConfigError(f"key 'model.vocab' ({cfg.model.vocab}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    result = fit(cfg, run_dir, corpus.shard_dir, tok)
+    final = export_latest(run_dir, cfg.model)
+    from orchestrator.tracking import Tracker
+
+    figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(corpus.tokenizer_path)}
+    Tracker(run_dir, cfg.tracking.__class__(wandb_mode="disabled"), name=cfg.name).summary(figures)
+    print(f"pretrain: done; final loss {figures['final_loss']}; HF model in {final}", flush=True)
+    return 0
+
+
+def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.pretrain_worker import train_loop
+    from orchestrator.ray_local import init_ray
+
+    init_ray(cfg.cluster)
+    p = cfg.pretrain
+    use_gpu = torch.cuda.is_available()
+    cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+    loop_config = {
+        "pretrain": p, "model": cfg.model, "tracking": cfg.tracking, "seed": cfg.seed, "name": cfg.name,
+        "run_dir": str(run_dir), "shard_dir": str(shard_dir), "seq_len": cfg.data.seq_len,
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "heatmap_every": cfg.tracking.heatmap_every,
+        "config_dict": to_dict(cfg), "peak_flops": peak_flops(), "threads_per_worker": max(1, cpus // p.workers),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_learner, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(cfg.cluster.storage_path or run_dir / "checkpoints"),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def export_latest(run_dir: Path, args: ModelArgs) -> Path:
+    from orchestrator.export import export_checkpoint, find_checkpoints
+
+    ckpts = find_checkpoints(run_dir)
+    if not ckpts:
+        raise RuntimeError(f"{run_dir}: the run left no complete checkpoint to export")
+    step, path = ckpts[-1]
+    out = run_dir / "hf"
+    export_checkpoint(path, args, out)
+    return out

@@ -1,0 +1,115 @@
+"""Pretraining on Ray Train + DeepSpeed (real Ray, real DeepSpeed, gloo on CPU), run through the CLI.
+
+Exact resume, ZeRO-2/3 with 2 workers against 1 worker, recovery from a killed worker, export.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = [
+    "data.math_docs=3000", "data.seq_len=64", "data.shard_docs=1500", "pretrain.micro_batch_size=4",
+    "pretrain.warmup_steps=2", "pretrain.lr=3e-3", "tracking.wandb_mode=disabled", "cluster.num_cpus=2",
+]
+
+
+def sputnik(*args, cache, timeout=600, **popen):
+    env = {**os.environ, "SPUTNIK_CACHE": str(cache), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "RAY_DEDUP_LOGS": "0"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss; a step logged twice (after a restart) keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_exact_resume(tmp_path, cache):
+    common = ["pretrain", *SMALL, "pretrain.steps=16", "pretrain.checkpoint_every=4", "pretrain.workers=2"]
+    sputnik(*common, "--out", str(tmp_path / "straight"), cache=cache)
+    sputnik(*common, "pretrain.stop_after=8", "--out", str(tmp_path / "resumed"), cache=cache)
+    assert max(losses(tmp_path / "resumed")) == 8
+    r = sputnik(*common, "--out", str(tmp_path / "resumed"), cache=cache)
+    assert "resumed from step 8" in r.stdout + r.stderr
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    assert a[16] < a[1]  # and it learns
+    # the exported model is a transformers checkpoint of the final weights
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "straight" / "hf")
+    assert hf.config.num_hidden_layers == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_workers_zero2_zero3_match_one_worker(tmp_path, cache):
+    common = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8"]
+    sputnik(*common, "pretrain.workers=1", "pretrain.micro_batch_size=8", "pretrain.zero_stage=1", "--out", str(tmp_path / "w1"), cache=cache)
+    ref = losses(tmp_path / "w1")
+    for stage in (2, 3):
+        sputnik(*common, "pretrain.workers=2", "pretrain.micro_batch_size=4", f"pretrain.zero_stage={stage}", "--out", str(tmp_path / f"z{stage}"), cache=cache)
+        got = losses(tmp_path / f"z{stage}")
+        for step in ref:
+            assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (stage, step, got[step], ref[step])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_recovers_from_a_killed_worker(tmp_path, cache):
+    common = ["pretrain", *SMALL, "pretrain.steps=24", "pretrain.checkpoint_every=4", "pretrain.workers=2"]
+    sputnik(*common, "--out", str(tmp_path / "clean"), cache=cache)
+    proc = sputnik(*common, "pretrain.max_failures=2", "--out", str(tmp_path / "killed"), cache=cache, popen=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
+        time.sleep(0.5)
+    # kill one training worker process from outside
+    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert pids, "no Ray Train worker process found"
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    a, b = losses(tmp_path / "clean"), losses(tmp_path / "killed")
+    assert abs(a[24] - b[24]) <= 1e-6 * abs(a[24])
+    assert "resumed from step" in "".join(lines)
+
+
+def test_bad_config_fails_before_workers_start(tmp_path, cache):
+    env = {**os.environ, "SPUTNIK_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    for override, msg in [
+        ("pretrain.warmup_steps=500", "pretrain.warmup_steps"),
+        ("data.seq_len=100000", "data.seq_len"),
+        ("data.user_files=[/nonexistent/*.txt]", "matches no file"),
+        ("model.vocab=100", "model.vocab"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "pretrain", *SMALL, override, "--out", str(tmp_path / "x")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and msg in r.stderr, (override, r.stderr[-2000:])
+        assert "RayTrainWorker" not in r.stdout + r.stderr
