@@ -21,11 +21,11 @@ SMALL = [
 ]
 
 
-def sputnik(*args, cache, timeout=600, **popen):
+def sputnik(*args, cache, timeout=600, popen=False):
     env = {**os.environ, "SPUTNIK_CACHE": str(cache), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "RAY_DEDUP_LOGS": "0"}
     cmd = [sys.executable, "-m", "orchestrator.cli", *args]
     if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
