@@ -58,8 +58,14 @@ def peak_flops() -> float | None:
 
 
 def run(cfg: RunConfig, cli_args) -> int:
+    execute(cfg, cli_args.out)
+    return 0
+
+
+def execute(cfg: RunConfig, out: str | Path | None) -> Path:
+    """Pretrain into `out` (or a new run directory) and return the run directory."""
     validate(cfg)
-    run_dir = create_run_dir(cfg, cli_args.out).resolve()
+    run_dir = create_run_dir(cfg, out).resolve()
     print(f"pretrain: run directory {run_dir}", flush=True)
     from data.prepare import prepare_corpus
     from data.tokenizer import load_tokenizer
@@ -78,7 +84,7 @@ def run(cfg: RunConfig, cli_args) -> int:
     figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(corpus.tokenizer_path)}
     Tracker(run_dir, cfg.tracking.__class__(wandb_mode="disabled"), name=cfg.name).summary(figures)
     print(f"pretrain: done; final loss {figures['final_loss']}; HF model in {final}", flush=True)
-    return 0
+    return run_dir
 
 
 def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=None):
