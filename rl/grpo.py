@@ -1,0 +1,101 @@
+"""GRPO as pure functions (DeepSeekMath / R1-Zero), with the DAPO and Dr. GRPO options.
+
+Implemented: group-relative advantages (divided by the group's standard deviation, or only
+centred as in Dr. GRPO); the token-level clipped surrogate with separate low and high clip
+ranges (DAPO clip-higher); the k3 estimator of KL(policy || reference) added inside the loss
+(beta 0 or no reference skips it); aggregation over tokens ("token": mean over all valid tokens of
+the batch, DAPO), per sequence ("sequence": mean per sequence then over sequences, original GRPO)
+or by a constant ("constant": sum / (sequences x max_len), Dr. GRPO); an optional entropy bonus.
+Left out: value models, reward normalisation across groups.
+
+Shapes: N prompts, G completions per prompt, B = N*G sequences, T completion tokens.
+Test: `pytest tests/rl/test_grpo.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def group_advantages(rewards_NG: torch.Tensor, *, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean) / (std + eps) per group ("std", sample std as in TRL/verl) or r - mean ("none")."""
+    if rewards_NG.dim() != 2 or rewards_NG.size(1) < 2:
+        raise ValueError(f"rewards must be [prompts, group >= 2], got shape {tuple(rewards_NG.shape)}")
+    centred = rewards_NG - rewards_NG.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred
+    if scale == "std":
+        return centred / (rewards_NG.std(dim=1, keepdim=True) + eps)
+    raise ValueError(f"advantage scale must be 'std' or 'none', not {scale!r}")
+
+
+def zero_variance_groups(rewards_NG: torch.Tensor) -> torch.Tensor:
+    """[N] bool: groups whose rewards are all equal (no learning signal; DAPO dynamic sampling drops them)."""
+    return (rewards_NG == rewards_NG[:, :1]).all(dim=1)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    kl_beta: float = 0.0,
+    aggregation: str = "token",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped-surrogate GRPO loss; per-token tensors [B, T], advantages [B], mask [B, T] (1 = completion token)."""
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(-adv * ratio, -adv * clipped)
+    metrics = {}
+    if kl_beta > 0 and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1  # k3: unbiased, always >= 0
+        per_token = per_token + kl_beta * kl
+        metrics["kl"] = _masked_mean(kl, mask).item()
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, mask).item()
+    loss = aggregate(per_token, mask, aggregation)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        metrics["clip_frac_low"] = ((ratio < 1 - clip_low) & (adv < 0)).to(mask.dtype).mul(mask).sum().div(n).item()
+        metrics["clip_frac_high"] = ((ratio > 1 + clip_high) & (adv > 0)).to(mask.dtype).mul(mask).sum().div(n).item()
+        metrics["ratio_mean"] = _masked_mean(ratio, mask).item()
+        metrics["ratio_max"] = ratio.masked_fill(mask == 0, -math.inf).max().item() if mask.any() else 1.0
+    return loss, metrics
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    if aggregation == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if aggregation == "sequence":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_seq.mean()
+    if aggregation == "constant":
+        return (per_token * mask).sum() / (mask.size(0) * mask.size(1))
+    raise ValueError(f"aggregation must be 'token', 'sequence' or 'constant', not {aggregation!r}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
