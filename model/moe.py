@@ -47,7 +47,8 @@ class Gate(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weights [N, K], expert indices [N, K], unbiased affinities s [N, E]), router in fp32."""
-        logits = F.linear(x_ND.float(), self.weight.float())
+        with torch.autocast(x_ND.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
+            logits = F.linear(x_ND.float(), self.weight.float())
         s = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = s + self.bias
         if self.n_groups > 1:

@@ -114,3 +114,12 @@ def test_sequence_aux_loss_formula():
         p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
         total += 0.01 * (f * p).sum()
     assert torch.allclose(m.aux_loss, total / 2, atol=1e-6)
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    m = make_moe()
+    x = torch.randn(16, 32)
+    w_ref, i_ref, s_ref = m.gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, i, s = m.gate(x)
+    assert s.dtype == torch.float32 and torch.equal(i, i_ref) and torch.allclose(s, s_ref)
