@@ -1,0 +1,206 @@
+"""Verifiable math reward: is the completion's final answer equal to the reference?
+
+The answer is taken from the completion only: the last <answer>...</answer>, else the last
+\\boxed{...}; no answer scores 0. Plain numbers (integers, decimals, fractions a/b, percentages)
+are compared exactly as rationals, without any parser. Everything else goes to math-verify, run in
+a separate worker process: its signal-based timeouts need a main thread (Ray actors and thread
+pools call us from other threads), and a wall-clock limit enforced from outside kills the worker
+when an input explodes (power towers, thousands of nested parentheses) — that sample scores 0.
+
+math-verify accepts some wrong answers (it compares floats to ~6 digits and reduces equations to
+"lhs - rhs"), so a "yes" is re-checked: numbers at 60 significant digits with a relative tolerance
+of 1e-40, equations as proportional "lhs - rhs", symbolic expressions by simplification.
+
+Test: `pytest tests/rl/test_math_reward.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing as mp
+import re
+import threading
+from fractions import Fraction
+
+log = logging.getLogger(__name__)
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_FRACTION = re.compile(r"^([+-]?\d+)\s*/\s*(\d+)$")
+_LATEX_FRAC = re.compile(r"^([+-]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
+MAX_ANSWER_CHARS = 1000
+
+
+def extract_answer(completion: str) -> str | None:
+    """The last <answer>...</answer> of the completion, else its last \\boxed{...}, else None."""
+    found = _ANSWER.findall(completion)
+    if found:
+        return found[-1].strip()
+    i = completion.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, start = 0, i + len("\\boxed{")
+    for j in range(start, len(completion)):
+        if completion[j] == "{":
+            depth += 1
+        elif completion[j] == "}":
+            if depth == 0:
+                return completion[start:j].strip()
+            depth -= 1
+    return None
+
+
+def _clean(s: str) -> str:
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"\\boxed\{(.*)\}$", r"\1", s)
+    s = s.replace("\\!", "").replace("\\,", "").replace("{,}", "")
+    s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)  # 1,000 -> 1000
+    return s.rstrip(".").strip()
+
+
+def as_rational(s: str) -> Fraction | None:
+    """Exact value of a plain number: 42, -3.50, 7/8, \\frac{7}{8}; None otherwise."""
+    s = _clean(s)
+    if _NUMBER.match(s):
+        return Fraction(s)
+    m = _FRACTION.match(s)
+    if m and int(m.group(2)) != 0:
+        return Fraction(int(m.group(1)), int(m.group(2)))
+    m = _LATEX_FRAC.match(s)
+    if m and int(m.group(3)) != 0:
+        v = Fraction(int(m.group(2)), int(m.group(3)))
+        return -v if m.group(1) == "-" else v
+    return None
+
+
+def _percent_variants(s: str, mode: str) -> list[str]:
+    """'50%' -> ['50'] (mode 'strip'), ['0.5'] ('fraction') or both ('either')."""
+    t = _clean(s)
+    if not t.endswith("%") and not t.endswith("\\%"):
+        return [t]
+    body = t[:-2] if t.endswith("\\%") else t[:-1]
+    out = []
+    if mode in ("strip", "either"):
+        out.append(body)
+    if mode in ("fraction", "either"):
+        v = as_rational(body)
+        out.append(str(v / 100) if v is not None else f"({body})/100")
+    return out
+
+
+# --- the worker process -----------------------------------------------------------------------
+
+
+def _strict_equal(gold, pred) -> bool:
+    """Re-check a math-verify 'yes' where it is known to be lenient."""
+    import sympy
+
+    if isinstance(gold, sympy.core.relational.Relational) or isinstance(pred, sympy.core.relational.Relational):
+        if not (isinstance(gold, sympy.Eq) and isinstance(pred, sympy.Eq)):
+            return False
+        a, b = gold.lhs - gold.rhs, pred.lhs - pred.rhs
+        if b == 0:
+            return a == 0
+        ratio = sympy.simplify(a / b)
+        return bool(ratio.free_symbols == set() and ratio != 0 and ratio.is_finite)
+    if not isinstance(gold, sympy.Expr) or not isinstance(pred, sympy.Expr):
+        return True  # sets, intervals, matrices: math-verify's structural comparison stands
+    if not gold.free_symbols and not pred.free_symbols:
+        g, p = sympy.N(gold, 60), sympy.N(pred, 60)
+        scale = max(abs(g), abs(p))
+        return bool(abs(g - p) <= sympy.Float(1e-40, 60) * scale) if scale != 0 else True
+    return sympy.simplify(gold - pred) == 0
+
+
+def _verify(gold: str, pred: str) -> bool:
+    from math_verify import parse, verify
+
+    g, p = parse(f"${gold}$"), parse(f"${pred}$")
+    if not g or not p:
+        return False
+    if not verify(g, p):
+        return False
+    return _strict_equal(g[0], p[0])
+
+
+def _serve(conn) -> None:
+    while True:
+        try:
+            gold, pred = conn.recv()
+        except EOFError:
+            return
+        try:
+            ok = bool(_verify(gold, pred))
+        except Exception:  # any parser/sympy failure: the answer is not shown equal
+            ok = False
+        conn.send(ok)
+
+
+class MathVerifier:
+    """math-verify in a worker process with a wall-clock limit; thread-safe (one call at a time)."""
+
+    def __init__(self, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._proc = None
+        self._conn = None
+        self.timeouts = 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join(timeout=2)
+        self._proc = self._conn = None
+
+    def equal(self, gold: str, pred: str, *, timeout_s: float | None = None) -> bool:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            try:
+                self._conn.send((gold, pred))
+                # the first call also pays for the worker's imports
+                if self._conn.poll(timeout_s or self.timeout_s):
+                    return self._conn.recv()
+            except (EOFError, OSError):  # the worker died (e.g. out of memory): not shown equal
+                self._kill()
+                return False
+            self.timeouts += 1
+            if self.timeouts <= 5 or self.timeouts % 100 == 0:  # bounded logging
+                log.warning("math reward: verification timed out (%d so far); input starts %r", self.timeouts, pred[:60])
+            self._kill()
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+
+@functools.lru_cache(maxsize=1)
+def default_verifier() -> MathVerifier:
+    """One verifier per process; its worker starts on first use."""
+    return MathVerifier()
+
+
+def math_reward(completion: str, answer: str, *, percent: str = "strip", verifier: MathVerifier | None = None) -> float:
+    """1.0 when the completion's final answer equals `answer`, else 0.0."""
+    pred = extract_answer(completion)
+    if pred is None or not pred or len(pred) > MAX_ANSWER_CHARS:
+        return 0.0
+    golds, preds = _percent_variants(answer, percent), _percent_variants(pred, percent)
+    for g in golds:
+        for p in preds:
+            gv, pv = as_rational(g), as_rational(p)
+            if gv is not None and pv is not None:
+                if gv == pv:
+                    return 1.0
+                continue
+            if (verifier or default_verifier()).equal(g, p):
+                return 1.0
+    return 0.0
