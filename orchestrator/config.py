@@ -256,6 +256,9 @@ def _type_at(schema: Any, loc: tuple) -> Any:
     tp = schema
     for part in loc:
         tp = _unwrap(tp)
+        if isinstance(part, int) and typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+            continue
         if not dataclasses.is_dataclass(tp) or not isinstance(part, str):
             return None
         hints = typing.get_type_hints(tp, include_extras=True)
@@ -268,14 +271,18 @@ def _type_at(schema: Any, loc: tuple) -> Any:
 def format_validation_error(err: pydantic.ValidationError, schema: Any, source_of) -> str:
     """The first problem of a pydantic error as one line: '<source>: key 'a.b' <problem>'."""
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if isinstance(p, str))
+    full_loc = tuple(e["loc"])
+    loc = tuple(p for p in full_loc if isinstance(p, str))
     key = ".".join(loc) or "(root)"
     if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        allowed = _field_names(_type_at(schema, loc[:-1]))
+        allowed = _field_names(_type_at(schema, full_loc[:-1]))
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         problem = f"is not a known key{hint}"
     elif e["type"] in ("missing", "missing_argument"):
         problem = "is required but missing"
+    elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a cross-field check
+        msg = e["msg"].removeprefix("Value error, ")
+        return f"{source_of(key)}: key '{key}': {msg}"
     else:
         value = e.get("input")
         shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 60 else type(value).__name__

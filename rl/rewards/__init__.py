@@ -1,3 +1,36 @@
-"""Verifiable rewards. Now: the math reward (rl/rewards/math.py); the registry, code, format and
-overlong rewards arrive with the rest of issue #6.
+"""Verifiable rewards: the registry (built-in names or `path/to/file.py:function`), the math
+reward, the R1-Zero format reward and the DAPO overlong penalty; `RewardConfig` is the `rewards:`
+section of a run config. The code sandbox reward arrives with the rest of issue #6.
+
+Test: `pytest tests/rl/`.
 """
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field
+
+from rl.rewards import builtin  # noqa: F401  (registers math_accuracy, format, overlong)
+
+
+@dataclasses.dataclass
+class RewardSpec:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: str  # registry name or path/to/file.py:function
+    weight: float = 1.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to the reward in `sample`
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    rewards: list[RewardSpec] = dataclasses.field(
+        default_factory=lambda: [RewardSpec("math_accuracy", 1.0), RewardSpec("format", 0.1)]
+    )
+    max_workers: Annotated[int, Field(ge=1)] = 2  # concurrent samples per evaluator
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per sample, all rewards together
+
+
+__all__ = ["RewardConfig", "RewardSpec"]

@@ -149,3 +149,18 @@ def test_defaults_match_dataclass_defaults():
     cfg = load_config(None)
     assert cfg.grpo == GRPOConfig()
     assert {f.name for f in dataclasses.fields(RunConfig)} >= {"model", "data", "pretrain", "grpo", "rollout", "rewards", "cluster", "tracking"}
+
+
+def test_component_sections_validated_with_their_dataclasses():
+    from data import DataConfig
+    from model import ModelArgs
+    from rl.rewards import RewardConfig
+
+    cfg = load_config(None, ["model.dim=64", "data.seq_len=32"])
+    assert isinstance(cfg.model, ModelArgs) and cfg.model.dim == 64 and cfg.model.vocab == 512  # tiny preset
+    assert isinstance(cfg.data, DataConfig) and isinstance(cfg.rewards, RewardConfig)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rewards.rewards=[{name: format, wieght: 1}]"])
+    assert "'rewards.rewards.wieght'" in one_line(e) and "allowed: name, weight, options" in str(e.value)
+    with pytest.raises(ConfigError, match=r"key 'model': n_limited_groups \(9\) must not exceed n_expert_groups"):
+        load_config(None, ["model.n_limited_groups=9"])
