@@ -31,6 +31,6 @@ class DataConfig:
     text_field: str = "text"  # column / key holding the text in user .jsonl and .parquet files
     # tokenised shards and packing
     shard_docs: Pos = 10000  # documents per Parquet shard
-    num_workers: Pos = 2  # tokenisation processes
+    num_workers: Pos = 1  # tokenisation processes (each already uses the tokenizers library's threads)
     seq_len: Pos = 128  # tokens per packed training sequence
     seed: NonNeg = 0

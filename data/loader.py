@@ -69,9 +69,9 @@ class PackedLoader:
         self._cum = np.cumsum(self.doc_len[self._perm])  # end of each permuted document in the stream
         self._perm_epoch = epoch
 
-    def _window(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and in-document positions of stream positions [start, start + window)."""
-        pos = np.arange(start, start + self.window)
+    def _span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and in-document positions of stream positions [start, start + length)."""
+        pos = np.arange(start, start + length)
         k = np.searchsorted(self._cum, pos, side="right")  # index of the permuted document
         doc = self._perm[k]
         offset = pos - (self._cum[k] - self.doc_len[doc])  # 0 = BOS, len+1 = EOS
@@ -90,9 +90,9 @@ class PackedLoader:
         self._layout(self.epoch)
         per_rank = self.batch_size // self.world_size
         first = self.batch * self.batch_size + self.rank * per_rank
-        rows = [self._window(w * self.window) for w in range(first, first + per_rank)]
-        toks = torch.from_numpy(np.stack([r[0] for r in rows]))
-        pos = torch.from_numpy(np.stack([r[1] for r in rows]))
+        toks, pos = self._span(first * self.window, per_rank * self.window)  # all rows in one pass
+        toks = torch.from_numpy(toks.reshape(per_rank, self.window))
+        pos = torch.from_numpy(pos.reshape(per_rank, self.window))
         self.batch += 1
         return {"tokens": toks[:, :-1].contiguous(), "targets": toks[:, 1:].contiguous(), "positions": pos[:, :-1].contiguous()}
 

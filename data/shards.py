@@ -36,6 +36,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _single_threaded() -> None:
+    # with several processes, one tokenizer thread each avoids oversubscribing the cores
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _tokenize_shard(job: tuple[int, list[str], str, str]) -> dict:
     index, texts, tokenizer_path, out_dir = job
     from data.tokenizer import load_tokenizer
@@ -99,7 +106,7 @@ def write_shards(
             log(f"data: tokenising {len(todo)} shards into {out_dir} with {num_workers} processes")
         jobs = ((i, texts_of_shard(i), str(tokenizer_path), str(out_dir)) for i in todo)
         if num_workers > 1 and len(todo) > 1:
-            with mp.get_context("spawn").Pool(num_workers) as pool:
+            with mp.get_context("spawn").Pool(num_workers, initializer=_single_threaded) as pool:
                 for i, entry in zip(todo, pool.imap(_tokenize_shard, jobs)):
                     entries[i] = entry
         else:

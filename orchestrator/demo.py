@@ -33,7 +33,9 @@ def heldout_accuracy(model, tok, tasks, *, template: str, max_new_tokens: int = 
     rows = tasks.to_pylist()
     correct = reasoned = correct_reasoned = 0
     samples = []
-    for i in range(0, len(rows), batch):
+    from orchestrator.tracking import progress
+
+    for i in progress(range(0, len(rows), batch), description=f"held-out eval (T={temperature})"):
         chunk = rows[i : i + batch]
         prompts = [[tok.bos_id] + tok.encode(render_prompt(r["prompt"], template)) for r in chunk]
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
