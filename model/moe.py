@@ -117,7 +117,7 @@ class MoE(nn.Module):
         order = idx_NK.flatten().argsort(stable=True)  # (N*K,) pair ids sorted by expert
         token = order // self.topk
         counts = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
-        y_sorted = self.experts(x_ND[token], counts.cumsum(0))
+        y_sorted = self.experts(x_ND.index_select(0, token), counts.cumsum(0))  # backward: index_add, not index_put
         y_sorted = y_sorted * w_NK.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x_ND).index_add_(0, token, y_sorted)
 
