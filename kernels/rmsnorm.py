@@ -4,7 +4,7 @@ Triton: one program per row block; the forward saves 1/rms per row; the backward
 dx = rstd * (w*dy - x_hat * mean(x_hat * w*dy)) and per-program partial sums of dw = sum dy*x_hat,
 reduced in torch. Reference: `rmsnorm_reference`. Entry point: `rmsnorm(x, weight, eps)`.
 
-Test: `pytest tests/kernels/test_kernels_rmsnorm.py`; benchmark: `python benchmarks/kernels.py`.
+Test: `pytest tests/kernels/test_kernels_rmsnorm.py`; benchmark: `python benchmarks/kernel_ops.py`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SwiGLU: silu(gate) * up, elementwise, with a fused backward (no saved activations beyond the
 inputs). Reference: `swiglu_reference`. Entry point: `swiglu(gate, up)`.
 
-Test: `pytest tests/kernels/test_kernels_swiglu.py`; benchmark: `python benchmarks/kernels.py`.
+Test: `pytest tests/kernels/test_kernels_swiglu.py`; benchmark: `python benchmarks/kernel_ops.py`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import swiglu
 from model.args import ModelArgs
 
 
@@ -33,7 +34,7 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Gate(nn.Module):
@@ -75,7 +76,7 @@ class Experts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Rows of x sorted by expert; offsets[e] = end row of expert e."""
-        h = F.silu(grouped_mm(x_MD, self.w1, offsets_E)) * grouped_mm(x_MD, self.w3, offsets_E)
+        h = swiglu(grouped_mm(x_MD, self.w1, offsets_E), grouped_mm(x_MD, self.w3, offsets_E))
         return grouped_mm(h, self.w2, offsets_E)
 
 

@@ -3,7 +3,7 @@ measured copy bandwidth (a large device-to-device copy timed in the same run), a
 and torch.compile on the same inputs. Landed kernels: RMSNorm and SwiGLU (forward and backward).
 On a machine without a GPU it says so and exits 0.
 
-Run: `python benchmarks/kernels.py [--tokens 32768] [--dim 7168]`.
+Run: `python benchmarks/kernel_ops.py [--tokens 32768] [--dim 7168]`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
-
-# this file is named kernels.py: make `import kernels` find the package, not this script
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def bench(fn, iters: int = 50) -> float:
@@ -49,7 +45,7 @@ def main():
     ap.add_argument("--inter", type=int, default=2048 * 8)
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU on this machine; the Triton kernels are checked on CPU by "
+        print("benchmarks/kernel_ops.py: no CUDA GPU on this machine; the Triton kernels are checked on CPU by "
               "`TRITON_INTERPRET=1 pytest tests/kernels` instead. Nothing to measure.")
         return 0
     os.environ["SPUTNIK_KERNELS"] = "triton"
