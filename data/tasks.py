@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.synthetic import problems
+from rl.rewards.math import last_boxed
 
 COLUMNS = ["id", "kind", "prompt", "answer", "tests", "entry_point", "source", "split"]
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
@@ -100,22 +101,6 @@ def generate_reasoning_gym(name: str, n: int, seed: int) -> pa.Table:
 _GSM = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
-def _boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces."""
-    i = text.rfind("\\boxed{")
-    if i < 0:
-        return None
-    depth, start = 0, i + len("\\boxed{")
-    for j in range(start, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[start:j]
-            depth -= 1
-    return None
-
-
 def _row_from_record(rec: dict, path: Path, i: int) -> dict:
     if "prompt" in rec and "kind" in rec:  # already our schema
         return {**rec, "split": rec.get("split") or split_of(str(rec["prompt"]))}
@@ -124,7 +109,7 @@ def _row_from_record(rec: dict, path: Path, i: int) -> dict:
         answer = m.group(1).replace(",", "") if m else str(rec["answer"]).strip()
         return {"id": rec.get("id", f"{path.stem}-{i}"), "kind": "math", "prompt": rec["question"], "answer": answer, "source": path.name, "split": split_of(rec["question"])}
     if "problem" in rec and "solution" in rec:  # MATH: "... \boxed{x}"
-        answer = rec.get("answer") or _boxed(str(rec["solution"]))
+        answer = rec.get("answer") or last_boxed(str(rec["solution"]))
         if answer is None:
             raise TaskFileError(f"{path}: row {i} has no \\boxed{{}} answer in its solution")
         return {"id": rec.get("id", f"{path.stem}-{i}"), "kind": "math", "prompt": rec["problem"], "answer": answer, "source": path.name, "split": split_of(rec["problem"])}

@@ -37,16 +37,22 @@ def extract_answer(completion: str) -> str | None:
     found = _ANSWER.findall(completion)
     if found:
         return found[-1].strip()
-    i = completion.rfind("\\boxed{")
+    boxed = last_boxed(completion)
+    return boxed.strip() if boxed is not None else None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, nested braces included; None when absent or unclosed."""
+    i = text.rfind("\\boxed{")
     if i < 0:
         return None
     depth, start = 0, i + len("\\boxed{")
-    for j in range(start, len(completion)):
-        if completion[j] == "{":
+    for j in range(start, len(text)):
+        if text[j] == "{":
             depth += 1
-        elif completion[j] == "}":
+        elif text[j] == "}":
             if depth == 0:
-                return completion[start:j].strip()
+                return text[start:j]
             depth -= 1
     return None
 
