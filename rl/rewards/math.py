@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing as mp
+import queue
 import re
 import threading
 from fractions import Fraction
@@ -143,49 +144,66 @@ def _serve(conn) -> None:
         conn.send(ok)
 
 
-class MathVerifier:
-    """math-verify in a worker process with a wall-clock limit; thread-safe (one call at a time)."""
+class _Worker:
+    """One verification process, restarted after a timeout or a crash."""
 
-    def __init__(self, timeout_s: float = 5.0):
+    def __init__(self):
+        self.proc = self.conn = None
+
+    def call(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+        """The verdict, or None on timeout / crash (the process is then killed)."""
+        if self.proc is None or not self.proc.is_alive():
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+            self.proc.start()
+        try:
+            self.conn.send((gold, pred))
+            # the first call also pays for the worker's imports
+            if self.conn.poll(timeout_s):
+                return self.conn.recv()
+        except (EOFError, OSError):  # the worker died (e.g. out of memory)
+            pass
+        self.kill()
+        return None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join(timeout=2)
+        self.proc = self.conn = None
+
+
+class MathVerifier:
+    """math-verify in `processes` worker processes with a wall-clock limit; thread-safe."""
+
+    def __init__(self, timeout_s: float = 5.0, processes: int = 2):
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._proc = None
-        self._conn = None
+        self._free: queue.Queue[_Worker] = queue.Queue()
+        for _ in range(processes):
+            self._free.put(_Worker())
+        self._workers = list(self._free.queue)
+        self._count_lock = threading.Lock()
         self.timeouts = 0
 
-    def _start(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
-        self._proc.start()
-
-    def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.join(timeout=2)
-        self._proc = self._conn = None
-
     def equal(self, gold: str, pred: str, *, timeout_s: float | None = None) -> bool:
-        with self._lock:
-            if self._proc is None or not self._proc.is_alive():
-                self._start()
-            try:
-                self._conn.send((gold, pred))
-                # the first call also pays for the worker's imports
-                if self._conn.poll(timeout_s or self.timeout_s):
-                    return self._conn.recv()
-            except (EOFError, OSError):  # the worker died (e.g. out of memory): not shown equal
-                self._kill()
-                return False
-            self.timeouts += 1
-            if self.timeouts <= 5 or self.timeouts % 100 == 0:  # bounded logging
-                log.warning("math reward: verification timed out (%d so far); input starts %r", self.timeouts, pred[:60])
-            self._kill()
+        worker = self._free.get()
+        try:
+            verdict = worker.call(gold, pred, timeout_s or self.timeout_s)
+        finally:
+            self._free.put(worker)
+        if verdict is None:
+            with self._count_lock:
+                self.timeouts += 1
+                n = self.timeouts
+            if n <= 5 or n % 100 == 0:  # bounded logging
+                log.warning("math reward: verification timed out or crashed (%d so far); input starts %r", n, pred[:60])
             return False
+        return verdict
 
     def close(self) -> None:
-        with self._lock:
-            self._kill()
+        for w in self._workers:
+            w.kill()
 
 
 @functools.lru_cache(maxsize=1)
