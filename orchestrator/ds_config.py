@@ -17,6 +17,23 @@ from typing import Any
 import torch
 
 
+def import_deepspeed():
+    """Import DeepSpeed for a CPU or GPU worker.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce
+    (`deepspeed_shm_comm`) into ~/.cache/torch_extensions under a file lock. A compile killed
+    half-way (a timed-out job, a killed worker) leaves that lock behind and every later run on
+    the machine waits on it forever, silently. We run gloo on CPU anyway, so the op is switched
+    off before DeepSpeed's backend is created.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def deepspeed_config(
     *,
     micro_batch_size: int,

@@ -27,7 +27,7 @@ from torch import nn
 from model import ModelArgs, Transformer
 from model.parallel import apply_activation_checkpointing
 from orchestrator.config import PretrainConfig, TrackingConfig
-from orchestrator.ds_config import deepspeed_config, lr_lambda
+from orchestrator.ds_config import deepspeed_config, import_deepspeed, lr_lambda
 
 DS_TAG = "ds"
 
@@ -74,8 +74,9 @@ def expert_load_heatmap(loads, step: int):
 
 
 def train_loop(config: dict) -> None:
-    import deepspeed
     import ray.train
+
+    deepspeed = import_deepspeed()
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
