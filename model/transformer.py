@@ -12,15 +12,29 @@ Test: `pytest tests/model/`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels import fused_linear_cross_entropy, fused_linear_logprobs
 from model.args import ModelArgs
 from model.attention import MLA, LatentCache
 from model.moe import MLP, MoE
 from model.norm import RMSNorm
 from model.rope import precompute_freqs_cis
+
+
+class OutputHead(nn.Linear):
+    """The output projection. Given targets it returns the cross-entropy or the targets'
+    log-probabilities from `kernels` without materialising [tokens, vocab] logits; working inside
+    forward() keeps ZeRO-3's parameter gathering hooks in charge of the weight."""
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, *, mode: str = "logits", ignore_index: int = -100):
+        if targets is None:
+            return super().forward(h)
+        h2 = h.reshape(-1, h.size(-1))
+        if mode == "ce":
+            return fused_linear_cross_entropy(h2, self.weight, targets.reshape(-1), ignore_index)
+        return fused_linear_logprobs(h2, self.weight, targets.reshape(-1).clamp(min=0)).view(targets.shape)
 
 
 class Block(nn.Module):
@@ -65,7 +79,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab, args.dim)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = nn.Linear(args.dim, args.vocab, bias=False)
+        self.head = OutputHead(args.dim, args.vocab, bias=False)
         # MTP modules use the MoE unless every layer of the main model is dense.
         mtp_layer_id = args.n_layers if args.n_dense_layers < args.n_layers else 0
         self.mtp = nn.ModuleList(MTPModule(mtp_layer_id, args) for _ in range(args.mtp_depth))
@@ -115,7 +129,7 @@ class Transformer(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
         """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ sequence-wise aux loss)."""
         h = self.hidden(tokens)
-        ce = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        ce = self.head(self.norm(h), targets, mode="ce", ignore_index=ignore_index)
         total, metrics = ce, {"ce_loss": ce.item()}
         T = tokens.size(1)
         if self.mtp and T > len(self.mtp):
@@ -125,8 +139,7 @@ class Transformer(nn.Module):
                 n = T - k  # positions i whose token i+k+1 exists
                 emb = self.embed(targets[:, k - 1 : k - 1 + n].clamp(min=0))  # token i+k = target i+k-1
                 h_prev = mod(h_prev[:, :n], emb, self.freqs_cis[:n].unsqueeze(0))
-                logits = self.head(mod.norm(h_prev))
-                mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k : k + n].flatten(), ignore_index=ignore_index))
+                mtp_losses.append(self.head(mod.norm(h_prev), targets[:, k : k + n], mode="ce", ignore_index=ignore_index))
             mtp = torch.stack(mtp_losses).mean()
             total = total + self.args.mtp_loss_weight * mtp
             metrics["mtp_loss"] = mtp.item()
@@ -140,8 +153,7 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets[b, t] | tokens[b, :t+1]) under the main head: [B, T] (float32)."""
-        logits = self.forward(tokens).float()
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return self.head(self.norm(self.hidden(tokens)), targets, mode="logprobs")
 
     # --- load balancing ------------------------------------------------------------------------
 

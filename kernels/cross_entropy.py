@@ -1,0 +1,108 @@
+"""Fused linear cross-entropy: hidden states x output head -> loss (and gradients) without ever
+holding the [tokens, vocab] logits, by working on chunks of tokens.
+
+`fused_linear_cross_entropy(h, w, targets, ignore_index)` returns the mean loss over non-ignored
+tokens; like Liger-Kernel, the gradients for h and w are computed chunk by chunk during the forward
+pass and only scaled in the backward. `fused_linear_logprobs(h, w, targets)` returns each token's
+log-probability of its target (GRPO); its backward recomputes each chunk's softmax.
+
+Implementation: chunked torch matmuls (peak extra memory chunk x vocab). A Triton version is part
+of issue #4 and has not landed; `reference_*` are the naive materialising versions used in tests.
+
+Test: `pytest tests/kernels/test_kernels_cross_entropy.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 1024  # tokens per chunk: chunk x vocab fp32 logits at a time
+
+
+def reference_cross_entropy(h, w, targets, ignore_index=-100):
+    return F.cross_entropy((h @ w.t()).float(), targets, ignore_index=ignore_index)
+
+
+def reference_logprobs(h, w, targets):
+    return torch.log_softmax((h @ w.t()).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, ignore_index):
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        grad_h = torch.zeros_like(h) if h.requires_grad else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), CHUNK):
+            hc, tc, vc = h[s : s + CHUNK], targets[s : s + CHUNK], valid[s : s + CHUNK]
+            logits = (hc @ w.t()).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            t_safe = tc.clamp(min=0)
+            total += ((lse - logits.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)) * vc).sum()
+            # d loss_i / d logits = softmax - onehot, for valid tokens, divided by the count
+            g = torch.softmax(logits, dim=-1)
+            g.scatter_add_(-1, t_safe.unsqueeze(-1), -torch.ones_like(lse).unsqueeze(-1))
+            g *= (vc.float() / n_valid).unsqueeze(-1)
+            if grad_h is not None:
+                grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets):
+        out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), CHUNK):
+            logits = (h[s : s + CHUNK] @ w.t()).float()
+            out[s : s + CHUNK] = logits.gather(-1, targets[s : s + CHUNK].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(h, w, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, targets = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.size(0), CHUNK):
+            hc = h[s : s + CHUNK]
+            logits = (hc @ w.t()).float()
+            # d logp_i / d logits = onehot - softmax, times the incoming gradient
+            g = -torch.softmax(logits, dim=-1)
+            g.scatter_add_(-1, targets[s : s + CHUNK].unsqueeze(-1), torch.ones_like(g[:, :1]))
+            g *= grad_out[s : s + CHUNK].float().unsqueeze(-1)
+            if grad_h is not None:
+                grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ hc.float()
+        return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None
+
+
+def _check(h, w, targets):
+    if h.dim() != 2 or w.dim() != 2 or h.size(1) != w.size(1) or targets.shape != h.shape[:1]:
+        raise ValueError(f"expected h [N, D], w [V, D], targets [N]; got {tuple(h.shape)}, {tuple(w.shape)}, {tuple(targets.shape)}")
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of softmax(h @ w.T) against targets, ignoring `ignore_index`."""
+    _check(h, w, targets)
+    return _FusedLinearCE.apply(h, w, targets, ignore_index)
+
+
+def fused_linear_logprobs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(h @ w.T)[i, targets[i]] for every row: [N] float32."""
+    _check(h, w, targets)
+    return _FusedLinearLogprobs.apply(h, w, targets)
