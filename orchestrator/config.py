@@ -113,6 +113,10 @@ class GRPOConfig:
     """The GRPO loop (issue 8)."""
 
     __pydantic_config__ = _STRICT
+    init: Optional[str] = None  # a `sputnik pretrain` run directory, or an HF directory (then set tokenizer)
+    tokenizer: Optional[str] = None  # tokenizer.json; default: the one the init run was trained with
+    tasks: str = "arithmetic"  # "arithmetic" (data.digits/families) or a task table path (jsonl/parquet)
+    train_size: PositiveInt = 4000  # train-split prompts drawn from the arithmetic generator
     steps: PositiveInt = 50
     prompts_per_step: PositiveInt = 16
     group_size: Annotated[int, Field(ge=2)] = 8
@@ -137,6 +141,9 @@ class GRPOConfig:
     eval_every: PositiveInt = 10
     heldout_size: PositiveInt = 64
     checkpoint_every: PositiveInt = 25
+    keep_checkpoints: PositiveInt = 2
+    table_every: PositiveInt = 10  # a W&B Table of sample rollouts every K steps
+    stop_after: Optional[PositiveInt] = None  # stop (with a checkpoint) after this step; for tests
 
 
 @dataclasses.dataclass

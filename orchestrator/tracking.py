@@ -55,6 +55,16 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=int(step))
 
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Rows for reading (sample rollouts): `<name>.jsonl` in the run directory and a W&B Table."""
+        with open(self.run_dir / f"{name}.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=int(step))
+
     def summary(self, figures: Mapping[str, Any]) -> None:
         """Final figures: `summary.json` in the run directory (merged with earlier ones) and W&B."""
         path = self.run_dir / "summary.json"
