@@ -1,6 +1,6 @@
 """Verifiable rewards: the registry (built-in names or `path/to/file.py:function`), the math
-reward, the R1-Zero format reward and the DAPO overlong penalty; `RewardConfig` is the `rewards:`
-section of a run config. The code sandbox reward arrives with the rest of issue #6.
+reward, the sandboxed code reward, the R1-Zero format reward and the DAPO overlong penalty;
+`RewardConfig` is the `rewards:` section of a run config.
 
 Test: `pytest tests/rl/`.
 """
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field
 
-from rl.rewards import builtin  # noqa: F401  (registers math_accuracy, format, overlong)
+from rl.rewards import builtin  # noqa: F401  (registers math_accuracy, code_tests, format, overlong)
 
 
 @dataclasses.dataclass

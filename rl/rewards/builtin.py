@@ -1,7 +1,8 @@
-"""Built-in rewards: `math_accuracy`, `format` (R1-Zero structure) and `overlong` (DAPO soft penalty).
+"""Built-in rewards: `math_accuracy`, `code_tests` (the sandbox), `format` (R1-Zero structure) and
+`overlong` (DAPO soft penalty).
 
 Each takes (completion, sample) where sample is the task row plus per-reward options from the
-config. `code_tests` (the sandbox) arrives with the rest of issue #6.
+config.
 
 Test: `pytest tests/rl/test_rewards_registry.py`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
+from rl.rewards.code import code_reward
 from rl.rewards.math import math_reward
 from rl.rewards.registry import reward
 
@@ -50,3 +52,14 @@ def overlong(completion: str, sample: Mapping) -> float:
     if n >= max_len:
         return -1.0
     return -(n - (max_len - cache)) / cache
+
+
+@reward("code_tests")
+def code_tests(completion: str, sample: Mapping) -> float:
+    """1 when the program in the completion passes sample["tests"] in the sandbox (rl/sandbox.py).
+
+    Options: `fraction` (score the fraction of asserts that held), `timeout_s`, `memory_mb`."""
+    return code_reward(
+        completion, str(sample["tests"]), entry_point=sample.get("entry_point") or None,
+        fraction=bool(sample.get("fraction", False)), timeout_s=float(sample.get("timeout_s", 10)),
+        memory_mb=int(sample.get("memory_mb", 1024)))

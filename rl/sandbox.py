@@ -1,0 +1,762 @@
+"""The code sandbox: `run_tests(program, tests)` runs an untrusted program against trusted tests.
+
+The verdict never comes from the untrusted side. Each call starts two fresh processes:
+
+* the *program* process executes the untrusted program, then only answers requests — "look up this
+  name", "call this object with these arguments", "get this attribute". It never sees the tests.
+* the *harness* process (our code and the dataset's tests: trusted) executes the tests. A name the
+  tests use but do not define (the entry point, a helper like HumanEval's `poly`) resolves to a
+  proxy whose calls go to the program process over a pipe. Replies are decoded by a pickle loader
+  that builds plain data only (None, bool, int, float, complex, str, bytes, bytearray, list, tuple,
+  dict, set, frozenset); any other object stays in the program process and arrives as an opaque
+  handle equal only to itself. So every `==`, `assert` and `except` of the tests runs in the
+  harness, on trusted types: an always-true __eq__, patched builtins or AssertionError, sys.exit /
+  os._exit, threads left running or "PASSED" printed early all act inside the program process and
+  cannot reach the comparison. Asserts are rewritten so that each executed one is counted and a
+  failing one does not stop the tests (`tests_passed / tests_total`); if none ran, nothing passed.
+* the harness writes its verdict to a pipe only it holds, with a random per-run token it read from
+  its stdin; the parent accepts nothing else. The program process cannot reach that pipe, the
+  harness or the tests: as root it runs in new network, pid, mount, IPC and UTS namespaces,
+  chrooted into a minimal read-only root (/usr, the Python install, /dev/null and /dev/*random;
+  no /proc, /sys or /dev/shm) with a private 64 MiB tmpfs as /tmp holding its working directory,
+  as a random unprivileged uid without capabilities. It sees no repository, dataset, host /tmp,
+  socket or other process. (The token matters in the reduced modes below, where the program shares
+  the evaluator's uid and could open the harness's pipe through /proc.)
+
+Both processes get their own session, a stripped environment, `python -I -S` (the standard library
+only) and rlimits on CPU time, address space (`memory_mb`), file size, open files, core dumps and —
+for the program's own uid, the only case where the kernel enforces it — processes. The parent
+enforces the wall-clock limit: it SIGKILLs the program's pid-namespace init (the kernel then ends
+everything in the namespace, whatever sessions it made) and both process groups. stdout and stderr
+are read with a cap; a pipe is closed after `_DRAIN` bytes, so a flood ends in EPIPE.
+
+Statuses: passed (every assert that ran held and nothing raised); failed (an assert failed, or the
+tests raised — including an exception the program raised in a call); error (the program did not
+load — syntax error, exception, exit —, exited during the tests, broke the protocol, the tests do
+not compile, or none of their asserts ran); timeout; killed (the program or harness died of a
+signal: segfault, CPU limit).
+
+Threat model. Defended, with root and `unshare` (the "full" isolation): anything the program can do
+from inside its process as Python or native code — cheating the comparison, reading tests or
+answers from disk, the network (loopback too), fork storms, exhausting memory, CPU, output or disk,
+signalling the evaluator. Not defended: kernel exploits (there is no seccomp filter) and CPU
+contention within the time limit. Otherwise `TestResult.isolation` says "reduced": with user
+namespaces the program keeps the evaluator's uid and sees the file system; without `unshare` it
+also has the network and could signal the evaluator. Semantics to know: the program gets copies of
+the arguments (in-place mutation is invisible to the tests); a value that is not plain data (numpy
+scalar, custom class) reaches the tests as a handle and fails `==`; a helper the tests take from
+the program (HumanEval/32's `poly`) is the program's to define.
+
+Test: `pytest tests/rl/test_sandbox_attacks.py tests/rl/test_sandbox_humaneval.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import io
+import json
+import math
+import os
+import pickle
+import resource
+import signal
+import struct
+import sys
+import time
+import types
+from dataclasses import dataclass
+
+if __name__ != "__main__":  # the children run this module as __main__ and start faster without these
+    import logging
+    import secrets
+    import selectors
+    import shutil
+    import subprocess
+    import tempfile
+
+    log = logging.getLogger(__name__)
+
+_KEEP = 64 * 1024  # bytes of stdout / stderr kept in the result
+_DRAIN = 4 * 1024 * 1024  # bytes read from a stream before its pipe is closed on the writer
+_MAX_MESSAGE = 64 * 1024 * 1024  # largest message between harness and program
+_UID_BASE, _UID_RANGE = 1_700_000_000, 1 << 24  # per-run uid, so RLIMIT_NPROC is per run
+_TMPFS = "size=64m,nr_inodes=16384,mode=755"
+_JAIL_DIRS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32")
+_JAIL_FILES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/etc/ld.so.cache")
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset})
+
+
+@dataclass
+class TestResult:
+    """What `run_tests` found; `passed` is decided by the trusted harness, never by the program."""
+
+    __test__ = False  # not a pytest test class
+
+    passed: bool
+    status: str  # passed | failed | error | timeout | killed
+    duration_s: float
+    stdout: str  # the program's, truncated to _KEEP bytes
+    stderr: str
+    isolation: str  # "full: ..." or "reduced: ..."
+    detail: str = ""  # one line: why it failed
+    tests_passed: int = 0  # asserts that held
+    tests_total: int = 0  # asserts executed, at least the number written in the tests
+
+
+@dataclass(frozen=True)
+class _Mode:
+    name: str
+    prefix: tuple[str, ...]  # command that wraps the program process
+    jail: bool  # chroot + unprivileged uid (needs root)
+    isolation: str
+
+
+_MODES = (
+    _Mode("jail", ("unshare", "--mount", "--uts", "--ipc", "--net", "--pid", "--fork", "--kill-child"), True,
+          "full: network, pid, mount and IPC namespaces; read-only minimal root; unprivileged uid"),
+    _Mode("userns", ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"), False,
+          "reduced: network and pid namespaces only (not root: same uid, file system visible)"),
+    _Mode("none", (), False, "reduced: no network namespace (unshare not permitted): same uid, file system and network visible"),
+)
+
+
+def run_tests(program: str, tests: str, *, timeout_s: float = 10, memory_mb: int = 1024, entry_point: str | None = None) -> TestResult:
+    """Run `program`, then `tests` (Python with asserts) against it; see the module docstring.
+
+    With `entry_point`, tests that define `check(candidate)` without calling it (HumanEval's
+    `test` field) get `check(<entry_point>)` appended. Thread-safe; each call takes two processes.
+    """
+    if timeout_s <= 0 or memory_mb < 64:
+        raise ValueError(f"run_tests needs timeout_s > 0 and memory_mb >= 64 (got {timeout_s}, {memory_mb})")
+    if entry_point is not None and not entry_point.isidentifier():
+        raise ValueError(f"entry_point {entry_point!r} is not a Python identifier")
+    return _run(program, tests, _mode(), timeout_s, memory_mb, entry_point)
+
+
+@functools.lru_cache(maxsize=1)
+def _mode() -> _Mode:
+    """The strongest isolation that works here, probed once per process with a trivial program."""
+    for mode in _MODES:
+        if (mode.jail and os.geteuid() != 0) or (mode.prefix and shutil.which(mode.prefix[0]) is None):
+            continue
+        probe = _run("x = 1", "assert x == 1", mode, 30, 256, None)
+        if probe.passed:
+            if mode.name != "jail":
+                log.warning("code sandbox isolation is %s", mode.isolation)
+            return mode
+        log.info("code sandbox: mode %s does not work here (%s: %s)", mode.name, probe.status, probe.detail or probe.stderr[-300:])
+    raise RuntimeError(f"the code sandbox cannot run even unisolated: {probe.status}: {probe.detail or probe.stderr[-300:]}")
+
+
+# --- the parent ---------------------------------------------------------------------------------
+
+
+def _env(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+
+
+def _child_bootstrap() -> str:
+    """`python -c` code that runs this module as __main__ from its cached bytecode (faster than
+    running the file as a script, which recompiles it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"import runpy, sys; sys.path.insert(0, {root!r}); runpy.run_module({__name__!r}, run_name='__main__', alter_sys=True)"
+
+
+def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int, entry_point: str | None) -> TestResult:
+    start = time.monotonic()
+    deadline = start + timeout_s
+    token = secrets.token_hex(16)
+    limits = {"cpu_s": math.ceil(timeout_s) + 1, "memory_mb": memory_mb}
+    uid = _UID_BASE + secrets.randbelow(_UID_RANGE) if mode.jail else None
+    work = tempfile.mkdtemp(prefix="sputnik-sandbox-")
+    procs: list[subprocess.Popen] = []
+    child_fds: list[int] = []
+    streams: list[_Stream] = []
+    try:
+        prog_dir, harness_dir = os.path.join(work, "program"), os.path.join(work, "harness")
+        os.mkdir(prog_dir)
+        os.mkdir(harness_dir)
+        req_r, req_w = os.pipe()  # harness -> program
+        resp_r, resp_w = os.pipe()  # program -> harness
+        verdict_r, verdict_w = os.pipe()  # harness -> us
+        out_r, out_w = os.pipe()  # the program's own stdout and stderr (not unshare's)
+        err_r, err_w = os.pipe()
+        child_fds += [req_r, req_w, resp_r, resp_w, verdict_w, out_w, err_w]
+        out, err, verdict = (_Stream(open(fd, "rb", buffering=0)) for fd in (out_r, err_r, verdict_r))
+        streams += [out, err, verdict]
+        me = [sys.executable, "-I", "-S", "-c", _child_bootstrap()]
+        prog_cfg = {"role": "program", "jail": mode.jail, "uid": uid, "limits": limits, "fds": [req_r, resp_w, out_w, err_w]}
+        procs.append(subprocess.Popen(
+            [*mode.prefix, *me, json.dumps(prog_cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(req_r, resp_w, out_w, err_w), cwd="/" if mode.jail else prog_dir, env=_env(prog_dir), start_new_session=True))
+        harness_cfg = {"role": "harness", "limits": limits, "fds": [resp_r, req_w, verdict_w]}
+        procs.append(subprocess.Popen(
+            [*me, json.dumps(harness_cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=(resp_r, req_w, verdict_w), cwd=harness_dir, env=_env(harness_dir), start_new_session=True))
+        prog, harness = procs
+        while child_fds:  # only the children hold these now, so EOF means a child is gone
+            os.close(child_fds.pop())
+        startup, harness_out = _Stream(prog.stdout), _Stream(harness.stdout)  # unshare's and the bootstrap's messages
+        streams += [startup, harness_out]
+        _feed(prog, program.encode("utf-8", "surrogatepass"))
+        _feed(harness, json.dumps({"tests": tests, "entry_point": entry_point, "token": token}).encode())
+        timed_out = not _collect(streams, verdict, deadline)
+        report = _parse_verdict(bytes(verdict.data), token)
+        if not timed_out and report is not None and report["status"] == "lost":
+            try:  # let the program's own end (a signal or an exit) show in its status
+                prog.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+        prog_rc = prog.poll()  # before we kill it: None while it runs
+        if mode.prefix:
+            _end_namespace(prog)
+        _kill(procs)
+        for s in streams:
+            s.drain()
+        status, detail = _status(timed_out, report, prog_rc, _text(startup.data), _text(harness_out.data), timeout_s)
+        return TestResult(
+            passed=status == "passed", status=status, duration_s=time.monotonic() - start,
+            stdout=_text(out.data, out.seen), stderr=_text(err.data, err.seen), isolation=mode.isolation, detail=detail,
+            tests_passed=report.get("passed", 0) if report else 0, tests_total=report.get("total", 0) if report else 0)
+    finally:
+        _kill(procs)
+        for p in procs:
+            for f in (p.stdin, p.stdout):
+                f.close()
+        for s in streams:
+            s.file.close()
+        for fd in child_fds:
+            os.close(fd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Stream:
+    """A pipe from a child: keeps the first _KEEP bytes; the pipe is closed after _DRAIN bytes, so a
+    program printing without end gets EPIPE instead of costing the parent CPU."""
+
+    def __init__(self, file):
+        self.file, self.data, self.seen = file, bytearray(), 0
+
+    def read(self) -> bool:
+        """Read once; False at EOF or when drained (the caller then closes the pipe)."""
+        chunk = os.read(self.file.fileno(), 65536)
+        self.seen += len(chunk)
+        self.data += chunk[: max(0, _KEEP - len(self.data))]
+        return bool(chunk) and self.seen < _DRAIN
+
+    def drain(self) -> None:
+        """Read what is left without blocking (the writers are dead, or escaped and ignored)."""
+        if self.file.closed:
+            return
+        os.set_blocking(self.file.fileno(), False)
+        try:
+            while self.read():
+                pass
+        except BlockingIOError:
+            pass
+        self.file.close()
+
+
+def _feed(proc: subprocess.Popen, data: bytes) -> None:
+    """Write a child's stdin and close it; the child reads it first thing, or has died."""
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+def _collect(streams: list[_Stream], verdict: _Stream, deadline: float) -> bool:
+    """Read every stream until the verdict pipe closes (True) or the deadline passes (False)."""
+    with selectors.DefaultSelector() as sel:
+        for s in streams:
+            sel.register(s.file, selectors.EVENT_READ, s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for key, _ in sel.select(timeout=remaining):
+                s = key.data
+                if not s.read():
+                    sel.unregister(s.file)
+                    s.file.close()
+                    if s is verdict:
+                        return True
+
+
+def _end_namespace(unshare: subprocess.Popen) -> None:
+    """SIGKILL the pid namespace's init (unshare's child) first: the kernel kills everything else in
+    the namespace before init's exit completes, and unshare reaps init — nothing is left, not even a
+    zombie. (Killing unshare first would orphan the dying init to the host's init.)"""
+    try:
+        with open(f"/proc/{unshare.pid}/task/{unshare.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+    except (OSError, ValueError):  # already gone, or a kernel without the children file
+        return
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        unshare.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each child's process group (the program's pid namespace dies with its init)."""
+    for p in procs:
+        if p.returncode is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            log.warning("sandbox process %d survived SIGKILL for 2 s", p.pid)
+
+
+def _parse_verdict(data: bytes, token: str) -> dict | None:
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(report, dict) or report.get("token") != token:
+        return None
+    return report
+
+
+def _status(timed_out: bool, report: dict | None, prog_rc: int | None, startup: str, harness_out: str, timeout_s: float) -> tuple[str, str]:
+    if timed_out:
+        return "timeout", f"no verdict within {timeout_s:g} s"
+    if report is None:
+        return "killed", "the test harness died: " + _last_line(harness_out)
+    if report["status"] == "lost":
+        if prog_rc is not None and prog_rc < 0:
+            return "killed", f"{report['detail']} (killed by {signal.Signals(-prog_rc).name})"
+        if prog_rc:  # the bootstrap or unshare failed, before the program ran
+            return "error", f"{report['detail']} (exit status {prog_rc}: {_last_line(startup)})"
+        return "error", report["detail"] + (" (exit status 0)" if prog_rc == 0 else "")
+    return report["status"], report["detail"]
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def _text(data: bytes | bytearray, seen: int | None = None) -> str:
+    text = bytes(data).decode("utf-8", "replace")
+    if seen is not None and seen > len(data):
+        text += f"\n[... {seen - len(data)} more bytes not kept]"
+    return text
+
+
+# --- both children: framing and limits ----------------------------------------------------------
+
+
+class _ProtocolError(Exception):
+    """A message that breaks the framing (too long)."""
+
+
+class _Channel:
+    """Length-prefixed pickles over a pair of pipes."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd = read_fd, write_fd
+
+    def send(self, message, persistent_id=None) -> None:
+        self.write(self.frame(message, persistent_id))
+
+    @staticmethod
+    def frame(message, persistent_id=None) -> bytes:
+        buf = io.BytesIO()
+        pickler = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+        if persistent_id is not None:
+            pickler.persistent_id = persistent_id
+        pickler.dump(message)
+        return struct.pack(">Q", buf.tell()) + buf.getvalue()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.write_fd, view):]
+
+    def recv(self, unpickler=pickle.Unpickler, persistent_load=None):
+        (size,) = struct.unpack(">Q", self._read(8))
+        if size > _MAX_MESSAGE:
+            raise _ProtocolError(f"message of {size} bytes")
+        loader = unpickler(io.BytesIO(self._read(size)))
+        if persistent_load is not None:
+            loader.persistent_load = persistent_load
+        return loader.load()
+
+    def _read(self, n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            chunk = os.read(self.read_fd, min(left, 1 << 20))
+            if not chunk:
+                raise EOFError("the other side closed the pipe")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+
+def _set_limits(limits: dict, *, nproc: int | None) -> None:
+    mem = limits["memory_mb"] * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nproc is not None:  # counts every process of the uid, so only with a uid of our own
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+# --- the program process (untrusted once the program runs) ---------------------------------------
+
+
+def _enter_jail(uid: int) -> None:
+    """As root in fresh mount/pid/net namespaces: chroot into a tmpfs holding read-only binds of the
+    system libraries and the Python install, with /tmp/work (owned by `uid`) as working directory."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_rdonly, ms_nosuid, ms_nodev, ms_remount, ms_bind, ms_rec = 1, 2, 4, 32, 4096, 16384
+
+    def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        enc = (lambda s: s.encode() if s is not None else None)
+        if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {source} on {target}: {os.strerror(ctypes.get_errno())}")
+
+    def bind(path: str, target: str, extra: int) -> None:
+        mount(path, target, None, ms_bind | ms_rec)
+        mount(None, target, None, ms_bind | ms_remount | ms_rdonly | extra)
+
+    root = "/tmp"  # any directory: the mount namespace is private (unshare's default propagation)
+    mount("tmpfs", root, "tmpfs", ms_nosuid | ms_nodev, _TMPFS)
+    prefix = os.path.realpath(sys.base_prefix)
+    dirs = [d for d in _JAIL_DIRS if os.path.lexists(d)]
+    if not any(prefix == os.path.realpath(d) or prefix.startswith(os.path.realpath(d) + "/") for d in dirs):
+        dirs.append(sys.base_prefix)
+    for d in dirs:
+        if os.path.islink(d):  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(d), root + d)
+            continue
+        os.makedirs(root + d, exist_ok=True)
+        bind(os.path.realpath(d), root + d, ms_nosuid | ms_nodev)
+    for f in _JAIL_FILES:
+        if os.path.exists(f):
+            os.makedirs(os.path.dirname(root + f), exist_ok=True)
+            open(root + f, "wb").close()
+            bind(f, root + f, ms_nosuid)
+    os.makedirs(root + "/tmp/work")
+    os.chmod(root + "/tmp", 0o1777)
+    os.chown(root + "/tmp/work", uid, uid)
+    os.chroot(root)
+    os.chdir("/tmp/work")
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no privileges regained through exec
+
+
+def _program_main(cfg: dict) -> None:
+    source = sys.stdin.buffer.read()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)  # the program reads EOF, never the parent
+    os.close(null)
+    home = "/tmp/work"
+    if cfg["jail"]:
+        _enter_jail(cfg["uid"])
+    else:
+        home = os.getcwd()
+    _set_limits(cfg["limits"], nproc=32 if cfg["uid"] is not None else None)
+    if cfg["uid"] is not None:
+        os.setgroups([])
+        os.setgid(cfg["uid"])
+        os.setuid(cfg["uid"])
+    os.environ.update(HOME=home, TMPDIR=home)
+    os.umask(0o077)
+    read_fd, write_fd, out_fd, err_fd = cfg["fds"]
+    for fd, target in ((out_fd, 1), (err_fd, 2)):  # from here on, output is the program's
+        os.dup2(fd, target)
+        os.close(fd)
+    channel = _Channel(read_fd, write_fd)
+    with open("solution.py", "wb") as f:
+        f.write(source)
+    module = types.ModuleType("solution")
+    module.__file__ = os.path.join(home, "solution.py")
+    sys.modules["solution"] = module
+    try:
+        exec(compile(source, "solution.py", "exec"), module.__dict__)
+    except BaseException as e:  # noqa: BLE001  (SystemExit too: the program did not load)
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        channel.send(("error", f"the program did not load: {type(e).__name__}: {e}"[:500]))
+        os._exit(1)
+    channel.send(("ready",))
+    _serve(channel, module.__dict__)
+
+
+def _serve(channel: _Channel, namespace: dict) -> None:
+    """Answer the harness: values of plain types go by value, anything else as a handle (its index)."""
+    handles: list = []
+
+    def persistent_id(obj):
+        if type(obj) in _PLAIN:
+            return None
+        handles.append(obj)
+        return len(handles) - 1
+
+    ops = {"lookup": namespace.__getitem__, "call": lambda f, a, k: f(*a, **k), "getattr": getattr,
+           "len": len, "iter": iter, "next": next, "getitem": lambda obj, key: obj[key]}
+    while True:
+        try:
+            op, *params = channel.recv(persistent_load=handles.__getitem__)
+        except EOFError:
+            os._exit(0)
+        try:
+            reply = ("ok", ops[op](*params))
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            channel.send(reply, persistent_id)
+        except BaseException as e:  # noqa: BLE001  (SystemExit from a call is the program's answer)
+            channel.send(("raise", type(e).__name__, str(e)[:1000]))
+
+
+# --- the harness process (trusted: runs the tests) -----------------------------------------------
+
+
+class _ChannelLost(BaseException):
+    """The program process died or broke the protocol; a BaseException so tests' `except Exception`
+    cannot swallow it (a bare `except:` can, hence the sticky `_Program.lost`)."""
+
+
+class RemoteError(Exception):
+    """An exception raised in the program that is not a built-in exception type."""
+
+
+class _Plain(pickle.Unpickler):
+    """Builds plain data only: no class outside this list can be loaded, so nothing from the program
+    process runs code in the harness."""
+
+    _ALLOWED = {("builtins", "complex"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+class _Program:
+    """The harness's side of the pipe to the program process."""
+
+    def __init__(self, channel: _Channel):
+        self.channel, self.lost, self.busy = channel, "", False
+
+    def hello(self) -> str | None:
+        """None when the program loaded, else why not."""
+        try:
+            msg = self.channel.recv(_Plain, persistent_load=self._remote)
+        except Exception:  # a dead program or a malformed message
+            self.lost = "the program process ended while loading"
+            return self.lost
+        if msg == ("ready",):
+            return None
+        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "error" and isinstance(msg[1], str):
+            return msg[1][:500]
+        return "the program process broke the protocol while loading"
+
+    def request(self, op: str, *params):
+        if self.lost:
+            raise _ChannelLost(self.lost)
+        if self.busy:  # only a forged reply could ask for this (a handle called while unpickling)
+            self.lost = "the program process sent a malformed reply"
+            raise _ChannelLost(self.lost)
+        # arguments that cannot be sent (a lambda, ...) raise here, in the tests, before anything is written
+        frame = self.channel.frame((op, *params), lambda obj: obj.handle if type(obj) is _Remote else None)
+        self.busy = True
+        try:
+            self.channel.write(frame)
+            reply = self.channel.recv(_Plain, persistent_load=self._remote)
+        except Exception as e:  # a dead program or a malformed reply (any error the decoder raises)
+            self.lost = f"the program process ended or broke the protocol during the tests ({type(e).__name__})"
+            raise _ChannelLost(self.lost) from None
+        finally:
+            self.busy = False
+        if type(reply) is tuple and len(reply) == 2 and reply[0] == "ok":
+            return reply[1]
+        if type(reply) is tuple and len(reply) == 3 and reply[0] == "raise" and type(reply[1]) is str and type(reply[2]) is str:
+            raise _exception(reply[1], reply[2])
+        self.lost = "the program process sent a malformed reply"
+        raise _ChannelLost(self.lost)
+
+    def _remote(self, handle) -> _Remote:
+        if type(handle) is not int:
+            raise pickle.UnpicklingError("bad handle")
+        return _Remote(self, handle)
+
+
+def _exception(name: str, message: str) -> Exception:
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # a built-in that needs other arguments (UnicodeDecodeError, ...)
+            pass
+    return RemoteError(f"{name}: {message}")
+
+
+class _Remote:
+    """An object living in the program process. Calls, attributes, len, iteration and indexing go
+    there; comparisons, hashing and truth stay here (identity), so the program cannot answer `==`."""
+
+    __slots__ = ("program", "handle")
+
+    def __init__(self, program: _Program, handle: int):
+        self.program, self.handle = program, handle
+
+    def __call__(self, *args, **kwargs):
+        return self.program.request("call", self, args, kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocol probes (__setstate__, __array__, ...) are not forwarded
+            raise AttributeError(name)
+        return self.program.request("getattr", self, name)
+
+    def __len__(self):
+        return self.program.request("len", self)
+
+    def __iter__(self):
+        return self.program.request("iter", self)
+
+    def __next__(self):
+        return self.program.request("next", self)
+
+    def __getitem__(self, key):
+        return self.program.request("getitem", self, key)
+
+    def __repr__(self) -> str:
+        return f"<object {self.handle} of the program>"
+
+
+class _TestGlobals(dict):
+    """The tests' globals: a name neither defined by the tests nor a built-in is the program's."""
+
+    def __init__(self, program: _Program, asserts: _Asserts):
+        super().__init__(__name__="__tests__", _sputnik_assert=asserts)
+        self.program = program
+
+    def __missing__(self, name: str):
+        if name in builtins.__dict__:
+            raise KeyError(name)
+        try:
+            value = self.program.request("lookup", name)
+        except KeyError:
+            raise KeyError(name) from None
+        self[name] = value
+        return value
+
+
+class _Asserts:
+    """Counts executed asserts; called by the rewritten tests as `_sputnik_assert(ok, line)`."""
+
+    def __init__(self):
+        self.passed = self.failed = 0
+        self.first_failure = 0
+
+    def __call__(self, ok: bool, line: int) -> None:
+        if ok is True:
+            self.passed += 1
+        else:
+            self.failed += 1
+            self.first_failure = self.first_failure or line
+
+
+class _RewriteAsserts(ast.NodeTransformer):
+    """`assert T` -> try: ok = bool(T) / except Exception: ok = False; _sputnik_assert(ok, line).
+
+    A failing assert does not stop the tests, so the fraction passed is known."""
+
+    def __init__(self):
+        self.count = 0
+
+    def visit_Assert(self, node: ast.Assert):
+        self.count += 1
+        store, load = ast.Name("_sputnik_ok", ast.Store()), ast.Name("_sputnik_ok", ast.Load())
+        check = ast.Try(
+            body=[ast.Assign([store], ast.Call(ast.Name("bool", ast.Load()), [node.test], []))],
+            handlers=[ast.ExceptHandler(ast.Name("Exception", ast.Load()), None, [ast.Assign([store], ast.Constant(False))])],
+            orelse=[], finalbody=[])
+        record = ast.Expr(ast.Call(ast.Name("_sputnik_assert", ast.Load()), [load, ast.Constant(node.lineno)], []))
+        return [ast.copy_location(check, node), ast.copy_location(record, node)]
+
+
+def _compile_tests(source: str, entry_point: str | None) -> tuple[types.CodeType, int]:
+    """The tests compiled with asserts rewritten, and how many asserts they contain."""
+    tree = ast.parse(source, "tests.py")
+    defines = any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in tree.body)
+    calls = any(isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and isinstance(s.value.func, ast.Name)
+                and s.value.func.id == "check" for s in tree.body)
+    if entry_point and defines and not calls:
+        tree.body.append(ast.Expr(ast.Call(ast.Name("check", ast.Load()), [ast.Name(entry_point, ast.Load())], [])))
+    rewriter = _RewriteAsserts()
+    tree = ast.fix_missing_locations(rewriter.visit(tree))
+    return compile(tree, "tests.py", "exec"), rewriter.count
+
+
+def _harness(job: dict, program: _Program) -> dict:
+    try:
+        code, n_asserts = _compile_tests(job["tests"], job["entry_point"])
+    except (SyntaxError, ValueError) as e:
+        return {"status": "error", "detail": f"the tests do not compile: {e}"}
+    problem = program.hello()
+    if problem is not None:
+        return {"status": "lost" if program.lost else "error", "detail": problem}
+    asserts = _Asserts()
+    error = ""
+    try:
+        exec(code, _TestGlobals(program, asserts))
+    except _ChannelLost:
+        pass
+    except BaseException as e:  # noqa: BLE001  (an error in the tests or raised by the program)
+        import traceback
+
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == "tests.py"), 0)
+        error = f"the tests raised {type(e).__name__}: {str(e)[:200]} (tests.py line {line})"
+    total = max(asserts.passed + asserts.failed, n_asserts)
+    counts = {"passed": asserts.passed, "total": total}
+    if program.lost:
+        return {"status": "lost", "detail": program.lost, **counts}
+    if error:
+        return {"status": "failed", "detail": error, **counts}
+    if asserts.failed:
+        return {"status": "failed", "detail": f"{asserts.failed} assert(s) failed, first at tests.py line {asserts.first_failure}", **counts}
+    if n_asserts and not asserts.passed:  # e.g. HumanEval's check() defined but never called
+        return {"status": "error", "detail": "none of the tests' asserts ran (is check() called? pass entry_point)", **counts}
+    return {"status": "passed", "detail": "", **counts}
+
+
+def _harness_main(cfg: dict) -> None:
+    job = json.loads(sys.stdin.buffer.read())
+    _set_limits(cfg["limits"], nproc=None)
+    read_fd, write_fd, verdict_fd = cfg["fds"]
+    report = _harness(job, _Program(_Channel(read_fd, write_fd)))
+    report["token"] = job["token"]
+    data = memoryview(json.dumps(report).encode())
+    while data:
+        data = data[os.write(verdict_fd, data):]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: threads or atexit hooks the tests may have left
+
+
+if __name__ == "__main__":
+    del sys.path[0]  # the repository, put there by _child_bootstrap: the program gets the standard library only
+    _config = json.loads(sys.argv[1])
+    (_program_main if _config["role"] == "program" else _harness_main)(_config)
