@@ -124,7 +124,7 @@ class GRPOConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     epochs: PositiveInt = 1
     minibatch_size: PositiveInt = 64  # completions per optimizer step
-    lr: PositiveFloat = 5e-4
+    lr: PositiveFloat = 1e-4
     grad_clip: NonNegFloat = 1.0
     advantage_scale: Literal["std", "none"] = "std"
     aggregation: Literal["token", "sequence"] = "token"

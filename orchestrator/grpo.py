@@ -148,7 +148,7 @@ class TaskStream:
 
 
 class Driver:
-    def __init__(self, cfg: RunConfig, run_dir: Path, tracker):
+    def __init__(self, cfg: RunConfig, run_dir: Path, tracker, *, learners: bool = True):
         import ray
 
         from orchestrator.grpo_roles import PolicyLearner, RewardWorker, RolloutSampler
@@ -171,7 +171,7 @@ class Driver:
         self.samplers = [Sampler.remote(str(self.hf_dir), str(self.tok_path), template=cfg.data.template) for _ in range(r.num_samplers)]
         self.scorers = [Scorer.remote(self.rewards, max_len=r.max_new_tokens) for _ in range(g.num_evaluators)]
         port = _free_port()
-        self.learners = [
+        self.learners = [] if not learners else [
             Learner.remote(str(self.hf_dir), g, rank=i, world=g.learners, master_addr=cfg.cluster.host, master_port=port,
                            pad_id=self.tok.pad_id, seed=cfg.seed)
             for i in range(g.learners)
@@ -411,7 +411,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo") as tracker:
         driver = Driver(cfg, run_dir, tracker)
         result = driver.run()
-        figures = {"grpo_steps": driver.step, "policy_version": driver.version}
+        figures = {"grpo_steps": driver.step, "policy_version": driver.version, "tokenizer": str(driver.tok_path)}
         if driver.step == cfg.grpo.steps:
             figures["hf_export"] = str(driver.export(run_dir / "hf"))
         if result["before"]:

@@ -256,6 +256,7 @@ class PolicyLearner:
         ref = self._logprobs(_LogProbs(self.ref), tokens, targets, grad=False) if self.ref is not None else None
         metrics["entropy"] = self._entropy(tokens, targets, mask)
         sums: dict[str, float] = {}
+        grad_norms: list[float] = []
         updates = 0
         g = torch.Generator().manual_seed(step)
         for _ in range(cfg.epochs):
@@ -279,13 +280,18 @@ class PolicyLearner:
                     dist.all_reduce(total)
                     loss = loss * local * self.world / total.clamp(min=1)
                 self.engine.backward(loss)
+                if cfg.zero_stage == 0:  # DeepSpeed records the norm only inside its ZeRO optimizers
+                    norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+                    grad_norms.append(float(torch.stack(norms).norm()) if norms else 0.0)
                 self.engine.step()
+                if cfg.zero_stage > 0:
+                    gn = self.engine.get_global_grad_norm()
+                    grad_norms.append(float(gn) if gn is not None else float("nan"))
                 updates += 1
-                for key, v in {"loss": float(loss), **mets}.items():
+                for key, v in {"loss": float(loss.detach()), **mets}.items():
                     sums[key] = sums.get(key, 0.0) + v
         metrics.update({k: v / max(1, updates) for k, v in sums.items()})
-        gn = self.engine.get_global_grad_norm()
-        metrics["grad_norm"] = float(gn) if gn is not None else float("nan")
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")  # before clipping
         metrics["updates"] = updates
         metrics["samples"] = len(mine)
         metrics["learn_seconds"] = time.perf_counter() - t0

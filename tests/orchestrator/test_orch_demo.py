@@ -1,4 +1,12 @@
-"""`sputnik demo` end to end on a shortened config: report, summary figures, reuse of the corpus."""
+"""`sputnik demo` end to end with the demo config: GRPO raises held-out accuracy, the report and
+summary hold the figures and plots, and a second demo reuses the tokenizer and shards.
+
+This is also the "GRPO learns" test of the loop: pretraining (600 steps, 2 DeepSpeed workers) on
+the synthetic two-digit addition corpus, then 20 GRPO steps on the train split, then greedy
+accuracy on 128 held-out prompts that appear neither in pretraining nor in GRPO training.
+Measured (seed 0): 0.492 before, 0.977 after; the standard error of one accuracy on 128 tasks is
+at most 0.044, so the asserted rise of 0.2 is more than three standard errors of the difference.
+"""
 
 import json
 import os
@@ -9,36 +17,43 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHORT = ["data.math_docs=3000", "data.shard_docs=1500", "pretrain.steps=30", "pretrain.micro_batch_size=4",
-         "pretrain.checkpoint_every=30", "grpo.heldout_size=16", "rollout.max_new_tokens=48", "tracking.wandb_mode=offline"]
+QUICK = ["pretrain.steps=3", "pretrain.warmup_steps=1", "pretrain.checkpoint_every=3", "grpo.steps=1", "grpo.heldout_size=8",
+         "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=1", "rollout.max_new_tokens=32"]
 
 
-def demo(out: Path, cache: Path) -> subprocess.CompletedProcess:
+def demo(out: Path, cache: Path, *overrides, timeout=1500) -> subprocess.CompletedProcess:
     env = {**os.environ, "SPUTNIK_CACHE": str(cache), "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", str(out), *SHORT],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", "--out", str(out), *overrides],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_reports_and_reuses_corpus(tmp_path):
+@pytest.mark.timeout(1800)
+def test_demo_grpo_raises_heldout_accuracy_and_reuses_corpus(tmp_path):
     cache = tmp_path / "cache"
     first = demo(tmp_path / "a", cache)
     run = tmp_path / "a"
     summary = json.loads((run / "summary.json").read_text())
-    acc = summary["heldout_accuracy_before"]["arithmetic"]
-    assert 0.0 <= acc <= 1.0 and summary["heldout_accuracy_after"] is None  # GRPO has not landed
-    frac = summary["heldout_reasoning_fraction_before"]["arithmetic"]
-    assert 0.0 <= frac <= 1.0
+    before, after = summary["heldout_accuracy_before"]["arithmetic"], summary["heldout_accuracy_after"]["arithmetic"]
+    assert after - before >= 0.2, (before, after)
+    # R1-Zero in miniature: the policy learns to choose reasoning
+    assert summary["heldout_reasoning_fraction_after"]["arithmetic"] > summary["heldout_reasoning_fraction_before"]["arithmetic"]
     report = (run / "report.md").read_text()
-    assert "GRPO (issue #8)" in report and f"{acc:.3f}" in report
-    assert list((run / "wandb").glob("offline-run-*"))  # an offline W&B run inside the run directory
-    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert f"{before:.3f} before GRPO, {after:.3f} after" in report
+    for name in ("loss", "reward", "heldout_accuracy", "expert_load", "time"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in report
+    for part in ("pretrain", "grpo"):  # offline W&B runs inside the run directory
+        assert list((run / part / "wandb").glob("offline-run-*")), part
+    losses = [json.loads(l)["loss"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 600 and losses[-1] < losses[0]
+    grpo_steps = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in grpo_steps if "reward_mean" in r] == list(range(1, 21))
     out = first.stdout + first.stderr
-    assert "training a" in out and "GRPO" in out and "not available yet" in out
-    second = demo(tmp_path / "b", cache)
+    assert "training a" in out and "after GRPO" in out
+    second = demo(tmp_path / "b", cache, *QUICK, timeout=900)
     out2 = second.stdout + second.stderr
-    assert "reusing tokenizer" in out2 and "reusing 2 tokenised shards" in out2
+    assert "reusing tokenizer" in out2 and "reusing" in out2 and "tokenised shards" in out2

@@ -19,24 +19,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """An HF directory of a tiny random policy plus the tokenizer it uses."""
-    from data.config import DataConfig
-    from data.prepare import math_documents
-    from data.tokenizer import train_tokenizer
-    from model import Transformer
-    from model.args import load_model_args
-    from model.hf import save_hf_pretrained
-
-    root = tmp_path_factory.mktemp("policy")
-    tok = train_tokenizer(math_documents(DataConfig(math_docs=500)), 512, root / "tokenizer.json")
-    args = load_model_args("tiny")
-    torch.manual_seed(0)
-    save_hf_pretrained(Transformer(args), root / "hf")
-    return root, tok
-
-
 def make_cfg(policy_dir, *overrides):
     from orchestrator.config import load_config
 
