@@ -34,7 +34,9 @@ class _FusedLinearCE(torch.autograd.Function):
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
         grad_h = torch.zeros_like(h) if h.requires_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        # the weight gradient accumulates in the weight's dtype: a bf16 GEMM per chunk (fp32 inside
+        # the tensor cores) instead of an fp32 GEMM, which on a GPU is several times slower
+        grad_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device) if w.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), CHUNK):
             hc, tc, vc = h[s : s + CHUNK], targets[s : s + CHUNK], valid[s : s + CHUNK]
@@ -43,13 +45,13 @@ class _FusedLinearCE(torch.autograd.Function):
             t_safe = tc.clamp(min=0)
             total += ((lse - logits.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)) * vc).sum()
             # d loss_i / d logits = softmax - onehot, for valid tokens, divided by the count
-            g = torch.softmax(logits, dim=-1)
+            g = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax in place: one chunk x vocab buffer
             g.scatter_add_(-1, t_safe.unsqueeze(-1), -torch.ones_like(lse).unsqueeze(-1))
             g *= (vc.float() / n_valid).unsqueeze(-1)
             if grad_h is not None:
                 grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:
-                grad_w += g.t() @ hc.float()
+                grad_w.addmm_(g.t().to(w.dtype), hc.to(w.dtype))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total / n_valid
@@ -76,18 +78,18 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, w, targets = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+        grad_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device) if ctx.needs_input_grad[1] else None
         for s in range(0, h.size(0), CHUNK):
             hc = h[s : s + CHUNK]
             logits = (hc @ w.t()).float()
             # d logp_i / d logits = onehot - softmax, times the incoming gradient
-            g = -torch.softmax(logits, dim=-1)
+            g = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
             g.scatter_add_(-1, targets[s : s + CHUNK].unsqueeze(-1), torch.ones_like(g[:, :1]))
             g *= grad_out[s : s + CHUNK].float().unsqueeze(-1)
             if grad_h is not None:
                 grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:
-                grad_w += g.t() @ hc.float()
+                grad_w.addmm_(g.t().to(w.dtype), hc.to(w.dtype))
         return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None
 
 
