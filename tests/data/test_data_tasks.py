@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.synthetic import problems
-from data.tasks import COLUMNS, TaskFileError, generate_arithmetic, generate_reasoning_gym, load_humaneval, read_tasks
+from data.tasks import COLUMNS, TaskFileError, generate_arithmetic, generate_code_tasks, generate_reasoning_gym, load_humaneval, read_tasks
 from data.templates import render_completion, render_prompt
 
 
@@ -21,6 +21,36 @@ def test_arithmetic_tasks_answers_and_split():
     train = generate_arithmetic(100, seed=2, split="train").column("prompt").to_pylist()
     held = generate_arithmetic(100, seed=2, split="heldout").column("prompt").to_pylist()
     assert not set(train) & set(held)
+
+
+def test_code_tasks_are_checked_by_their_tests():
+    from rl.sandbox import run_tests
+
+    t = generate_code_tasks(40, seed=1)
+    assert t.column_names == COLUMNS and t.num_rows == 40 and set(t.column("kind").to_pylist()) == {"code"}
+    assert generate_code_tasks(40, seed=1).equals(t)
+    rows = t.to_pylist()
+    for row in rows[:3]:
+        a, b = row["prompt"].removesuffix(".").split(" plus ")[1:]
+        right = f"def {row['entry_point']}(x):\n    return x + {int(a) + int(b)}"
+        wrong = f"def {row['entry_point']}(x):\n    return x + {int(a) + int(b) + 1}"
+        assert run_tests(right, row["tests"], timeout_s=5).passed
+        assert run_tests(row["answer"], row["tests"], timeout_s=5).passed
+        assert run_tests(wrong, row["tests"], timeout_s=5).status == "failed"
+    train = set(generate_code_tasks(60, seed=2, split="train").column("prompt").to_pylist())
+    held = set(generate_code_tasks(20, seed=2, split="heldout").column("prompt").to_pylist())
+    assert not train & held
+
+
+def test_code_corpus_skips_heldout_prompts_and_mixes_reasoning():
+    from data.config import DataConfig
+    from data.prepare import code_documents
+
+    docs = code_documents(DataConfig(code_docs=300, digits=2, reasoning_fraction=0.5))
+    held = set(generate_code_tasks(30, seed=0, digits=2, split="heldout").column("prompt").to_pylist())
+    assert len(docs) == 300 and not any(p in d for d in docs for p in held)
+    reasoned = sum("<think></think>" not in d for d in docs)
+    assert 100 < reasoned < 200  # about half, binomial(300, 0.5)
 
 
 def test_worked_reasoning_is_correct():
