@@ -28,14 +28,30 @@ def reference_logprobs(h, w, targets):
     return torch.log_softmax((h @ w.t()).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def _softmax(logits: torch.Tensor, lse: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Softmax of an fp32 logits chunk. For low-precision weights (GPU) in place, so one chunk x
+    vocab buffer is live instead of two; fp32 weights keep torch.softmax's exact rounding (training
+    runs are compared bit for bit across versions)."""
+    if exact:
+        return torch.softmax(logits, dim=-1)
+    return logits.sub_(lse).exp_()
+
+
+def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, hc: torch.Tensor) -> None:
+    """grad_w += g.T @ hc. In the weight's dtype for bf16/fp16 weights: a low-precision GEMM per
+    chunk (fp32 inside the tensor cores) instead of an fp32 GEMM, several times faster on a GPU."""
+    if grad_w.dtype == torch.float32:
+        grad_w += g.t() @ hc.float()
+    else:
+        grad_w.addmm_(g.t().to(grad_w.dtype), hc.to(grad_w.dtype))
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, ignore_index):
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
         grad_h = torch.zeros_like(h) if h.requires_grad else None
-        # the weight gradient accumulates in the weight's dtype: a bf16 GEMM per chunk (fp32 inside
-        # the tensor cores) instead of an fp32 GEMM, which on a GPU is several times slower
         grad_w = torch.zeros(w.shape, dtype=w.dtype, device=w.device) if w.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), CHUNK):
@@ -45,13 +61,13 @@ class _FusedLinearCE(torch.autograd.Function):
             t_safe = tc.clamp(min=0)
             total += ((lse - logits.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1)) * vc).sum()
             # d loss_i / d logits = softmax - onehot, for valid tokens, divided by the count
-            g = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax in place: one chunk x vocab buffer
+            g = _softmax(logits, lse.unsqueeze(-1), exact=w.dtype == torch.float32)
             g.scatter_add_(-1, t_safe.unsqueeze(-1), -torch.ones_like(lse).unsqueeze(-1))
             g *= (vc.float() / n_valid).unsqueeze(-1)
             if grad_h is not None:
                 grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t().to(w.dtype), hc.to(w.dtype))
+                _accumulate(grad_w, g, hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total / n_valid
@@ -83,13 +99,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             hc = h[s : s + CHUNK]
             logits = (hc @ w.t()).float()
             # d logp_i / d logits = onehot - softmax, times the incoming gradient
-            g = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
+            g = _softmax(logits, torch.logsumexp(logits, dim=-1, keepdim=True), exact=w.dtype == torch.float32).neg_()
             g.scatter_add_(-1, targets[s : s + CHUNK].unsqueeze(-1), torch.ones_like(g[:, :1]))
             g *= grad_out[s : s + CHUNK].float().unsqueeze(-1)
             if grad_h is not None:
                 grad_h[s : s + CHUNK] = (g.to(w.dtype) @ w).to(h.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t().to(w.dtype), hc.to(w.dtype))
+                _accumulate(grad_w, g, hc)
         return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None
 
 

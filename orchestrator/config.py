@@ -115,7 +115,7 @@ class GRPOConfig:
     __pydantic_config__ = _STRICT
     init: Optional[str] = None  # a `sputnik pretrain` run directory, or an HF directory (then set tokenizer)
     tokenizer: Optional[str] = None  # tokenizer.json; default: the one the init run was trained with
-    tasks: str = "arithmetic"  # "arithmetic" (data.digits/families) or a task table path (jsonl/parquet)
+    tasks: str = "arithmetic"  # "arithmetic" (data.digits/families), "code" (synthetic programs) or a task table path
     train_size: PositiveInt = 4000  # train-split prompts drawn from the arithmetic generator
     steps: PositiveInt = 50
     prompts_per_step: PositiveInt = 16
@@ -147,6 +147,15 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass
+class DemoConfig:
+    """`sputnik demo`: the second GRPO stage, on synthetic programming tasks scored in the sandbox."""
+
+    __pydantic_config__ = _STRICT
+    code_steps: NonNegInt = 0  # 0 skips the programming stage (needs data.code_docs > 0)
+    code_heldout_size: PositiveInt = 64
+
+
+@dataclasses.dataclass
 class EvalConfig:
     """`sputnik eval`: score a checkpoint on a task table."""
 
@@ -174,6 +183,7 @@ class RunConfig:
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
 """`sputnik demo`: the whole pipeline on this machine, as far as it has landed.
 
-1. Build (or reuse) the tokenizer and the synthetic math corpus, and pretrain the tiny MoE with 2
-   DeepSpeed workers on Ray Train (`<run>/pretrain/`).
-2. Measure the pretrained model on held-out arithmetic: greedy and sampled accuracy, and how often
-   and how well it reasons (a sampled completion with a non-empty think block) or answers directly.
-3. GRPO on the train split with rollout samplers, reward evaluators and a DeepSpeed policy learner
-   (`<run>/grpo/`), held-out greedy accuracy measured before and after, and the same sampled
-   measurement after.
-4. `report.md` with PNG plots (pretraining loss, reward, held-out accuracy, expert load heatmap,
-   time breakdown) and `summary.json` with `heldout_accuracy_before` / `heldout_accuracy_after`.
-
-GRPO on generated programming tasks scored in the sandbox is not part of the demo yet (see the
-report's "Not there yet").
+1. Build (or reuse) the tokenizer and the synthetic corpus (arithmetic and programming tasks, a
+   share with worked reasoning), and pretrain the tiny MoE with 2 DeepSpeed workers on Ray Train
+   (`<run>/pretrain/`).
+2. Measure the pretrained model on held-out tasks: greedy and sampled accuracy, and how often and
+   how well it reasons (a sampled completion with a non-empty think block) or answers directly.
+3. GRPO on the arithmetic train split with rollout samplers, reward evaluators and a DeepSpeed
+   policy learner (`<run>/grpo/`), then the same measurements.
+4. With `demo.code_steps` > 0, a second GRPO stage on synthetic programming tasks ("write a
+   function returning x plus a plus b"), scored by running their tests in the sandbox
+   (`<run>/grpo-code/`), then the same measurements.
+5. `report.md` with PNG plots (pretraining loss, reward, held-out accuracy by stage, expert load
+   heatmap, time breakdown) and `summary.json` with `heldout_accuracy_before` /
+   `heldout_accuracy_after` per task kind.
 
 Test: `pytest tests/orchestrator/test_orch_demo.py`.
 """
@@ -31,7 +32,11 @@ from orchestrator.config import RunConfig
 from orchestrator.rundir import create_run_dir
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
-NOT_YET = ["GRPO on generated programming tasks scored in the sandbox (issues #6, #9)", "multi-node placement and `ray up` (issue #9)"]
+NOT_YET = [
+    "GRPO on programming tasks that measurably learns: the stage runs (demo.code_steps > 0, data.code_docs > 0) and scores in the sandbox, "
+    "but the tiny model pretrained for 600 steps did not learn the programs (issue #9)",
+    "multi-node placement and `ray up` (issue #9)",
+]
 
 
 def heldout_accuracy(model, tok, tasks, *, template: str, max_new_tokens: int = 96, batch: int = 32,
@@ -52,8 +57,13 @@ def heldout_accuracy(model, tok, tasks, *, template: str, max_new_tokens: int = 
                         stop_token_ids=[tok.answer_end_id, tok.eos_id], pad_id=tok.pad_id)
         for r, out in zip(chunk, outs):
             text = tok.decode(out)
-            m = ANSWER_RE.search("<think>" + text)
-            ok = m is not None and m.group(1).strip() == r["answer"]
+            if r.get("kind") == "code":
+                from rl.rewards.code import code_reward
+
+                ok = code_reward(text, r["tests"], entry_point=r["entry_point"] or None, timeout_s=5) >= 1.0
+            else:
+                m = ANSWER_RE.search("<think>" + text)
+                ok = m is not None and m.group(1).strip() == r["answer"]
             reasons = len(text.split("</think>")[0].strip()) > 0
             correct += ok
             reasoned += reasons
@@ -68,77 +78,113 @@ def heldout_accuracy(model, tok, tasks, *, template: str, max_new_tokens: int = 
     }
 
 
-def measure(hf_dir: Path, tok, tasks, cfg: RunConfig) -> tuple[dict, dict]:
+def measure(hf_dir: Path, tok, tasks, cfg: RunConfig, *, sampled: bool = True) -> tuple[dict, dict | None]:
+    """Greedy (and sampled, temperature 1) held-out accuracy of the HF model in `hf_dir`."""
     from model.hf import from_hf_pretrained
 
     model = from_hf_pretrained(hf_dir).eval()
     with torch.no_grad():
         greedy = heldout_accuracy(model, tok, tasks, template=cfg.data.template, max_new_tokens=cfg.rollout.max_new_tokens)
-        sampled = heldout_accuracy(model, tok, tasks, template=cfg.data.template, max_new_tokens=cfg.rollout.max_new_tokens,
-                                   temperature=1.0, seed=cfg.seed)
-    return greedy, sampled
+        sample = heldout_accuracy(model, tok, tasks, template=cfg.data.template, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  temperature=1.0, seed=cfg.seed) if sampled else None
+    return greedy, sample
 
 
 def run(cfg: RunConfig, cli_args) -> int:
-    from data.tasks import generate_arithmetic
+    from data.tasks import generate_arithmetic, generate_code_tasks
     from data.tokenizer import load_tokenizer
     from orchestrator import grpo, pretrain
 
     t0 = time.time()
+    code_stage = cfg.demo.code_steps > 0
+    n_stages = 5 if code_stage else 4
     top = create_run_dir(cfg, cli_args.out).resolve()
     print(f"demo: run directory {top}", flush=True)
-    print("demo: 1/4 corpus and pretraining (tiny MoE, 2 DeepSpeed workers on Ray Train)", flush=True)
+    print(f"demo: 1/{n_stages} corpus and pretraining (tiny MoE, 2 DeepSpeed workers on Ray Train)", flush=True)
     pre_dir = pretrain.execute(cfg, top / "pretrain")
     pre_summary = json.loads((pre_dir / "summary.json").read_text())
     t_pretrain = time.time() - t0
 
-    print("demo: 2/4 held-out arithmetic accuracy of the pretrained model", flush=True)
+    print(f"demo: 2/{n_stages} held-out accuracy of the pretrained model", flush=True)
     t1 = time.time()
     tok = load_tokenizer(pre_summary["tokenizer"])
-    tasks = generate_arithmetic(cfg.grpo.heldout_size, seed=cfg.seed + 1, families=tuple(cfg.data.families),
-                                digits=cfg.data.digits, heldout_percent=cfg.data.heldout_percent, split="heldout")
-    before, sampled_before = measure(pre_dir / "hf", tok, tasks, cfg)
-    print(f"demo: before GRPO: greedy {before['accuracy']:.3f}, sampled {sampled_before['accuracy']:.3f} on {before['n']} held-out tasks; "
-          f"sampled completions reason {sampled_before['reasoning_fraction']:.0%} of the time "
-          f"(accuracy {_fmt(sampled_before['accuracy_when_reasoning'])} when reasoning, {_fmt(sampled_before['accuracy_when_direct'])} when answering directly)", flush=True)
+    d = cfg.data
+    tasks = {"arithmetic": generate_arithmetic(cfg.grpo.heldout_size, seed=cfg.seed + 1, families=tuple(d.families),
+                                               digits=d.digits, heldout_percent=d.heldout_percent, split="heldout")}
+    if code_stage:
+        tasks["code"] = generate_code_tasks(cfg.demo.code_heldout_size, seed=cfg.seed + 1, digits=d.digits,
+                                            heldout_percent=d.heldout_percent, split="heldout")
+    points = {"pretrained": {}, "after arithmetic GRPO": {}}
+    for name, table in tasks.items():
+        points["pretrained"][name] = measure(pre_dir / "hf", tok, table, cfg)
+        _say("pretrained", name, points["pretrained"][name])
     t_eval = time.time() - t1
 
-    print("demo: 3/4 GRPO on arithmetic (rollout samplers, reward evaluators, DeepSpeed policy learner on Ray)", flush=True)
+    print(f"demo: 3/{n_stages} GRPO on arithmetic (rollout samplers, reward evaluators, DeepSpeed policy learner on Ray)", flush=True)
     t1 = time.time()
     gcfg = copy.deepcopy(cfg)
     gcfg.grpo.init = str(pre_dir)
     grpo_dir, _ = grpo.execute(gcfg, top / "grpo")
     t_grpo = time.time() - t1
 
-    print("demo: 4/4 held-out accuracy after GRPO, report", flush=True)
+    print(f"demo: 4/{n_stages} held-out accuracy after GRPO on arithmetic", flush=True)
     t1 = time.time()
-    after, sampled_after = measure(grpo_dir / "hf", tok, tasks, cfg)
-    print(f"demo: after GRPO: greedy {after['accuracy']:.3f} (before {before['accuracy']:.3f}), sampled {sampled_after['accuracy']:.3f} "
-          f"(before {sampled_before['accuracy']:.3f}); sampled completions reason {sampled_after['reasoning_fraction']:.0%} of the time", flush=True)
+    for name, table in tasks.items():
+        points["after arithmetic GRPO"][name] = measure(grpo_dir / "hf", tok, table, cfg)
+        _say("after arithmetic GRPO", name, points["after arithmetic GRPO"][name])
     t_eval += time.time() - t1
+    final, final_dir = "after arithmetic GRPO", grpo_dir
+    code_dir, t_code = None, 0.0
+    if code_stage:
+        print(f"demo: 5/{n_stages} GRPO on programming tasks scored in the sandbox, then held-out accuracy", flush=True)
+        t1 = time.time()
+        ccfg = copy.deepcopy(cfg)
+        ccfg.grpo.init, ccfg.grpo.tasks, ccfg.grpo.steps = str(grpo_dir), "code", cfg.demo.code_steps
+        ccfg.grpo.heldout_size = cfg.demo.code_heldout_size
+        ccfg.grpo.eval_every = max(1, cfg.demo.code_steps)
+        ccfg.rewards = {"rewards": [{"name": "code_tests", "weight": 1.0}, {"name": "format", "weight": 0.1}]}
+        code_dir, _ = grpo.execute(ccfg, top / "grpo-code")
+        t_code = time.time() - t1
+        t1 = time.time()
+        final, final_dir = "after code GRPO", code_dir
+        points[final] = {}
+        for name, table in tasks.items():
+            points[final][name] = measure(code_dir / "hf", tok, table, cfg)
+            _say(final, name, points[final][name])
+        t_eval += time.time() - t1
 
+    pre, after = points["pretrained"], points[final]
     summary = {
-        "heldout_accuracy_before": {"arithmetic": before["accuracy"]},
-        "heldout_accuracy_after": {"arithmetic": after["accuracy"]},
-        "heldout_sampled_accuracy_before": {"arithmetic": sampled_before["accuracy"]},
-        "heldout_sampled_accuracy_after": {"arithmetic": sampled_after["accuracy"]},
-        "heldout_reasoning_fraction_before": {"arithmetic": sampled_before["reasoning_fraction"]},
-        "heldout_reasoning_fraction_after": {"arithmetic": sampled_after["reasoning_fraction"]},
-        "heldout_accuracy_when_reasoning_before": {"arithmetic": sampled_before["accuracy_when_reasoning"]},
-        "heldout_accuracy_when_direct_before": {"arithmetic": sampled_before["accuracy_when_direct"]},
-        "heldout_tasks": before["n"],
+        "heldout_accuracy_before": {k: v[0]["accuracy"] for k, v in pre.items()},
+        "heldout_accuracy_after": {k: v[0]["accuracy"] for k, v in after.items()},
+        "heldout_accuracy_by_stage": {stage: {k: v[0]["accuracy"] for k, v in p.items()} for stage, p in points.items()},
+        "heldout_sampled_accuracy_before": {k: v[1]["accuracy"] for k, v in pre.items()},
+        "heldout_sampled_accuracy_after": {k: v[1]["accuracy"] for k, v in after.items()},
+        "heldout_reasoning_fraction_before": {k: v[1]["reasoning_fraction"] for k, v in pre.items()},
+        "heldout_reasoning_fraction_after": {k: v[1]["reasoning_fraction"] for k, v in after.items()},
+        "heldout_accuracy_when_reasoning_before": {k: v[1]["accuracy_when_reasoning"] for k, v in pre.items()},
+        "heldout_accuracy_when_direct_before": {k: v[1]["accuracy_when_direct"] for k, v in pre.items()},
+        "heldout_tasks": {k: len(t) for k, t in tasks.items()},
+        "final_policy": str(final_dir / "hf"),
         "pretrain_steps": cfg.pretrain.steps, "pretrain_final_loss": pre_summary.get("final_loss"),
-        "grpo_steps": cfg.grpo.steps,
-        "time_seconds": {"pretrain": round(t_pretrain, 1), "grpo": round(t_grpo, 1), "evaluation": round(t_eval, 1),
-                         "total": round(time.time() - t0, 1)},
+        "grpo_steps": {"arithmetic": cfg.grpo.steps, **({"code": cfg.demo.code_steps} if code_stage else {})},
+        "time_seconds": {"pretrain": round(t_pretrain, 1), "grpo_arithmetic": round(t_grpo, 1), "grpo_code": round(t_code, 1),
+                         "evaluation": round(t_eval, 1), "total": round(time.time() - t0, 1)},
         "not_available": NOT_YET,
-        "pretrain_dir": str(pre_dir), "grpo_dir": str(grpo_dir),
+        "pretrain_dir": str(pre_dir), "grpo_dir": str(grpo_dir), "grpo_code_dir": str(code_dir) if code_dir else None,
     }
     (top / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plots = make_plots(top, pre_dir, grpo_dir, summary)
-    write_report(top, summary, before, after, sampled_before, sampled_after, plots)
+    plots = make_plots(top, pre_dir, [grpo_dir] + ([code_dir] if code_dir else []), summary)
+    write_report(top, summary, points, final, plots)
     print(f"demo: report in {top / 'report.md'} ({summary['time_seconds']['total']:.0f} s in all)", flush=True)
     return 0
+
+
+def _say(stage: str, task: str, m: tuple[dict, dict]) -> None:
+    g, s = m
+    print(f"demo: {stage}, {task}: greedy {g['accuracy']:.3f}, sampled {s['accuracy']:.3f} on {g['n']} held-out tasks; sampled completions "
+          f"reason {s['reasoning_fraction']:.0%} of the time (accuracy {_fmt(s['accuracy_when_reasoning'])} when reasoning, "
+          f"{_fmt(s['accuracy_when_direct'])} when answering directly)", flush=True)
 
 
 def _fmt(x) -> str:
@@ -149,7 +195,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
 
 
-def make_plots(top: Path, pre_dir: Path, grpo_dir: Path, summary: dict) -> dict[str, str]:
+def make_plots(top: Path, pre_dir: Path, grpo_dirs: list[Path], summary: dict) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +203,8 @@ def make_plots(top: Path, pre_dir: Path, grpo_dir: Path, summary: dict) -> dict[
 
     out = top / "plots"
     out.mkdir(exist_ok=True)
-    pre, gr = _records(pre_dir / "metrics.jsonl"), _records(grpo_dir / "metrics.jsonl")
+    pre = _records(pre_dir / "metrics.jsonl")
+    stages = [(d.name, _records(d / "metrics.jsonl")) for d in grpo_dirs]
     files = {}
 
     def save(fig, name):
@@ -173,20 +220,24 @@ def make_plots(top: Path, pre_dir: Path, grpo_dir: Path, summary: dict) -> dict[
     ax.legend()
     save(fig, "loss.png")
 
-    steps = [r for r in gr if "reward_mean" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in steps], [r["reward_mean"] for r in steps], label="reward (mean)")
-    ax.plot([r["step"] for r in steps], [r.get("accuracy", 0) for r in steps], label="train accuracy")
-    ax.plot([r["step"] for r in steps], [r.get("reasoning_frac", 0) for r in steps], label="reasoning fraction", ls="--")
-    ax.set(xlabel="GRPO step", title="GRPO rollouts")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 3.5), squeeze=False)
+    for ax, (name, gr) in zip(axes[0], stages):
+        steps = [r for r in gr if "reward_mean" in r]
+        ax.plot([r["step"] for r in steps], [r["reward_mean"] for r in steps], label="reward (mean)")
+        ax.plot([r["step"] for r in steps], [r.get("accuracy", 0) for r in steps], label="train accuracy")
+        ax.plot([r["step"] for r in steps], [r.get("reasoning_frac", 0) for r in steps], label="reasoning fraction", ls="--")
+        ax.set(xlabel="GRPO step", title=f"GRPO rollouts ({'code' if name.endswith('code') else 'arithmetic'})", ylim=(0, 1.05))
+        ax.legend()
     save(fig, "reward.png")
 
-    ev = [r for r in gr if "heldout/accuracy" in r]
+    by_stage = summary["heldout_accuracy_by_stage"]
+    tasks = list(next(iter(by_stage.values())))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in ev], [r["heldout/accuracy"] for r in ev], marker="o", label="held-out greedy accuracy")
-    ax.plot([r["step"] for r in ev], [r["heldout/reasoning_frac"] for r in ev], marker="s", ls="--", label="held-out reasoning fraction")
-    ax.set(xlabel="GRPO step", ylim=(0, 1), title="Held-out arithmetic")
+    width = 0.8 / len(by_stage)
+    for i, (stage, accs) in enumerate(by_stage.items()):
+        ax.bar([j + i * width for j in range(len(tasks))], [accs[t] for t in tasks], width, label=stage)
+    ax.set_xticks([j + width * (len(by_stage) - 1) / 2 for j in range(len(tasks))], tasks)
+    ax.set(ylabel="greedy accuracy", ylim=(0, 1), title="Held-out accuracy by stage")
     ax.legend()
     save(fig, "heldout_accuracy.png")
 
@@ -200,9 +251,8 @@ def make_plots(top: Path, pre_dir: Path, grpo_dir: Path, summary: dict) -> dict[
 
     t = summary["time_seconds"]
     parts = {"pretrain": t["pretrain"], "evaluation": t["evaluation"]}
-    if steps:
-        for key in ("generate", "score", "learn", "sync"):
-            parts[f"grpo {key}"] = float(sum(r.get(f"time/{key}", 0) for r in steps))
+    for key in ("generate", "score", "learn", "sync"):
+        parts[f"grpo {key}"] = float(sum(r.get(f"time/{key}", 0) for _, gr in stages for r in gr))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.barh(list(parts), list(parts.values()))
     ax.set(xlabel="seconds", title="Where the time went (GRPO parts overlap in actors)")
@@ -210,20 +260,36 @@ def make_plots(top: Path, pre_dir: Path, grpo_dir: Path, summary: dict) -> dict[
     return files
 
 
-def write_report(top: Path, summary: dict, before, after, sampled_before, sampled_after, plots: dict) -> None:
-    b, a = summary["heldout_accuracy_before"]["arithmetic"], summary["heldout_accuracy_after"]["arithmetic"]
+def write_report(top: Path, summary: dict, points: dict, final: str, plots: dict) -> None:
+    b, a = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     t = summary["time_seconds"]
+    pre_s = {k: v[1] for k, v in points["pretrained"].items()}
+    fin_s = {k: v[1] for k, v in points[final].items()}
+    stages = list(points)
     lines = [
         "# Sputnik demo report",
         "",
         "## Result",
-        f"- Held-out arithmetic ({before['n']} tasks whose prompts never appear in pretraining or GRPO training): greedy accuracy **{b:.3f} before GRPO, {a:.3f} after** ({a - b:+.3f}).",
-        f"- Sampled at temperature 1: {sampled_before['accuracy']:.3f} before, {sampled_after['accuracy']:.3f} after; the policy reasons in {sampled_before['reasoning_fraction']:.0%} of sampled completions before and {sampled_after['reasoning_fraction']:.0%} after.",
-        f"- Before GRPO, sampled completions were right {_fmt(sampled_before['accuracy_when_reasoning'])} of the time when they reasoned and {_fmt(sampled_before['accuracy_when_direct'])} when they answered directly — the choice GRPO can learn to make.",
+        "",
+        "Greedy accuracy on held-out tasks (prompts that appear neither in pretraining nor in GRPO training):",
+        "",
+        "| task | n | " + " | ".join(stages) + " |",
+        "|---|---|" + "---|" * len(stages),
+        *[f"| {k} | {summary['heldout_tasks'][k]} | " + " | ".join(f"{points[s][k][0]['accuracy']:.3f}" for s in stages) + " |" for k in b],
+        "",
+        *[f"- {k}: **{b[k]:.3f} before GRPO, {a[k]:.3f} after** ({a[k] - b[k]:+.3f}). Sampled at temperature 1: {pre_s[k]['accuracy']:.3f} before, "
+          f"{fin_s[k]['accuracy']:.3f} after; the policy reasons in {pre_s[k]['reasoning_fraction']:.0%} of sampled completions before and "
+          f"{fin_s[k]['reasoning_fraction']:.0%} after. Before GRPO, sampled completions were right {_fmt(pre_s[k]['accuracy_when_reasoning'])} "
+          f"of the time when they reasoned and {_fmt(pre_s[k]['accuracy_when_direct'])} when they answered directly." for k in b],
         "",
         "## What ran",
-        f"- Pretraining: tiny DeepSeek-V3-style MoE (MLA, shared + routed experts, aux-loss-free balancing, MTP), {summary['pretrain_steps']} steps with 2 DeepSpeed workers on Ray Train, final loss {summary['pretrain_final_loss']:.3f} ({t['pretrain']} s with corpus preparation).",
-        f"- GRPO: {summary['grpo_steps']} steps on Ray actors (rollout samplers, reward evaluators, a DeepSpeed policy learner), {t['grpo']} s.",
+        f"- Pretraining: tiny DeepSeek-V3-style MoE (MLA, shared + routed experts, aux-loss-free balancing, MTP), {summary['pretrain_steps']} steps "
+        f"with 2 DeepSpeed workers on Ray Train, final loss {summary['pretrain_final_loss']:.3f} ({t['pretrain']} s with corpus preparation).",
+        f"- GRPO on arithmetic: {summary['grpo_steps']['arithmetic']} steps on Ray actors (rollout samplers, reward evaluators, a DeepSpeed policy learner), {t['grpo_arithmetic']} s.",
+    ]
+    if "code" in summary["grpo_steps"]:
+        lines.append(f"- GRPO on programming tasks (write a function; scored by running its tests in the sandbox): {summary['grpo_steps']['code']} steps, {t['grpo_code']} s.")
+    lines += [
         f"- Evaluation: {t['evaluation']} s. Total {t['total']} s.",
         "",
         "## Plots",
@@ -233,9 +299,10 @@ def write_report(top: Path, summary: dict, before, after, sampled_before, sample
         "## Not there yet",
         *[f"- {item}" for item in summary["not_available"]],
         "",
-        "## Sample completions (held-out, greedy, after GRPO)",
+        f"## Sample completions (held-out, greedy, {final})",
         "",
     ]
-    for s in after["samples"]:
-        lines.append(f"- `{s['prompt']}` -> `{s['completion'].strip()[:160]}` ({'correct' if s['correct'] else 'wrong'})")
+    for k, (g, _) in points[final].items():
+        for smp in g["samples"][:3]:
+            lines.append(f"- `{smp['prompt']}` -> `{smp['completion'].strip()[:160]}` ({'correct' if smp['correct'] else 'wrong'})")
     (top / "report.md").write_text("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["pretrain.steps=3", "pretrain.warmup_steps=1", "pretrain.checkpoint_every=3", "grpo.steps=1", "grpo.heldout_size=8",
+QUICK = ["demo.code_steps=1", "demo.code_heldout_size=4", "pretrain.steps=3", "pretrain.warmup_steps=1", "pretrain.checkpoint_every=3", "grpo.steps=1", "grpo.heldout_size=8",
          "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=1", "rollout.max_new_tokens=32"]
 
 
@@ -57,3 +57,8 @@ def test_demo_grpo_raises_heldout_accuracy_and_reuses_corpus(tmp_path):
     second = demo(tmp_path / "b", cache, *QUICK, timeout=900)
     out2 = second.stdout + second.stderr
     assert "reusing tokenizer" in out2 and "reusing" in out2 and "tokenised shards" in out2
+    # the programming stage ran end to end: samplers, sandboxed code_tests rewards, held-out figures per task kind
+    s2 = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert set(s2["heldout_accuracy_after"]) == {"arithmetic", "code"} and s2["heldout_tasks"]["code"] == 4
+    code_steps = [json.loads(l) for l in (tmp_path / "b" / "grpo-code" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/code_tests" in r for r in code_steps)
