@@ -6,9 +6,10 @@ scored by the sum of their top-2 biased affinities and only the best n_limited_g
 gate *weights* come from the unbiased s, normalised over the chosen experts when norm_topk, times
 route_scale.
 
-Dispatch: the (token, expert) pairs are sorted by expert into contiguous segments, the routed
-experts run as a grouped GEMM over those segments, and the results are scattered back weighted by
-the gate — no Python loop over tokens.
+Dispatch (kernels/moe.py): the (token, expert) pairs are sorted by expert into contiguous segments
+(routing_metadata, permute), the routed experts run as a grouped GEMM over those segments, and
+the results are summed back per token weighted by the gate (unpermute) — no Python loop over
+tokens. Triton on CUDA, the torch references otherwise (SPUTNIK_KERNELS).
 
 Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
 Test: `pytest tests/model/test_model_moe.py`.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import swiglu
+from kernels.moe import grouped_mm, permute, routing_metadata, unpermute
 from model.args import ModelArgs
 
 
@@ -80,13 +82,6 @@ class Experts(nn.Module):
         return grouped_mm(h, self.w2, offsets_E)
 
 
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """out[rows of e] = x[rows of e] @ w[e]: one matmul per contiguous expert segment."""
-    ends = offsets_E.tolist()
-    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
-    return torch.cat([xe @ w_EKN[e] for e, xe in enumerate(x_MK.split(sizes))])
-
-
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -115,12 +110,9 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def _routed_local(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        order = idx_NK.flatten().argsort(stable=True)  # (N*K,) pair ids sorted by expert
-        token = order // self.topk
-        counts = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
-        y_sorted = self.experts(x_ND.index_select(0, token), counts.cumsum(0))  # backward: index_add, not index_put
-        y_sorted = y_sorted * w_NK.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x_ND).index_add_(0, token, y_sorted)
+        meta = routing_metadata(idx_NK, self.n_experts)
+        y_PD = self.experts(permute(x_ND, meta), meta.offsets_E)  # P = N*K rows, sorted by expert
+        return unpermute(y_PD, meta, w_NK)
 
     def _seq_aux_loss(self, s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over sequences."""
