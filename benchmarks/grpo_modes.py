@@ -57,8 +57,7 @@ def main():
         cfg = load_config(None, [*common, f"grpo.mode={mode}"])
         init_ray(cfg.cluster)
         run_dir = tmp / mode
-        with Tracker(run_dir, cfg.tracking, name=mode) as tracker:
-            driver = Driver(cfg, run_dir, tracker)
+        with Tracker(run_dir, cfg.tracking, name=mode) as tracker, Driver(cfg, run_dir, tracker) as driver:
             driver.heldout_rows = []  # no evaluation inside the timings
             driver.run()
         import ray

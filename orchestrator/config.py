@@ -63,11 +63,14 @@ class ClusterConfig:
     num_cpus: Optional[PositiveInt] = None  # for the embedded Ray (None = all cores)
     host: str = "127.0.0.1"  # embedded Ray binds here
     storage_path: Optional[str] = None  # shared storage for multi-node checkpoints (NFS, s3://)
+    # Each role instance is one placement-group bundle (orchestrator/placement.py); GPUs None = auto:
+    # one per learner and per sampler on a cluster with GPUs, none otherwise.
     cpus_per_learner: PositiveFloat = 0.5
-    gpus_per_learner: NonNegFloat = 0.0
-    cpus_per_sampler: PositiveFloat = 0.25
-    gpus_per_sampler: NonNegFloat = 0.0
+    gpus_per_learner: Optional[NonNegFloat] = None
+    cpus_per_sampler: PositiveFloat = 0.5
+    gpus_per_sampler: Optional[NonNegFloat] = None
     cpus_per_evaluator: PositiveFloat = 0.25
+    placement_timeout_s: PositiveFloat = 600.0  # how long a cluster that can grow may take to hold the roles
 
 
 @dataclasses.dataclass

@@ -42,8 +42,7 @@ def run(cfg: RunConfig, cli_args) -> int:
     run_dir = create_run_dir(cfg, cli_args.out)
     print(f"eval: run directory {run_dir}", flush=True)
     init_ray(cfg.cluster)
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="eval") as tracker:
-        driver = Driver(cfg, run_dir, tracker, learners=False)
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="eval") as tracker, Driver(cfg, run_dir, tracker, learners=False) as driver:
         tasks = driver.heldout_rows[: e.limit] if e.limit else driver.heldout_rows
         if not tasks:
             raise ConfigError(f"key 'eval.tasks': no held-out tasks in {cfg.grpo.tasks}")

@@ -129,9 +129,17 @@ def validate(cfg: RunConfig) -> None:
                               f"{cfg.rollout.num_samplers} samplers and {g.num_evaluators} evaluators (needs {need})")
 
 
-def _free_port() -> int:
+def _rendezvous() -> tuple[str, int]:
+    """This node's address and a free port on it (run inside learner 0's bundle)."""
+    import ray
+
+    addr = ray.util.get_node_ip_address()
+    return addr, _free_port(addr)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -172,23 +180,47 @@ class Driver:
         self.stream = TaskStream(self.train_rows, cfg.seed)
         self.rewards = reward_config(cfg)
         self.acc_name = next((s.name for s in self.rewards.rewards if s.name in ACCURACY_REWARDS), None)
-        # Samplers and reward workers come back after a crash and their calls are retried.
+        # Every role instance gets its own placement-group bundle: learners packed, samplers and
+        # evaluators spread over the nodes (orchestrator/placement.py).
+        from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
+
+        roles = roles_for(cfg, "grpo" if learners else "eval", cluster_gpus(ray))
+        self.placement = RolePlacement(ray, roles, autoscaling=bool(cfg.cluster.address), timeout_s=cfg.cluster.placement_timeout_s)
+        # Samplers and reward workers come back after a crash (into their bundle, rescheduled if
+        # their node died) and their calls are retried.
         restart = dict(max_restarts=-1, max_task_retries=-1)
-        Sampler = ray.remote(num_cpus=0.5, **restart)(RolloutSampler)
-        Scorer = ray.remote(num_cpus=0.25, **restart)(RewardWorker)
-        Learner = ray.remote(num_cpus=0.5)(PolicyLearner)
-        self.samplers = [Sampler.remote(str(self.hf_dir), str(self.tok_path), template=cfg.data.template) for _ in range(r.num_samplers)]
-        self.scorers = [Scorer.remote(self.rewards, max_len=r.max_new_tokens) for _ in range(g.num_evaluators)]
-        port = _free_port()
-        self.learners = [] if not learners else [
-            Learner.remote(str(self.hf_dir), g, rank=i, world=g.learners, master_addr=cfg.cluster.host, master_port=port,
-                           pad_id=self.tok.pad_id, seed=cfg.seed)
-            for i in range(g.learners)
-        ]
+        Sampler = ray.remote(**restart)(RolloutSampler)
+        Scorer = ray.remote(**restart)(RewardWorker)
+        Learner = ray.remote(PolicyLearner)
+        opts = self.placement.options
+        self.samplers = [Sampler.options(**opts("sampler", i)).remote(str(self.hf_dir), str(self.tok_path), template=cfg.data.template)
+                         for i in range(r.num_samplers)]
+        self.scorers = [Scorer.options(**opts("evaluator", i)).remote(self.rewards, max_len=r.max_new_tokens) for i in range(g.num_evaluators)]
+        self.learners = []
+        if learners:
+            # Rank 0 hosts the torch.distributed rendezvous: its node's address, a free port there.
+            rank0 = Learner.options(**opts("learner", 0))
+            addr, port = ray.get(ray.remote(_rendezvous).options(**{**opts("learner", 0), "num_cpus": 0, "num_gpus": 0}).remote())
+            self.learners = [
+                (rank0 if i == 0 else Learner.options(**opts("learner", i))).remote(
+                    str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id, seed=cfg.seed)
+                for i in range(g.learners)
+            ]
         self.version = 0
         self.weights_ref = None  # ObjectRef of the latest policy state (None: the init checkpoint)
         self.step = 0
         self.ray = ray
+
+    def close(self) -> None:
+        """Release the placement groups; the role actors in them go with them."""
+        self.samplers, self.scorers, self.learners = [], [], []
+        self.placement.close()
+
+    def __enter__(self) -> "Driver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- rollouts ------------------------------------------------------------------------------
 
@@ -408,6 +440,7 @@ def _kept_groups(results: list[dict], group_size: int) -> set[int]:
 
 
 def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
+    from orchestrator.placement import check_shared_storage
     from orchestrator.ray_local import init_ray
     from orchestrator.tracking import Tracker
 
@@ -416,9 +449,10 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     run_dir = create_run_dir(cfg, out)
     print(f"grpo: run directory {run_dir}", flush=True)
     random.seed(cfg.seed)
-    init_ray(cfg.cluster)
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo") as tracker:
-        driver = Driver(cfg, run_dir, tracker)
+    ray = init_ray(cfg.cluster)
+    check_shared_storage(ray, run_dir)
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo") as tracker, \
+            Driver(cfg, run_dir, tracker) as driver:
         result = driver.run()
         figures = {"grpo_steps": driver.step, "policy_version": driver.version, "tokenizer": str(driver.tok_path)}
         if driver.step == cfg.grpo.steps:

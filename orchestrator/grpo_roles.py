@@ -165,7 +165,7 @@ class PolicyLearner:
 
         torch.set_num_threads(threads)
         os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-                           "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank)})
+                           "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})  # Ray shows each learner only its own GPU
         deepspeed = import_deepspeed()
         on_gpu = torch.cuda.is_available()
         if not dist.is_initialized():

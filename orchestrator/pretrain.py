@@ -94,9 +94,14 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=Non
     from orchestrator.pretrain_worker import train_loop
     from orchestrator.ray_local import init_ray
 
-    init_ray(cfg.cluster)
+    ray = init_ray(cfg.cluster)
+    storage = str(cfg.cluster.storage_path or run_dir / "checkpoints")
+    if cfg.cluster.storage_path:
+        check_shared_storage(ray, storage, key="cluster.storage_path")
+    check_shared_storage(ray, run_dir, key="--out")  # metrics, checkpoints, the HF export
+    check_shared_storage(ray, shard_dir, key=f"the corpus cache ({CACHE_ENV})")
     p = cfg.pretrain
-    use_gpu = torch.cuda.is_available()
+    use_gpu = (cfg.cluster.gpus_per_learner if cfg.cluster.gpus_per_learner is not None else cluster_gpus(ray)) > 0
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
     loop_config = {
         "pretrain": p, "model": cfg.model, "tracking": cfg.tracking, "seed": cfg.seed, "name": cfg.name,
@@ -110,11 +115,11 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=Non
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=p.workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_learner, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_learner, **({"GPU": cfg.cluster.gpus_per_learner or 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=str(cfg.cluster.storage_path or run_dir / "checkpoints"),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
         ),

@@ -66,6 +66,7 @@ def test_weight_sync_is_bit_identical_and_versioned(policy_dir, ray_session, tmp
     # the next step is sampled by the new policy version, and the version lag is recorded as 0 (sync mode)
     batch = d.collect(d.sample_step(2), 2)
     assert {rec["version"] for res in batch["results"] for rec in res["records"]} == {1}
+    d.close()
     tracker.close()
 
 
@@ -90,6 +91,7 @@ def test_killed_sampler_and_evaluator_restart_and_score_every_prompt_once(policy
     new = [ray.get(d.samplers[0].__ray_call__.remote(lambda self: os.getpid())),
            ray.get(d.scorers[0].__ray_call__.remote(lambda self: os.getpid()))]
     assert new[0] != pids[0] and new[1] != pids[1]
+    d.close()
     tracker.close()
 
 
@@ -109,6 +111,7 @@ def test_dynamic_sampling_drops_zero_variance_groups(policy_dir, ray_session, tm
     for g, z in zip(groups, zero.tolist()):
         vals = [a for a, r in zip(adv, records) if r["group"] == g]
         assert all(v is None for v in vals) if z else all(v is not None for v in vals)
+    d.close()
     tracker.close()
 
 
@@ -117,6 +120,7 @@ def test_async_mode_samples_one_version_behind(policy_dir, ray_session, tmp_path
     cfg = make_cfg(policy_dir, "grpo.mode=async", "grpo.steps=3", "grpo.eval_every=3", "grpo.checkpoint_every=3")
     d, tracker = driver_for(cfg, tmp_path)
     result = d.run()
+    d.close()
     tracker.close()
     lag = per_step(tmp_path, "version_lag")
     assert lag == {1: 0.0, 2: 1.0, 3: 1.0}

@@ -1,0 +1,295 @@
+"""Placement: which role runs on which node, as Ray placement groups.
+
+Every role instance is one placement-group bundle ({"CPU": c, "GPU": g}):
+- learners (GRPO PolicyLearner ranks, pretraining workers) in one PACK group: a node is filled
+  before the next is used, so their collectives stay inside a node where they can;
+- rollout samplers and reward evaluators in SPREAD groups: they use every node, and losing a node
+  takes few of them (they restart into their rescheduled bundle elsewhere).
+
+`make_plan(roles, nodes)` simulates this placement on a cluster description and raises
+`PlanError` with the reason when it cannot hold the roles; `sputnik plan --config FILE --nodes 4
+--gpus-per-node 8` prints it. At run time `RolePlacement` checks the live cluster with the same
+simulation (an embedded Ray cannot grow, so an impossible plan fails at once instead of waiting),
+creates the groups and hands out per-actor scheduling options.
+
+GPUs per learner and sampler: `cluster.gpus_per_learner` / `gpus_per_sampler`, default auto (one
+each on a cluster with GPUs, none otherwise).
+
+Multi-node runs need the run directory on storage every node sees: `check_shared_storage` refuses
+a node-local path when the nodes are on more than one host.
+
+Test: `pytest tests/orchestrator/test_orch_placement.py tests/orchestrator/test_orch_multinode.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, RunConfig
+
+# Filesystems every node of a cluster can share (as listed in /proc/mounts).
+SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p", "fuse.s3fs",
+             "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.juicefs", "fuse.sshfs", "wekafs", "efs")
+
+
+class PlanError(ConfigError):
+    """The roles do not fit the cluster; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    name: str
+    count: int
+    cpus: float
+    gpus: float
+    strategy: str  # "PACK" or "SPREAD"
+
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+
+    def describe(self) -> str:
+        return f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    cpus: float
+    gpus: float = 0.0
+    name: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    roles: list[Role]
+    nodes: list[Node]
+    assignment: dict[str, list[int]]  # role name -> node index of each instance
+
+    def nodes_of(self, role: str) -> list[int]:
+        return self.assignment[role]
+
+    def table(self) -> str:
+        """The plan as a fixed-width table: one row per node, one column per role."""
+        names = [r.name for r in self.roles]
+        head = ["node", "CPU", "GPU", *names, "CPU used", "GPU used"]
+        rows = []
+        for i, node in enumerate(self.nodes):
+            counts = [sum(1 for n in self.assignment[r.name] if n == i) for r in self.roles]
+            cpu = sum(c * r.cpus for c, r in zip(counts, self.roles))
+            gpu = sum(c * r.gpus for c, r in zip(counts, self.roles))
+            rows.append([node.name or f"node{i}", f"{node.cpus:g}", f"{node.gpus:g}", *map(str, counts), f"{cpu:g}", f"{gpu:g}"])
+        widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        return "\n".join(fmt.format(*r).rstrip() for r in [head, ["-" * w for w in widths], *rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def _auto_gpus(value: float | None, cluster_gpus: float) -> float:
+    return float(value) if value is not None else (1.0 if cluster_gpus > 0 else 0.0)
+
+
+def roles_for(cfg: RunConfig, command: str, cluster_gpus: float) -> list[Role]:
+    """The placement roles of `sputnik <command>` under `cfg` on a cluster with `cluster_gpus` GPUs."""
+    c = cfg.cluster
+    learner_gpus = _auto_gpus(c.gpus_per_learner, cluster_gpus)
+    if command == "pretrain":
+        return [Role("pretrain worker", cfg.pretrain.workers, c.cpus_per_learner, learner_gpus, "PACK")]
+    if command not in ("grpo", "eval", "demo"):
+        raise ConfigError(f"sputnik plan: no placement for command {command!r} (grpo, eval, pretrain or demo)")
+    roles = [] if command == "eval" else [Role("learner", cfg.grpo.learners, c.cpus_per_learner, learner_gpus, "PACK")]
+    roles += [
+        Role("sampler", cfg.rollout.num_samplers, c.cpus_per_sampler, _auto_gpus(c.gpus_per_sampler, cluster_gpus), "SPREAD"),
+        Role("evaluator", cfg.grpo.num_evaluators, c.cpus_per_evaluator, 0.0, "SPREAD"),
+    ]
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulation
+# ---------------------------------------------------------------------------------------------
+
+_EPS = 1e-9
+
+
+def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
+    """Place every instance as Ray would: PACK fills the fullest node that fits, SPREAD picks the
+    node with the fewest instances of the role (then the most room). Raises PlanError."""
+    if not nodes:
+        raise PlanError("the cluster has no nodes")
+    for role in roles:
+        if role.count < 1:
+            raise PlanError(f"{role.name}: count must be at least 1, got {role.count}")
+        if not any(role.cpus <= n.cpus + _EPS and role.gpus <= n.gpus + _EPS for n in nodes):
+            big = max(nodes, key=lambda n: (n.gpus, n.cpus))
+            raise PlanError(f"one {role.name} needs {role.describe()}, but the largest node has {big.cpus:g} CPU + {big.gpus:g} GPU")
+    need_cpu, need_gpu = sum(r.count * r.cpus for r in roles), sum(r.count * r.gpus for r in roles)
+    have_cpu, have_gpu = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    need = ", ".join(f"{r.count} {r.name}(s) x {r.describe()}" for r in roles)
+    if need_gpu > have_gpu + _EPS:
+        raise PlanError(f"the roles need {need_gpu:g} GPUs ({need}) but the cluster has {have_gpu:g} "
+                        f"({len(nodes)} node(s)); lower the counts or add nodes")
+    if need_cpu > have_cpu + _EPS:
+        raise PlanError(f"the roles need {need_cpu:g} CPUs ({need}) but the cluster has {have_cpu:g} "
+                        f"({len(nodes)} node(s)); lower the counts or add nodes")
+    free = [[n.cpus, n.gpus] for n in nodes]
+    assignment: dict[str, list[int]] = {}
+    for role in roles:
+        placed: list[int] = []
+        for k in range(role.count):
+            fits = [i for i, (fc, fg) in enumerate(free) if role.cpus <= fc + _EPS and role.gpus <= fg + _EPS]
+            if not fits:
+                raise PlanError(f"{role.name} {k + 1} of {role.count} ({role.describe()}) fits on no node after placing "
+                                f"the others: the bundles do not pack into {len(nodes)} node(s) of this size")
+            if role.strategy == "PACK":  # fill the node already used by this role, else the fullest
+                used = [i for i in fits if i in placed]
+                i = used[-1] if used else min(fits, key=lambda j: (free[j][1], free[j][0], j))
+            else:
+                i = min(fits, key=lambda j: (placed.count(j), -free[j][1] if role.gpus else 0, -free[j][0], j))
+            free[i][0] -= role.cpus
+            free[i][1] -= role.gpus
+            placed.append(i)
+        assignment[role.name] = placed
+    return Plan(roles, nodes, assignment)
+
+
+# ---------------------------------------------------------------------------------------------
+# At run time
+# ---------------------------------------------------------------------------------------------
+
+
+def live_nodes(ray) -> list[Node]:
+    """The alive nodes of the connected Ray cluster, with their total CPU and GPU."""
+    out = []
+    for n in ray.nodes():
+        if n.get("Alive"):
+            res = n.get("Resources", {})
+            out.append(Node(res.get("CPU", 0.0), res.get("GPU", 0.0), n.get("NodeManagerAddress", "") + ":" + n["NodeID"][:6]))
+    return out
+
+
+class RolePlacement:
+    """Placement groups for the roles of one run; `options(role, i)` schedules instance i into its bundle."""
+
+    def __init__(self, ray, roles: list[Role], *, autoscaling: bool, timeout_s: float):
+        from ray.util.placement_group import placement_group
+
+        self.ray, self.roles = ray, {r.name: r for r in roles}
+        if not autoscaling:  # a fixed cluster: refuse an impossible plan now, with the reason
+            self.plan = make_plan(roles, live_nodes(ray))
+        self.groups = {r.name: placement_group([r.bundle()] * r.count, strategy=r.strategy, name="") for r in roles}
+        try:
+            ray.get([g.ready() for g in self.groups.values()], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            avail = ray.available_resources()
+            raise PlanError(f"the cluster could not hold the roles within {timeout_s:g}s "
+                            f"({', '.join(f'{r.count} {r.name}(s) x {r.describe()}' for r in roles)}; "
+                            f"available now: {avail.get('CPU', 0):g} CPU, {avail.get('GPU', 0):g} GPU)") from None
+
+    def options(self, role: str, index: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        r = self.roles[role]
+        return {"num_cpus": r.cpus, "num_gpus": r.gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[role], placement_group_bundle_index=index)}
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for g in self.groups.values():
+            try:
+                remove_placement_group(g)
+            except Exception:  # already gone with the cluster
+                pass
+        self.groups = {}
+
+
+def cluster_gpus(ray) -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared storage
+# ---------------------------------------------------------------------------------------------
+
+
+def filesystem_type(path: str | Path) -> str:
+    """The filesystem type of the mount holding `path` (from /proc/mounts; "" where unknown)."""
+    p = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mount = parts[1].replace("\\040", " ")
+                    if (p == mount or p.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                        best, kind = mount, parts[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def storage_problem(path: str, hosts: set[str], fs_type: str) -> str | None:
+    """Why `path` cannot hold a run's checkpoints on a cluster whose nodes sit on `hosts`; None if it can."""
+    if "://" in path or len(hosts) <= 1:  # a URI (s3://, gs://) or one machine: every node sees it
+        return None
+    if fs_type in SHARED_FS or fs_type.startswith("fuse."):
+        return None
+    return (f"{path} is on a node-local filesystem ({fs_type or 'unknown'}) but the cluster spans {len(hosts)} hosts; "
+            f"put the run directory on shared storage (NFS, EFS, Lustre: --out /mnt/shared/runs/...) or set "
+            f"cluster.storage_path=s3://...")
+
+
+def check_shared_storage(ray, path: str | Path, *, key: str = "--out") -> None:
+    """Raise ConfigError when `path` is node-local on a multi-host cluster."""
+    hosts = {n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")}
+    problem = storage_problem(str(path), hosts, filesystem_type(path) if "://" not in str(path) else "")
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# `sputnik plan`
+# ---------------------------------------------------------------------------------------------
+
+
+def command_of(cfg: RunConfig, config_path: str) -> str:
+    """Which command a config is for: from its name or sections (grpo unless it is a pretraining config)."""
+    stem = Path(config_path).stem
+    if stem.startswith("pretrain"):
+        return "pretrain"
+    if stem.startswith("demo"):
+        return "demo"
+    return "grpo"
+
+
+def run(cfg: RunConfig, cli_args) -> int:
+    nodes_n, gpn = cli_args.nodes, cli_args.gpus_per_node
+    if nodes_n < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {nodes_n}")
+    if gpn < 0:
+        raise ConfigError(f"--gpus-per-node must not be negative, got {gpn}")
+    cpn = cli_args.cpus_per_node if cli_args.cpus_per_node is not None else (max(8, 24 * gpn) if gpn else 8)
+    if cpn <= 0:
+        raise ConfigError(f"--cpus-per-node must be positive, got {cpn}")
+    nodes = [Node(float(cpn), float(gpn), f"node{i}") for i in range(nodes_n)]
+    command = command_of(cfg, cli_args.config)
+    commands = ["pretrain", "grpo"] if command == "demo" else [command]
+    print(f"plan for {nodes_n} node(s) x {cpn:g} CPU + {gpn} GPU, config {cli_args.config}")
+    for cmd in commands:  # the demo runs pretraining, then GRPO: the cluster holds one at a time
+        roles = roles_for(cfg, cmd, nodes_n * gpn)
+        try:
+            plan = make_plan(roles, nodes)
+        except PlanError as e:
+            print(f"sputnik plan: impossible for sputnik {cmd}: {e}", file=sys.stderr)
+            return 2
+        print(f"\nsputnik {cmd}: " + "; ".join(f"{r.count} {r.name}(s) x {r.describe()}, {r.strategy}" for r in roles))
+        print(plan.table())
+    return 0

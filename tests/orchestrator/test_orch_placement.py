@@ -1,0 +1,92 @@
+"""Placement planning: PACK fills a node before the next, SPREAD balances, impossible plans are
+refused with the reason; `sputnik plan` prints the plan; node-local storage is refused on a
+cluster that spans hosts (filesystem types checked against util-linux's findmnt)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.placement import Node, PlanError, Role, filesystem_type, make_plan, roles_for, storage_problem
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def nodes(n, cpus, gpus):
+    return [Node(cpus, gpus, f"n{i}") for i in range(n)]
+
+
+def test_learners_pack_node_by_node_and_samplers_spread_over_the_rest():
+    roles = [Role("learner", 12, 4, 1, "PACK"), Role("sampler", 8, 2, 1, "SPREAD"), Role("evaluator", 8, 1, 0, "SPREAD")]
+    plan = make_plan(roles, nodes(4, 96, 8))
+    assert plan.nodes_of("learner") == [0] * 8 + [1] * 4  # a full node, then the next
+    per_node = Counter(plan.nodes_of("sampler"))
+    # 8 GPUs left on nodes 2 and 3, 4 on node 1: the samplers balance over the nodes with room
+    assert sum(per_node.values()) == 8 and max(per_node.values()) - min(per_node.values()) <= 1
+    assert set(per_node) == {1, 2, 3}
+    assert Counter(plan.nodes_of("evaluator")) == {0: 2, 1: 2, 2: 2, 3: 2}
+    for i, node in enumerate(plan.nodes):  # never over a node's capacity
+        gpus = sum(r.gpus for r in roles for n in plan.nodes_of(r.name) if n == i)
+        cpus = sum(r.cpus for r in roles for n in plan.nodes_of(r.name) if n == i)
+        assert gpus <= node.gpus and cpus <= node.cpus
+
+
+def test_impossible_plans_name_the_reason():
+    with pytest.raises(PlanError, match=r"need 40 GPUs .* has 32"):
+        make_plan([Role("learner", 32, 1, 1, "PACK"), Role("sampler", 8, 1, 1, "SPREAD")], nodes(4, 64, 8))
+    with pytest.raises(PlanError, match=r"one sampler needs 1 CPU \+ 2 GPU, but the largest node has 8 CPU \+ 1 GPU"):
+        make_plan([Role("sampler", 1, 1, 2, "SPREAD")], nodes(2, 8, 1))
+    # enough CPU in total (1.8 of 2) but 0.6-CPU bundles do not pack two to a 1-CPU node
+    with pytest.raises(PlanError, match=r"learner 3 of 3 .* fits on no node"):
+        make_plan([Role("learner", 3, 0.6, 0, "PACK")], nodes(2, 1, 0))
+
+
+def test_roles_of_a_config_follow_its_counts_and_auto_gpus():
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", ["grpo.learners=4", "rollout.num_samplers=3", "grpo.num_evaluators=2"])
+    gpu = {r.name: (r.count, r.gpus, r.strategy) for r in roles_for(cfg, "grpo", cluster_gpus=16)}
+    assert gpu == {"learner": (4, 1.0, "PACK"), "sampler": (3, 1.0, "SPREAD"), "evaluator": (2, 0.0, "SPREAD")}
+    cpu = {r.name: r.gpus for r in roles_for(cfg, "grpo", cluster_gpus=0)}
+    assert cpu == {"learner": 0.0, "sampler": 0.0, "evaluator": 0.0}
+    assert [r.name for r in roles_for(cfg, "eval", 0)] == ["sampler", "evaluator"]
+    pre = roles_for(load_config(REPO / "configs" / "pretrain_tiny.yaml", ["cluster.gpus_per_learner=0"]), "pretrain", 8)
+    assert [(r.name, r.gpus) for r in pre] == [("pretrain worker", 0.0)]
+
+
+def sputnik(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_sputnik_plan_prints_the_plan_and_refuses_an_impossible_one():
+    r = sputnik("plan", "--nodes", "4", "--gpus-per-node", "8", "grpo.learners=8", "rollout.num_samplers=6")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("node") and line.split()[0] != "node"]
+    assert len(rows) == 4
+    learners = [int(row[3]) for row in rows]
+    samplers = [int(row[4]) for row in rows]
+    assert learners == [8, 0, 0, 0] and samplers == [0, 2, 2, 2]
+    r = sputnik("plan", "--nodes", "1", "--gpus-per-node", "8", "grpo.learners=8", "rollout.num_samplers=6")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "need 14 GPUs" in r.stderr and "has 8" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("findmnt") is None, reason="needs util-linux findmnt")
+@pytest.mark.parametrize("path", ["/", "/proc", "/tmp", str(REPO)])
+def test_filesystem_type_matches_findmnt(path):
+    ref = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], capture_output=True, text=True).stdout.strip()
+    assert filesystem_type(path) == ref
+
+
+def test_node_local_storage_is_refused_on_a_multi_host_cluster():
+    two = {"10.0.0.1", "10.0.0.2"}
+    problem = storage_problem("/home/me/runs/x", two, "ext4")
+    assert problem and "node-local filesystem (ext4)" in problem and "2 hosts" in problem
+    assert storage_problem("/home/me/runs/x", {"127.0.0.1"}, "ext4") is None  # one machine sees its own disk
+    assert storage_problem("/mnt/shared/runs/x", two, "nfs4") is None
+    assert storage_problem("/mnt/fsx/runs/x", two, "lustre") is None
+    assert storage_problem("s3://bucket/runs/x", two, "") is None
