@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from orchestrator.config import CONFIG_DIR, ConfigError, load_config
 

@@ -35,7 +35,6 @@ ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 NOT_YET = [
     "GRPO on programming tasks that measurably learns: the stage runs (demo.code_steps > 0, data.code_docs > 0) and scores in the sandbox, "
     "but the tiny model pretrained for 600 steps did not learn the programs (issue #9)",
-    "multi-node placement and `ray up` (issue #9)",
 ]
 
 

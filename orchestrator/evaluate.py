@@ -13,8 +13,6 @@ Test: `pytest tests/orchestrator/test_orch_eval.py`.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 

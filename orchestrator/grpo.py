@@ -12,7 +12,8 @@ Modes: `grpo.mode=sync` samples step k with the weights after step k-1; `async` 
 policy) samples step k+1 while the learners train on step k, and records the version lag.
 Options: dynamic sampling (drop zero-variance groups and refill from the train split, up to
 `max_refill_rounds`), overlong filtering (truncated completions leave the loss) or penalty (the
-DAPO `overlong` reward), the KL to a frozen reference colocated with the learners.
+DAPO `overlong` reward), the KL to a frozen reference colocated with the learners or in its own
+actor (`grpo.reference`).
 
 Samplers and reward workers restart after a crash (`max_restarts`) and their calls are retried;
 every generate call names the weights it must use, so a restarted sampler resumes with the right
@@ -37,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.cli import NotAvailable
 from orchestrator.config import ConfigError, RunConfig, to_dict
 from orchestrator.rundir import create_run_dir
 
@@ -118,15 +118,15 @@ def reward_config(cfg: RunConfig):
 
 def validate(cfg: RunConfig) -> None:
     g = cfg.grpo
-    if g.reference == "actor" and g.kl_beta > 0:
-        raise NotAvailable("grpo.reference=actor (a reference model in its own actor) is not wired yet; use grpo.reference=colocated")
     if g.learners > 1 and g.minibatch_size < g.learners:
         raise ConfigError(f"key 'grpo.minibatch_size' ({g.minibatch_size}) must be at least grpo.learners ({g.learners})")
-    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:
-        need = g.learners * 0.5 + cfg.rollout.num_samplers * 0.5 + g.num_evaluators * 0.25
-        if need > cfg.cluster.num_cpus:
-            raise ConfigError(f"key 'cluster.num_cpus' ({cfg.cluster.num_cpus}) is too small for {g.learners} learners, "
-                              f"{cfg.rollout.num_samplers} samplers and {g.num_evaluators} evaluators (needs {need})")
+    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:  # the embedded Ray: one node of num_cpus
+        from orchestrator.placement import Node, PlanError, make_plan, roles_for
+
+        try:
+            make_plan(roles_for(cfg, "grpo", 0), [Node(float(cfg.cluster.num_cpus))])
+        except PlanError as e:
+            raise ConfigError(f"key 'cluster.num_cpus' ({cfg.cluster.num_cpus}) is too small: {e}") from None
 
 
 def _rendezvous() -> tuple[str, int]:
@@ -168,7 +168,7 @@ class Driver:
     def __init__(self, cfg: RunConfig, run_dir: Path, tracker, *, learners: bool = True):
         import ray
 
-        from orchestrator.grpo_roles import PolicyLearner, RewardWorker, RolloutSampler
+        from orchestrator.grpo_roles import PolicyLearner, ReferenceModel, RewardWorker, RolloutSampler
 
         self.cfg, self.run_dir, self.tracker = cfg, run_dir, tracker
         g, r = cfg.grpo, cfg.rollout
@@ -196,6 +196,10 @@ class Driver:
         self.samplers = [Sampler.options(**opts("sampler", i)).remote(str(self.hf_dir), str(self.tok_path), template=cfg.data.template)
                          for i in range(r.num_samplers)]
         self.scorers = [Scorer.options(**opts("evaluator", i)).remote(self.rewards, max_len=r.max_new_tokens) for i in range(g.num_evaluators)]
+        self.reference = None
+        if learners and g.kl_beta > 0 and g.reference == "actor":
+            Ref = ray.remote(ReferenceModel)
+            self.reference = Ref.options(**opts("reference", 0)).remote(str(self.hf_dir), pad_id=self.tok.pad_id)
         self.learners = []
         if learners:
             # Rank 0 hosts the torch.distributed rendezvous: its node's address, a free port there.
@@ -213,7 +217,7 @@ class Driver:
 
     def close(self) -> None:
         """Release the placement groups; the role actors in them go with them."""
-        self.samplers, self.scorers, self.learners = [], [], []
+        self.samplers, self.scorers, self.learners, self.reference = [], [], [], None
         self.placement.close()
 
     def __enter__(self) -> "Driver":
@@ -291,7 +295,8 @@ class Driver:
 
     def learn(self, batch: dict, adv: list[float | None], step: int) -> dict:
         t0 = time.perf_counter()
-        metrics = self.ray.get([l.train.remote(adv, step, *batch["gen"]) for l in self.learners])
+        extra = {"reference": self.reference.logprobs.remote(adv, *batch["gen"])} if self.reference is not None else {}
+        metrics = self.ray.get([l.train.remote(adv, step, *batch["gen"], **extra) for l in self.learners])
         t_learn = time.perf_counter() - t0
         self.version += 1
         t0 = time.perf_counter()

@@ -156,6 +156,52 @@ def pack_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
+def kept_samples(advantages: list[float | None], chunks: tuple[dict, ...]) -> tuple[list, list, list]:
+    """(prompt ids, completion ids, advantages) of the samples that enter the loss, in chunk order:
+    those with an advantage (kept groups, not filtered) and a non-empty completion."""
+    prompts, completions, adv = [], [], []
+    flat = [(p, c) for ch in chunks for p, c in zip(ch["prompt_ids"], ch["completion_ids"])]
+    for (p, c), a in zip(flat, advantages):
+        if a is not None and c:
+            prompts.append(p)
+            completions.append(c)
+            adv.append(a)
+    return prompts, completions, adv
+
+
+class ReferenceModel:
+    """The frozen reference policy in its own actor (`grpo.reference=actor`): the learners get its
+    log-probs of the step's samples instead of holding a second model each."""
+
+    def __init__(self, init_dir: str, *, pad_id: int, threads: int = 1, batch: int = 64):
+        torch.set_num_threads(threads)
+        model, _ = load_policy(init_dir)
+        self.model = _LogProbs(model.eval().requires_grad_(False))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.pad_id, self.batch = pad_id, batch
+
+    @torch.no_grad()
+    def logprobs(self, advantages: list[float | None], *chunks: dict) -> list[torch.Tensor]:
+        """log p_ref(target) at every position of each kept sample (length len(prompt + completion) - 1)."""
+        prompts, completions, _ = kept_samples(advantages, chunks)
+        out: list[torch.Tensor] = []
+        for lo in range(0, len(prompts), self.batch):
+            p, c = prompts[lo : lo + self.batch], completions[lo : lo + self.batch]
+            tokens, targets, _ = pack_batch(p, c, self.pad_id)
+            logp = self.model(tokens.to(self.device), targets.to(self.device)).float().cpu()
+            out += [logp[b, : len(p[b]) + len(c[b]) - 1].clone() for b in range(len(p))]
+        return out
+
+
+def _stack_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Right-pad per-sample rows to [len(rows), width] (the pack_batch layout)."""
+    out = torch.zeros(len(rows), width)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r[:width]
+    return out
+
+
 class PolicyLearner:
     """One rank of the learner group; all ranks get the same calls in the same order."""
 
@@ -174,7 +220,7 @@ class PolicyLearner:
         torch.manual_seed(seed)
         model, self.args = load_policy(init_dir)
         self.ref = None
-        if grpo_cfg.kl_beta > 0:
+        if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
             self.ref, _ = load_policy(init_dir)
             self.ref.eval().requires_grad_(False)
         micro = max(1, grpo_cfg.minibatch_size // world)
@@ -221,25 +267,19 @@ class PolicyLearner:
         m = mask.to(ent.device)
         return float((ent * m).sum() / m.sum().clamp(min=1))
 
-    def train(self, advantages: list[float | None], step: int, *chunks: dict) -> dict:
+    def train(self, advantages: list[float | None], step: int, *chunks: dict, reference: list[torch.Tensor] | None = None) -> dict:
         """GRPO update on this rank's share of the step's samples.
 
         `chunks` are the sampler outputs (Ray resolves the ObjectRefs the driver passed), `advantages`
         one value per sample in chunk order; samples with advantage None (dropped groups, filtered
-        overlong completions) are left out of the loss.
+        overlong completions) are left out of the loss. `reference`: the reference actor's
+        log-probs of the kept samples (`ReferenceModel.logprobs`), when it is not colocated.
         """
         from rl.grpo import grpo_loss
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts, completions, adv = [], [], []
-        flat = [(p, c) for ch in chunks for p, c in zip(ch["prompt_ids"], ch["completion_ids"])]
-        for (p, c), a in zip(flat, advantages):
-            if a is None or not c:
-                continue
-            prompts.append(p)
-            completions.append(c)
-            adv.append(a)
+        prompts, completions, adv = kept_samples(advantages, chunks)
         n = len(adv)
         mine = list(range(self.rank, n, self.world))  # this rank's share, interleaved
         # every rank must take the same number of optimizer steps: minibatches are global
@@ -254,6 +294,8 @@ class PolicyLearner:
         module.eval()  # no dropout anywhere; MoE routing is the same in both modes
         old = self._logprobs(module, tokens, targets, grad=False)
         ref = self._logprobs(_LogProbs(self.ref), tokens, targets, grad=False) if self.ref is not None else None
+        if reference is not None:
+            ref = _stack_rows([reference[i] for i in mine], targets.shape[1])
         metrics["entropy"] = self._entropy(tokens, targets, mask)
         sums: dict[str, float] = {}
         grad_norms: list[float] = []

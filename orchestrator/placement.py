@@ -103,6 +103,8 @@ def roles_for(cfg: RunConfig, command: str, cluster_gpus: float) -> list[Role]:
     if command not in ("grpo", "eval", "demo"):
         raise ConfigError(f"sputnik plan: no placement for command {command!r} (grpo, eval, pretrain or demo)")
     roles = [] if command == "eval" else [Role("learner", cfg.grpo.learners, c.cpus_per_learner, learner_gpus, "PACK")]
+    if command != "eval" and cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "actor":
+        roles.append(Role("reference", 1, c.cpus_per_learner, learner_gpus, "PACK"))
     roles += [
         Role("sampler", cfg.rollout.num_samplers, c.cpus_per_sampler, _auto_gpus(c.gpus_per_sampler, cluster_gpus), "SPREAD"),
         Role("evaluator", cfg.grpo.num_evaluators, c.cpus_per_evaluator, 0.0, "SPREAD"),

@@ -91,10 +91,11 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=Non
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from orchestrator.placement import check_shared_storage, cluster_gpus
     from orchestrator.pretrain_worker import train_loop
     from orchestrator.ray_local import init_ray
 
-    ray = init_ray(cfg.cluster)
+    init_ray(cfg.cluster)
     storage = str(cfg.cluster.storage_path or run_dir / "checkpoints")
     if cfg.cluster.storage_path:
         check_shared_storage(ray, storage, key="cluster.storage_path")

@@ -13,7 +13,6 @@ Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
 import time

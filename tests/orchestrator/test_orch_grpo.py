@@ -96,6 +96,28 @@ def test_killed_sampler_and_evaluator_restart_and_score_every_prompt_once(policy
 
 
 @pytest.mark.ray
+def test_reference_actor_gives_the_kl_of_the_colocated_reference(policy_dir, ray_session, tmp_path):
+    """Same rollouts, same updates: the KL and loss with the reference in its own actor equal those
+    with a reference copy inside the learner (1e-5), and the KL is non-zero once the policy moved."""
+    out = {}
+    for where in ("colocated", "actor"):
+        cfg = make_cfg(policy_dir, "grpo.kl_beta=0.5", f"grpo.reference={where}", "grpo.lr=1e-2")
+        d, tracker = driver_for(cfg, tmp_path / where)
+        assert (d.reference is not None) == (where == "actor")
+        batch = d.collect(d.sample_step(1), 1)
+        adv = [((i % 4) - 1.5) for i in range(sum(len(r["records"]) for r in batch["results"]))]
+        first = d.learn(batch, adv, 1)
+        second = d.learn(batch, adv, 2)  # the policy has moved away from the reference
+        out[where] = (first, second)
+        d.close()
+        tracker.close()
+    (c1, c2), (_, a2) = out["colocated"], out["actor"]
+    assert c1["kl"] == pytest.approx(0.0, abs=1e-7) and c2["kl"] > 1e-6
+    for key in ("kl", "loss"):
+        assert a2[key] == pytest.approx(c2[key], rel=1e-5, abs=1e-8), key
+
+
+@pytest.mark.ray
 def test_dynamic_sampling_drops_zero_variance_groups(policy_dir, ray_session, tmp_path):
     from rl.grpo import zero_variance_groups
 

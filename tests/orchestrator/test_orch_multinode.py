@@ -4,8 +4,6 @@ evaluators spread, as `make_plan` plans them), and removing a node that hosts a 
 middle of a step loses nothing: the sampler restarts on another node, the step completes with
 every prompt scored exactly once, and the next step samples with the updated policy."""
 
-import os
-
 import pytest
 
 from orchestrator.placement import live_nodes, make_plan, roles_for
