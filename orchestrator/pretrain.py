@@ -40,8 +40,6 @@ def validate(cfg: RunConfig) -> None:
         if m.n_routed_experts % p.expert_parallel:
             raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide model.n_routed_experts ({m.n_routed_experts})")
         raise NotAvailable("pretrain.expert_parallel > 1 inside DeepSpeed is not wired yet (model.parallel.apply_expert_parallel works on its own)")
-    if p.fp8:
-        raise NotAvailable("pretrain.fp8 needs the FP8 kernels of issue #4, which have not landed")
     if p.zero_stage == 3 and p.expert_parallel > 1:
         raise ConfigError("key 'pretrain.zero_stage' 3 cannot be combined with pretrain.expert_parallel > 1")
     if cfg.data.seq_len > m.max_seq_len:

@@ -89,6 +89,12 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     model = Transformer(args)
+    if pcfg.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
+        from model.fp8 import apply_fp8
+
+        converted = apply_fp8(model)
+        if rank == 0:
+            print(f"pretrain: FP8 block-scaled GEMMs in {len(converted)} modules ({'Triton' if on_gpu else 'emulated on CPU'})", flush=True)
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     total_steps = pcfg.steps

@@ -67,6 +67,25 @@ def test_exact_resume(tmp_path, cache):
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_fp8_pretraining_tracks_full_precision(tmp_path, cache):
+    """pretrain.fp8 (emulated on CPU): the first steps within 0.5% of the fp32 run (but not equal:
+    FP8 is on), and the final loss within 3% (early training at this lr is chaotic in between:
+    measured, a one-step 11% bump at step 7 that the FP8 run recovered from)."""
+    common = ["pretrain", *SMALL, "pretrain.steps=12", "pretrain.checkpoint_every=12", "pretrain.workers=1"]
+    sputnik(*common, "--out", str(tmp_path / "fp32"), cache=cache)
+    r = sputnik(*common, "pretrain.fp8=true", "--out", str(tmp_path / "fp8"), cache=cache)
+    assert "FP8 block-scaled GEMMs in" in r.stdout + r.stderr
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "fp8")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert any(a[s] != b[s] for s in a)
+    for s in range(1, 6):
+        assert abs(a[s] - b[s]) <= 0.005 * a[s], (s, a[s], b[s])
+    assert abs(a[12] - b[12]) <= 0.03 * a[12], (a[12], b[12])
+    assert b[12] < 0.6 * b[1]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_two_workers_zero2_zero3_match_one_worker(tmp_path, cache):
     common = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8"]
     sputnik(*common, "pretrain.workers=1", "pretrain.micro_batch_size=8", "pretrain.zero_stage=1", "--out", str(tmp_path / "w1"), cache=cache)
