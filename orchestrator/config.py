@@ -156,6 +156,7 @@ class DemoConfig:
     __pydantic_config__ = _STRICT
     code_steps: NonNegInt = 0  # 0 skips the programming stage (needs data.code_docs > 0)
     code_heldout_size: PositiveInt = 64
+    samples_per_task: PositiveInt = 4  # sampled (temperature 1) completions per held-out task for pass@1
 
 
 @dataclasses.dataclass

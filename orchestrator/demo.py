@@ -3,8 +3,10 @@
 1. Build (or reuse) the tokenizer and the synthetic corpus (arithmetic and programming tasks, a
    share with worked reasoning), and pretrain the tiny MoE with 2 DeepSpeed workers on Ray Train
    (`<run>/pretrain/`).
-2. Measure the pretrained model on held-out tasks: greedy and sampled accuracy, and how often and
-   how well it reasons (a sampled completion with a non-empty think block) or answers directly.
+2. Measure the pretrained model on held-out tasks: pass@1 of the policy sampled at temperature 1
+   (`demo.samples_per_task` samples per task; the headline figure, as GRPO optimises the sampled
+   policy) and greedy accuracy, and how often and how well it reasons (a sampled completion with a
+   non-empty think block) or answers directly.
 3. GRPO on the arithmetic train split with rollout samplers, reward evaluators and a DeepSpeed
    policy learner (`<run>/grpo/`), then the same measurements.
 4. With `demo.code_steps` > 0, a second GRPO stage on synthetic programming tasks ("write a
@@ -78,14 +80,16 @@ def heldout_accuracy(model, tok, tasks, *, template: str, max_new_tokens: int = 
 
 
 def measure(hf_dir: Path, tok, tasks, cfg: RunConfig, *, sampled: bool = True) -> tuple[dict, dict | None]:
-    """Greedy (and sampled, temperature 1) held-out accuracy of the HF model in `hf_dir`."""
+    """Greedy and sampled held-out accuracy of the HF model in `hf_dir`: the sampled figure is pass@1
+    at temperature 1 (the policy GRPO trains), averaged over `demo.samples_per_task` samples per task."""
     from model.hf import from_hf_pretrained
 
     model = from_hf_pretrained(hf_dir).eval()
     with torch.no_grad():
         greedy = heldout_accuracy(model, tok, tasks, template=cfg.data.template, max_new_tokens=cfg.rollout.max_new_tokens)
-        sample = heldout_accuracy(model, tok, tasks, template=cfg.data.template, max_new_tokens=cfg.rollout.max_new_tokens,
-                                  temperature=1.0, seed=cfg.seed) if sampled else None
+        rows = tasks.to_pylist() if hasattr(tasks, "to_pylist") else list(tasks)
+        sample = heldout_accuracy(model, tok, rows * cfg.demo.samples_per_task, template=cfg.data.template,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, seed=cfg.seed) if sampled else None
     return greedy, sample
 
 
@@ -154,11 +158,14 @@ def run(cfg: RunConfig, cli_args) -> int:
 
     pre, after = points["pretrained"], points[final]
     summary = {
-        "heldout_accuracy_before": {k: v[0]["accuracy"] for k, v in pre.items()},
-        "heldout_accuracy_after": {k: v[0]["accuracy"] for k, v in after.items()},
-        "heldout_accuracy_by_stage": {stage: {k: v[0]["accuracy"] for k, v in p.items()} for stage, p in points.items()},
-        "heldout_sampled_accuracy_before": {k: v[1]["accuracy"] for k, v in pre.items()},
-        "heldout_sampled_accuracy_after": {k: v[1]["accuracy"] for k, v in after.items()},
+        # the headline: pass@1 of the sampled policy (temperature 1), which is what GRPO optimises
+        "heldout_accuracy_before": {k: v[1]["accuracy"] for k, v in pre.items()},
+        "heldout_accuracy_after": {k: v[1]["accuracy"] for k, v in after.items()},
+        "heldout_accuracy_by_stage": {stage: {k: v[1]["accuracy"] for k, v in p.items()} for stage, p in points.items()},
+        "heldout_greedy_accuracy_before": {k: v[0]["accuracy"] for k, v in pre.items()},
+        "heldout_greedy_accuracy_after": {k: v[0]["accuracy"] for k, v in after.items()},
+        "heldout_greedy_accuracy_by_stage": {stage: {k: v[0]["accuracy"] for k, v in p.items()} for stage, p in points.items()},
+        "heldout_samples_per_task": cfg.demo.samples_per_task,
         "heldout_reasoning_fraction_before": {k: v[1]["reasoning_fraction"] for k, v in pre.items()},
         "heldout_reasoning_fraction_after": {k: v[1]["reasoning_fraction"] for k, v in after.items()},
         "heldout_accuracy_when_reasoning_before": {k: v[1]["accuracy_when_reasoning"] for k, v in pre.items()},
@@ -181,7 +188,7 @@ def run(cfg: RunConfig, cli_args) -> int:
 
 def _say(stage: str, task: str, m: tuple[dict, dict]) -> None:
     g, s = m
-    print(f"demo: {stage}, {task}: greedy {g['accuracy']:.3f}, sampled {s['accuracy']:.3f} on {g['n']} held-out tasks; sampled completions "
+    print(f"demo: {stage}, {task}: pass@1 {s['accuracy']:.3f} sampled ({s['n']} samples), greedy {g['accuracy']:.3f} on {g['n']} held-out tasks; sampled completions "
           f"reason {s['reasoning_fraction']:.0%} of the time (accuracy {_fmt(s['accuracy_when_reasoning'])} when reasoning, "
           f"{_fmt(s['accuracy_when_direct'])} when answering directly)", flush=True)
 
@@ -229,14 +236,15 @@ def make_plots(top: Path, pre_dir: Path, grpo_dirs: list[Path], summary: dict) -
         ax.legend()
     save(fig, "reward.png")
 
-    by_stage = summary["heldout_accuracy_by_stage"]
-    tasks = list(next(iter(by_stage.values())))
+    by_stage, greedy = summary["heldout_accuracy_by_stage"], summary["heldout_greedy_accuracy_by_stage"]
+    cols = [(t, kind) for t in next(iter(by_stage.values())) for kind in ("pass@1 (T=1)", "greedy")]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(by_stage)
-    for i, (stage, accs) in enumerate(by_stage.items()):
-        ax.bar([j + i * width for j in range(len(tasks))], [accs[t] for t in tasks], width, label=stage)
-    ax.set_xticks([j + width * (len(by_stage) - 1) / 2 for j in range(len(tasks))], tasks)
-    ax.set(ylabel="greedy accuracy", ylim=(0, 1), title="Held-out accuracy by stage")
+    for i, stage in enumerate(by_stage):
+        vals = [(greedy if kind == "greedy" else by_stage)[stage][t] for t, kind in cols]
+        ax.bar([j + i * width for j in range(len(cols))], vals, width, label=stage)
+    ax.set_xticks([j + width * (len(by_stage) - 1) / 2 for j in range(len(cols))], [f"{t}\n{kind}" for t, kind in cols])
+    ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="Held-out accuracy by stage")
     ax.legend()
     save(fig, "heldout_accuracy.png")
 
@@ -270,14 +278,16 @@ def write_report(top: Path, summary: dict, points: dict, final: str, plots: dict
         "",
         "## Result",
         "",
-        "Greedy accuracy on held-out tasks (prompts that appear neither in pretraining nor in GRPO training):",
+        f"Accuracy on held-out tasks (prompts that appear neither in pretraining nor in GRPO training): pass@1 of the "
+        f"policy sampled at temperature 1 ({summary['heldout_samples_per_task']} samples per task), and greedy:",
         "",
-        "| task | n | " + " | ".join(stages) + " |",
-        "|---|---|" + "---|" * len(stages),
-        *[f"| {k} | {summary['heldout_tasks'][k]} | " + " | ".join(f"{points[s][k][0]['accuracy']:.3f}" for s in stages) + " |" for k in b],
+        "| task | n | " + " | ".join(f"{s}: pass@1 | {s}: greedy" for s in stages) + " |",
+        "|---|---|" + "---|---|" * len(stages),
+        *[f"| {k} | {summary['heldout_tasks'][k]} | " + " | ".join(f"{points[s][k][1]['accuracy']:.3f} | {points[s][k][0]['accuracy']:.3f}" for s in stages)
+          + " |" for k in b],
         "",
-        *[f"- {k}: **{b[k]:.3f} before GRPO, {a[k]:.3f} after** ({a[k] - b[k]:+.3f}). Sampled at temperature 1: {pre_s[k]['accuracy']:.3f} before, "
-          f"{fin_s[k]['accuracy']:.3f} after; the policy reasons in {pre_s[k]['reasoning_fraction']:.0%} of sampled completions before and "
+        *[f"- {k}: pass@1 **{b[k]:.3f} before GRPO, {a[k]:.3f} after** ({a[k] - b[k]:+.3f}); greedy {summary['heldout_greedy_accuracy_before'][k]:.3f} "
+          f"before, {summary['heldout_greedy_accuracy_after'][k]:.3f} after; the policy reasons in {pre_s[k]['reasoning_fraction']:.0%} of sampled completions before and "
           f"{fin_s[k]['reasoning_fraction']:.0%} after. Before GRPO, sampled completions were right {_fmt(pre_s[k]['accuracy_when_reasoning'])} "
           f"of the time when they reasoned and {_fmt(pre_s[k]['accuracy_when_direct'])} when they answered directly." for k in b],
         "",
