@@ -4,6 +4,8 @@ evaluators spread, as `make_plan` plans them), and removing a node that hosts a 
 middle of a step loses nothing: the sampler restarts on another node, the step completes with
 every prompt scored exactly once, and the next step samples with the updated policy."""
 
+import time
+
 import pytest
 
 from orchestrator.placement import live_nodes, make_plan, roles_for
@@ -69,6 +71,12 @@ def test_roles_spread_over_nodes_and_a_lost_sampler_node_is_recovered(policy_dir
         node = next(n for n in cluster.worker_nodes if n.node_id == victim)
         pending = d.sample_step(1)
         cluster.remove_node(node, allow_graceful=False)
+        # Ray declares the node dead after its missed health checks; until then the killed node's
+        # actors look alive to the driver (seen under load).
+        deadline = time.monotonic() + 120
+        while any(n["NodeID"] == victim and n["Alive"] for n in ray.nodes()):
+            assert time.monotonic() < deadline, "Ray never declared the removed node dead"
+            time.sleep(0.5)
         batch = d.collect(pending, 1)
         check_every_prompt_scored_once(batch, cfg)
         moved = [node_of(ray, s) for s in d.samplers]
