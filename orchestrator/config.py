@@ -140,6 +140,11 @@ class GRPOConfig:
     max_refill_rounds: NonNegInt = 2
     overlong: Literal["none", "filter", "penalty"] = "none"
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
+    # how new weights reach the samplers: one object in the object store that each sampler fetches,
+    # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
+    # auto = collective when the learners have GPUs (orchestrator/weight_sync.py)
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    sync_timeout_s: PositiveFloat = 300.0  # a broadcast that takes longer falls back to the object store
     num_evaluators: PositiveInt = 1
     eval_every: PositiveInt = 10
     heldout_size: PositiveInt = 64

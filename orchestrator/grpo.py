@@ -5,8 +5,10 @@ completions per prompt; a RewardWorker actor scores each sampler chunk as soon a
 done (the driver chains the ObjectRefs, it never waits on one chunk to start the next); the driver
 turns rewards into group advantages (only small per-sample records reach it); the PolicyLearner
 ranks (one torch.distributed group, DeepSpeed ZeRO) fetch the chunks themselves and update the
-policy; the new weights go to the samplers through the object store (one object, fetched by every
-sampler), tagged with the policy version.
+policy; the new weights reach the samplers, tagged with the policy version, by a broadcast from
+learner rank 0 over a group of their own (`grpo.weight_sync`: NCCL on GPUs, gloo on CPU; the
+default on GPUs) or through the object store (one object, fetched by every sampler; the default on
+CPU). A failed broadcast falls back to the object store and makes a new group.
 
 Modes: `grpo.mode=sync` samples step k with the weights after step k-1; `async` (one step off
 policy) samples step k+1 while the learners train on step k, and records the version lag.
@@ -214,6 +216,11 @@ class Driver:
         self.weights_ref = None  # ObjectRef of the latest policy state (None: the init checkpoint)
         self.step = 0
         self.ray = ray
+        self.collective = bool(self.learners) and (
+            g.weight_sync == "collective" or (g.weight_sync == "auto" and ray.get(self.learners[0].device_type.remote()) == "cuda"))
+        self.sync_groups = 0  # weight-sync groups made so far (a new one after a failed broadcast)
+        self.sync_fallbacks = 0  # syncs that went through the object store because a broadcast failed
+        self.sync_ready = self.collective and self.make_sync_group()
 
     def close(self) -> None:
         """Release the placement groups; the role actors in them go with them."""
@@ -238,7 +245,8 @@ class Driver:
             chunk = tasks[lo : lo + per]
             seed = int(np.random.default_rng([self.cfg.seed, step, round_, c]).integers(2**31))
             ref = self.samplers[c % S].generate.remote(
-                chunk, list(range(first_group + lo, first_group + lo + len(chunk))), self.weights_ref, self.version,
+                chunk, list(range(first_group + lo, first_group + lo + len(chunk))),
+                None if self.weights_ref is None else [self.weights_ref], self.version,
                 group_size=group_size, max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p, seed=seed,
             )
             gen.append(ref)
@@ -303,13 +311,56 @@ class Driver:
         self.sync_weights()
         t_sync = time.perf_counter() - t0
         m0 = metrics[0]
-        return {**{k: v for k, v in m0.items() if k not in ("samples", "learn_seconds")}, "time/learn": t_learn, "time/sync": t_sync}
+        return {**{k: v for k, v in m0.items() if k not in ("samples", "learn_seconds")}, "time/learn": t_learn, "time/sync": t_sync,
+                "weight_sync/collective": float(self.collective and self.sync_ready), "weight_sync/fallbacks": self.sync_fallbacks}
+
+    def make_sync_group(self) -> bool:
+        """A weight-sync group of learner rank 0 (rank 0, hosting the store) and the samplers; NCCL
+        when all of them hold a GPU, gloo otherwise. False (with a warning) if it could not be made."""
+        ray, g = self.ray, self.cfg.grpo
+        metas = ray.get([l.weights_meta.remote() for l in self.learners])  # every rank: ZeRO-3 gathers
+        devices = ray.get([self.learners[0].device_type.remote()] + [s.device_type.remote() for s in self.samplers])
+        backend = "nccl" if all(d == "cuda" for d in devices) else "gloo"
+        addr, port = ray.get(ray.remote(_rendezvous).options(
+            **{**self.placement.options("learner", 0), "num_cpus": 0, "num_gpus": 0}).remote())
+        self.sync_groups += 1
+        kw = dict(tag=f"weights{self.sync_groups}", world=len(self.samplers) + 1, meta=metas[0], backend=backend, timeout_s=g.sync_timeout_s)
+        calls = [self.learners[0].join_sync_group.remote(addr, port, **kw)]
+        calls += [s.join_sync_group.remote(addr, port, rank=i + 1, **kw) for i, s in enumerate(self.samplers)]
+        try:
+            ray.get(calls, timeout=g.sync_timeout_s + 30)
+        except Exception as e:
+            print(f"grpo: could not make the weight-sync group ({type(e).__name__}: {str(e)[:200]}); syncing through the object store", flush=True)
+            return False
+        print(f"grpo: weight sync by {backend} broadcast from learner 0 to {len(self.samplers)} sampler(s)", flush=True)
+        return True
 
     def sync_weights(self) -> None:
-        """One object in the object store holds the new policy; every sampler fetches it."""
-        refs = [l.weights.options(num_returns=2).remote() for l in self.learners]  # all ranks: ZeRO-3 gathers
-        self.weights_ref = refs[0][1]
-        self.ray.get([s.load_weights.remote(self.weights_ref, self.version) for s in self.samplers])
+        """The new policy reaches every sampler: broadcast from learner rank 0 (`grpo.weight_sync`
+        collective), or one object in the object store that each sampler fetches. Either way the
+        state is also an ObjectRef, which a restarted sampler loads and a failed broadcast falls back to."""
+        ray = self.ray
+        if self.collective and not self.sync_ready:
+            self.sync_ready = self.make_sync_group()
+        broadcast = self.collective and self.sync_ready
+        outs = [l.publish.options(num_returns=3).remote(broadcast) for l in self.learners]  # all ranks: ZeRO-3 gathers
+        self.weights_ref = outs[0][1]
+        lagging = self.samplers
+        if broadcast:
+            try:
+                got = ray.get([s.receive_weights.remote(self.version) for s in self.samplers], timeout=self.cfg.grpo.sync_timeout_s + 30)
+                sent = ray.get(outs[0][2])
+            except Exception as e:
+                print(f"grpo: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                got, sent = [False] * len(self.samplers), False
+            lagging = [s for s, ok in zip(self.samplers, got) if not (ok and sent)]
+            if lagging:
+                self.sync_ready, self.sync_fallbacks = False, self.sync_fallbacks + 1
+                print(f"grpo: {len(lagging)} sampler(s) missed the broadcast of version {self.version}: loading it from the object store, "
+                      "and a new weight-sync group for the next step", flush=True)
+        ray.get([o[0] for o in outs])
+        if lagging:
+            ray.get([s.load_weights.remote(self.weights_ref, self.version) for s in lagging])
 
     # --- evaluation ----------------------------------------------------------------------------
 

@@ -58,9 +58,11 @@ class RolloutSampler:
         self.tok = load_tokenizer(tokenizer_path)
         self.template = template
         self.model, _ = load_policy(init_dir)
-        self.model.eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a GPU only to GPU samplers
+        self.model.to(self.device).eval()
         self.version = 0
         self.loads = 0  # how many times weights were loaded (restarts and syncs)
+        self.sync = None  # orchestrator.weight_sync.SyncGroup, with grpo.weight_sync=collective
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.model.load_state_dict(state, strict=True)
@@ -68,17 +70,46 @@ class RolloutSampler:
         self.loads += 1
         return version
 
+    def device_type(self) -> str:
+        return self.device.type
+
+    def join_sync_group(self, addr: str, port: int, *, rank: int, world: int, tag: str, meta, backend: str, timeout_s: float) -> bool:
+        from orchestrator.weight_sync import SyncGroup
+
+        self.sync = None
+        self.sync = SyncGroup(addr, port, rank=rank, world=world, tag=tag, meta=meta, backend=backend, timeout_s=timeout_s)
+        return True
+
+    def receive_weights(self, version: int) -> bool:
+        """The broadcast from learner rank 0; False (and the group dropped) when there is no group
+        (a restarted sampler) or the broadcast failed: the driver then loads from the object store."""
+        if self.sync is None:
+            return False
+        try:
+            state = self.sync.receive()
+        except Exception as e:  # a peer died or timed out: this group is finished
+            print(f"sampler: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            self.sync = None
+            return False
+        with torch.no_grad():
+            self.load_weights(state, version)
+        return True
+
     def weights_hash(self) -> str:
         return state_hash(self.model.state_dict())
 
-    def generate(self, tasks: list[dict], groups: list[int], weights: dict | None, version: int, *, group_size: int,
+    def generate(self, tasks: list[dict], groups: list[int], weights: list | None, version: int, *, group_size: int,
                  max_new_tokens: int, temperature: float, top_p: float, seed: int) -> dict[str, Any]:
-        """G completions for each task; `weights` (resolved from an ObjectRef by Ray) at `version`."""
+        """G completions for each task with the policy at `version`; `weights` is `[ObjectRef]` of
+        that state (wrapped in a list so that Ray does not fetch it: only a sampler that does not
+        hold `version`, after a restart or a missed sync, reads it from the object store)."""
         from data.templates import render_prompt
         from model.generate import generate
 
         if weights is not None and version != self.version:
-            self.load_weights(weights, version)
+            import ray
+
+            self.load_weights(ray.get(weights[0]), version)
         t0 = time.perf_counter()
         prompts = [[self.tok.bos_id] + self.tok.encode(render_prompt(t["prompt"], self.template)) for t in tasks]
         batch = [p for p in prompts for _ in range(group_size)]
@@ -231,6 +262,7 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=_LogProbs(model), model_parameters=model.parameters(), config=ds_cfg)
         self.device = self.engine.device
         self.version = 0
+        self.sync = None  # orchestrator.weight_sync.SyncGroup on rank 0, with grpo.weight_sync=collective
 
     # --- weights -----------------------------------------------------------------------------
 
@@ -248,6 +280,38 @@ class PolicyLearner:
 
     def weights(self) -> tuple[int, dict[str, torch.Tensor] | None]:
         return self.version, self.state_dict()
+
+    def weights_meta(self):
+        """Names, shapes and dtypes of the policy state, in the order a collective sync packs them (rank 0)."""
+        from orchestrator.weight_sync import weights_meta
+
+        s = self.state_dict()
+        return weights_meta(s) if s is not None else None
+
+    def device_type(self) -> str:
+        return self.device.type
+
+    def join_sync_group(self, addr: str, port: int, *, tag: str, world: int, meta, backend: str, timeout_s: float) -> bool:
+        from orchestrator.weight_sync import SyncGroup
+
+        assert self.rank == 0, "learner rank 0 sends the weights"
+        self.sync = None
+        self.sync = SyncGroup(addr, port, rank=0, world=world, tag=tag, meta=meta, backend=backend, timeout_s=timeout_s)
+        return True
+
+    def publish(self, broadcast: bool) -> tuple[int, dict[str, torch.Tensor] | None, bool]:
+        """(version, the state on rank 0, whether the broadcast to the samplers went through). The
+        state is returned either way: a failed broadcast falls back to the object store."""
+        state = self.state_dict()  # every rank: ZeRO-3 gathers
+        sent = False
+        if broadcast and self.rank == 0 and self.sync is not None:
+            try:
+                self.sync.send(state)
+                sent = True
+            except Exception as e:  # a sampler died or timed out: the driver makes a new group
+                print(f"learner: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                self.sync = None
+        return self.version, state, sent
 
     def weights_hash(self) -> str | None:
         s = self.state_dict()

@@ -71,6 +71,40 @@ def test_weight_sync_is_bit_identical_and_versioned(policy_dir, ray_session, tmp
 
 
 @pytest.mark.ray
+def test_collective_weight_sync_and_recovery_from_a_dead_sampler(policy_dir, ray_session, tmp_path):
+    """`grpo.weight_sync=collective` (gloo here, NCCL on GPUs): after an update both samplers hold the
+    learner's weights bit for bit, loaded by the broadcast; a sampler killed between steps misses the
+    next broadcast and loads that version from the object store, and the sync after that is a
+    broadcast again, over a new group."""
+    ray = ray_session
+    cfg = make_cfg(policy_dir, "rollout.num_samplers=2", "grpo.lr=1e-2", "grpo.weight_sync=collective", "grpo.sync_timeout_s=20")
+    d, tracker = driver_for(cfg, tmp_path)
+    assert d.collective and d.sync_ready
+
+    def update(step):
+        batch = d.collect(d.sample_step(step), step)
+        adv = [((i % 4) - 1.5) for i in range(sum(len(r["records"]) for r in batch["results"]))]
+        m = d.learn(batch, adv, step)
+        learner = ray.get(d.learners[0].weights_hash.remote())
+        assert ray.get([s.weights_hash.remote() for s in d.samplers]) == [learner, learner]
+        return m, learner
+
+    m1, h1 = update(1)
+    assert m1["weight_sync/collective"] == 1.0 and m1["weight_sync/fallbacks"] == 0
+    loads = ray.get([s.__ray_call__.remote(lambda self: self.loads) for s in d.samplers])
+    assert loads == [1, 1]  # by the broadcast
+
+    pid = ray.get(d.samplers[1].__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    m2, h2 = update(2)  # the restarted sampler missed the broadcast: object store
+    assert h2 != h1 and m2["weight_sync/fallbacks"] == 1 and m2["weight_sync/collective"] == 0.0
+    m3, _ = update(3)  # a new group, a broadcast again
+    assert m3["weight_sync/collective"] == 1.0 and m3["weight_sync/fallbacks"] == 1 and d.sync_groups == 2
+    d.close()
+    tracker.close()
+
+
+@pytest.mark.ray
 def test_killed_sampler_and_evaluator_restart_and_score_every_prompt_once(policy_dir, ray_session, tmp_path):
     cfg = make_cfg(policy_dir, "rollout.max_new_tokens=64")
     d, tracker = driver_for(cfg, tmp_path)
