@@ -1,7 +1,7 @@
 """MoE token dispatch on CPU: sort-based contiguous segments vs a per-expert masking loop.
 
-Forward + backward tokens/s of the tiny preset, both in one run, printed as a ratio.
-Run: `python benchmarks/model_dispatch.py [--tokens 4096] [--steps 10]`.
+Forward + backward tokens/s of the tiny preset, both in one run (medians of interleaved repeats),
+printed as a ratio. Run: `python benchmarks/model_dispatch.py [--tokens 4096] [--steps 10] [--repeats 3]`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import platform
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,21 +57,27 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.manual_seed(0)
     model = Transformer(load_model_args(a.preset)).train()
     tokens = torch.randint(0, model.args.vocab, (a.tokens // a.seq, a.seq + 1))
-    moe = model.moe_layers()[0]
+    layer = model.moe_layers()[0]
     x = torch.randn(a.tokens // a.seq, a.seq, model.args.dim, requires_grad=True)
-    sort_layer = bench_layer(moe, x, a.steps)
-    sort_tps, l1 = bench(model, tokens, a.steps)
-    for moe in model.moe_layers() + [m.block.ffn for m in model.mtp if hasattr(m.block.ffn, "routed")]:
-        moe.routed = lambda x, w, idx, _m=moe: per_expert_loop(_m, x, w, idx)
-    loop_layer = bench_layer(moe, x, a.steps)
-    loop_tps, l2 = bench(model, tokens, a.steps)
+    moes = model.moe_layers() + [m.block.ffn for m in model.mtp if hasattr(m.block.ffn, "routed")]
+    sorted_fns = [m.routed for m in moes]
+    loop_fns = [lambda x, w, idx, _m=m: per_expert_loop(_m, x, w, idx) for m in moes]
+    runs = {"sort": [], "loop": []}
+    for _ in range(a.repeats):  # interleaved, so that drift in the machine's speed hits both alike
+        for name, fns in (("sort", sorted_fns), ("loop", loop_fns)):
+            for m, fn in zip(moes, fns):
+                m.routed = fn
+            runs[name].append((bench_layer(layer, x, a.steps), *bench(model, tokens, a.steps)))
+    (sort_layer, sort_tps, l1), (loop_layer, loop_tps, l2) = [
+        tuple(float(np.median([r[i] for r in runs[n]])) for i in range(3)) for n in ("sort", "loop")]
     assert abs(l1 - l2) < 1e-3 * abs(l1), (l1, l2)  # same computation
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"preset {a.preset}, {a.tokens} tokens/step, forward+backward, {a.steps} steps")
+    print(f"preset {a.preset}, {a.tokens} tokens/step, forward+backward, {a.steps} steps, median of {a.repeats} interleaved repeats")
     print(f"one MoE layer  sort-based: {sort_layer:10.0f} tokens/s, per-expert loop: {loop_layer:10.0f} tokens/s, ratio {sort_layer / loop_layer:.2f}x")
     print("whole model:")
     print(f"sort-based dispatch : {sort_tps:10.0f} tokens/s")

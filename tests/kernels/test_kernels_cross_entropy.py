@@ -1,5 +1,6 @@
 """Fused linear cross-entropy and log-probs vs the materialising reference: values and gradients,
-odd shapes, several chunks, ignore_index."""
+odd shapes, several chunks, ignore_index; through the torch path and the Triton row kernel (the
+interpreter on CPU), with vocabulary blocks smaller than the vocabulary and a partial last block."""
 
 import pytest
 import torch
@@ -9,9 +10,12 @@ from kernels import fused_linear_cross_entropy, fused_linear_logprobs
 from kernels.cross_entropy import reference_cross_entropy, reference_logprobs
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def backend(request, monkeypatch):
     monkeypatch.setattr(ce, "CHUNK", 7)  # force several chunks, the last one partial
+    monkeypatch.setattr(ce, "BLOCK_V", 16)  # the vocabulary (37) in 3 blocks, the last one partial
+    monkeypatch.setenv("SPUTNIK_KERNELS", request.param)
+    return request.param
 
 
 def inputs(n=23, d=13, v=37, seed=0):
