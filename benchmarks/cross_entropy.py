@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kernels.cross_entropy import fused_linear_cross_entropy, reference_cross_entropy
+from sputnik_kernels.cross_entropy import fused_linear_cross_entropy, reference_cross_entropy
 
 
 def run(fn, h, w, t, iters, cuda):

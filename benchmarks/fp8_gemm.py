@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM (kernels/fp8.py, Triton) vs torch's bf16 matmul, at 4096^3 and at
+"""FP8 block-scaled GEMM (sputnik_kernels/fp8.py, Triton) vs torch's bf16 matmul, at 4096^3 and at
 DeepSeek-V3 projection shapes with 4096 tokens: time, TFLOP/s, the ratio FP8 / bf16 (issue #4's
 target: 1.2x or more at 4096^3), and the FP8 result's relative error against the bf16 product.
 Quantisation is timed separately (activation 1x128 tiles, weight 128x128 blocks); the FP8 GEMM
@@ -53,13 +53,13 @@ def main() -> int:
               "`pytest tests/kernels/test_kernels_fp8.py` (Triton interpreter) instead. Nothing to measure.")
         return 0
     os.environ["SPUTNIK_KERNELS"] = "triton"
-    from kernels.fp8 import fp8_gemm, fp8_quantize, fp8_quantize_weight
+    from sputnik_kernels.fp8 import fp8_gemm, fp8_quantize, fp8_quantize_weight
 
     shapes = {s: tuple(int(v) for v in s.split("x")) for s in args.shapes} if args.shapes else SHAPES
     cap = torch.cuda.get_device_capability()
     if cap < (8, 9):
         print(f"benchmarks/fp8_gemm.py: {torch.cuda.get_device_name()} is sm{cap[0]}{cap[1]}; Triton's e4m3 needs sm89+ "
-              "(Ada, Hopper), and kernels/fp8.py falls back to the torch emulation there. Nothing to measure.")
+              "(Ada, Hopper), and sputnik_kernels/fp8.py falls back to the torch emulation there. Nothing to measure.")
         return 0
     print(f"device {torch.cuda.get_device_name()} (sm{cap[0]}{cap[1]}), torch {torch.__version__}, triton {triton.__version__}")
     print(f"{'shape':32s} {'MxNxK':>18s} {'bf16 ms':>8s} {'TFLOP/s':>8s} {'fp8 ms':>8s} {'TFLOP/s':>8s} "

@@ -1,4 +1,5 @@
-"""GRPO step time and tokens/s, synchronous vs one-step-off-policy asynchronous, same config, one run.
+"""GRPO step time and tokens/s, synchronous vs one-step-off-policy asynchronous, same config, one
+run; and the weight sync through the object store vs a broadcast from learner rank 0 (synchronous).
 
 Both modes run the real loop (Ray actors: rollout samplers, reward workers, a DeepSpeed learner)
 from the same initial policy for the same number of steps. The step-time breakdown is the mean
@@ -53,8 +54,10 @@ def main():
               "tracking.wandb_mode=disabled", "cluster.num_cpus=2"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {a.steps} steps of 16 prompts x 8 completions")
     rows = {}
-    for mode in ("sync", "async"):
-        cfg = load_config(None, [*common, f"grpo.mode={mode}"])
+    runs = {"sync": ["grpo.mode=sync", "grpo.weight_sync=object_store"], "async": ["grpo.mode=async", "grpo.weight_sync=object_store"],
+            "sync+bcast": ["grpo.mode=sync", "grpo.weight_sync=collective"]}
+    for mode, extra in runs.items():
+        cfg = load_config(None, [*common, *extra])
         init_ray(cfg.cluster)
         run_dir = tmp / mode
         with Tracker(run_dir, cfg.tracking, name=mode) as tracker, Driver(cfg, run_dir, tracker) as driver:
@@ -67,11 +70,12 @@ def main():
                       ("time/step", "time/generate", "time/score", "time/wait_rollouts", "time/learn", "time/sync", "tokens_per_s", "version_lag")}
         ray.shutdown()
     keys = list(rows["sync"])
-    print(f"{'':22s}" + "".join(f"{k:>12s}" for k in ("sync", "async")))
+    print(f"{'':22s}" + "".join(f"{k:>12s}" for k in runs))
     for k in keys:
-        print(f"{k:22s}" + "".join(f"{rows[m][k]:12.3f}" for m in ("sync", "async")))
+        print(f"{k:22s}" + "".join(f"{rows[m][k]:12.3f}" for m in runs))
     print(f"async / sync tokens/s: {rows['async']['tokens_per_s'] / rows['sync']['tokens_per_s']:.2f}x; "
-          f"step time ratio sync/async {rows['sync']['time/step'] / rows['async']['time/step']:.2f}x")
+          f"step time ratio sync/async {rows['sync']['time/step'] / rows['async']['time/step']:.2f}x; "
+          f"weight sync time object store / broadcast {rows['sync']['time/sync'] / rows['sync+bcast']['time/sync']:.2f}x")
 
 
 if __name__ == "__main__":

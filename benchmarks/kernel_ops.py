@@ -49,8 +49,8 @@ def main():
               "`TRITON_INTERPRET=1 pytest tests/kernels` instead. Nothing to measure.")
         return 0
     os.environ["SPUTNIK_KERNELS"] = "triton"
-    from kernels.rmsnorm import rmsnorm, rmsnorm_reference
-    from kernels.swiglu import swiglu, swiglu_reference
+    from sputnik_kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from sputnik_kernels.swiglu import swiglu, swiglu_reference
 
     dev, dt = "cuda", torch.bfloat16
     peak = copy_bandwidth()

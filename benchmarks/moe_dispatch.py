@@ -1,10 +1,10 @@
-"""Routed-expert MLP, forward + backward tokens/s: the layer composed from kernels/moe.py
+"""Routed-expert MLP, forward + backward tokens/s: the layer composed from sputnik_kernels/moe.py
 (routing_metadata -> permute -> grouped_mm(w1), grouped_mm(w3) -> swiglu -> grouped_mm(w2) ->
 unpermute) against a Python loop over experts (mask each expert's tokens, three matmuls,
 index_add), all in one run on the same inputs, printed as ratios.
 
 Variants: the loop; the sort-based layout with one matmul per expert segment (grouped_mm_reference);
-and kernels.moe as dispatched — on CUDA the Triton kernels, on CPU the torch path (torch._grouped_mm
+and sputnik_kernels.moe as dispatched — on CUDA the Triton kernels, on CPU the torch path (torch._grouped_mm
 where the strides allow). Triton only runs interpreted on CPU, so there the Triton path is checked
 by tests/kernels, not timed.
 
@@ -22,8 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels.moe import grouped_mm, grouped_mm_reference, permute, routing_metadata, unpermute
-from kernels.swiglu import swiglu
+from sputnik_kernels.moe import grouped_mm, grouped_mm_reference, permute, routing_metadata, unpermute
+from sputnik_kernels.swiglu import swiglu
 
 DEFAULTS = {  # tokens, dim, inter, experts, topk, dtype
     "cpu": dict(tokens=4096, dim=128, inter=64, experts=8, topk=2, dtype="float32"),  # configs/models/tiny.yaml
@@ -96,7 +96,7 @@ def main():
     dy = torch.randn(T, D, generator=g).to(a.device, dtype)
 
     variants = {"loop over experts": ("torch", loop_experts), "sorted, per-segment mm": ("torch", segment_loop_experts),
-                "sorted, kernels.moe": ("auto", sorted_experts)}  # auto: Triton on CUDA, torch on CPU
+                "sorted, sputnik_kernels.moe": ("auto", sorted_experts)}  # auto: Triton on CUDA, torch on CPU
     outputs, tps = {}, {name: [] for name in variants}
     for name, (mode, fn) in variants.items():  # warm-up (Triton compiles here); outputs to compare
         os.environ["SPUTNIK_KERNELS"] = mode

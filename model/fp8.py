@@ -1,10 +1,10 @@
 """FP8 training for a built model (DeepSeek-V3 section 3.3): its linear layers compute through
-kernels.fp8_linear — e4m3 operands with 1x128 activation tiles and 128x128 weight blocks in the
+sputnik_kernels.fp8_linear — e4m3 operands with 1x128 activation tiles and 128x128 weight blocks in the
 forward, dgrad and wgrad — while the parameters (the master weights) keep their dtype.
 
 Converted, as in DeepSeek-V3: the MLA projections (wq / wq_a / wq_b, wkv_a, wkv_b, wo), the dense
 and shared-expert MLPs, the MTP projection eh_proj, and the routed experts' stacked w1/w3/w2
-(through kernels.fp8_grouped_mm, which emulates FP8 numerics around the grouped GEMM).
+(through sputnik_kernels.fp8_grouped_mm, which emulates FP8 numerics around the grouped GEMM).
 Left in high precision, as in the paper: the embedding, the output head (OutputHead, an nn.Linear
 subclass, so it is never matched), the router gate, norms and attention itself. MLA's absorbed
 inference path reads wkv_b.weight directly and stays in high precision.
@@ -13,7 +13,7 @@ The conversion switches the class of each converted module (to FP8Linear / FP8Ex
 that add no state — torch.nn.utils.parametrize swaps classes the same way), so parameters,
 state-dict keys, hooks and optimizer state are untouched, and `remove_fp8` switches them back.
 On CPU the torch reference emulates FP8 (quantise to float8_e4m3fn, dequantise, fp32 GEMM); on
-CUDA the Triton kernels run (kernels.dispatch).
+CUDA the Triton kernels run (sputnik_kernels.dispatch).
 
 Test: `pytest tests/model/test_model_fp8.py` (the 200-step loss comparison is marked slow).
 """
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import swiglu
-from kernels.fp8 import fp8_grouped_mm, fp8_linear
+from sputnik_kernels import swiglu
+from sputnik_kernels.fp8 import fp8_grouped_mm, fp8_linear
 from model.moe import Experts
 
 

@@ -6,7 +6,7 @@ scored by the sum of their top-2 biased affinities and only the best n_limited_g
 gate *weights* come from the unbiased s, normalised over the chosen experts when norm_topk, times
 route_scale.
 
-Dispatch (kernels/moe.py): the (token, expert) pairs are sorted by expert into contiguous segments
+Dispatch (sputnik_kernels/moe.py): the (token, expert) pairs are sorted by expert into contiguous segments
 (routing_metadata, permute), the routed experts run as a grouped GEMM over those segments, and
 the results are summed back per token weighted by the gate (unpermute) — no Python loop over
 tokens. Triton on CUDA, the torch references otherwise (SPUTNIK_KERNELS).
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import swiglu
-from kernels.moe import grouped_mm, permute, routing_metadata, unpermute
+from sputnik_kernels import swiglu
+from sputnik_kernels.moe import grouped_mm, permute, routing_metadata, unpermute
 from model.args import ModelArgs
 
 

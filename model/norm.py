@@ -1,4 +1,4 @@
-"""RMSNorm with fp32 statistics (the model's only normalisation layer); runs `kernels.rmsnorm`
+"""RMSNorm with fp32 statistics (the model's only normalisation layer); runs `sputnik_kernels.rmsnorm`
 (Triton on CUDA tensors, the pure-torch reference on CPU)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import rmsnorm
+from sputnik_kernels import rmsnorm
 
 
 class RMSNorm(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import fused_linear_cross_entropy, fused_linear_logprobs
+from sputnik_kernels import fused_linear_cross_entropy, fused_linear_logprobs
 from model.args import ModelArgs
 from model.attention import MLA, LatentCache
 from model.moe import MLP, MoE

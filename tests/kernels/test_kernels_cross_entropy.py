@@ -5,9 +5,9 @@ interpreter on CPU), with vocabulary blocks smaller than the vocabulary and a pa
 import pytest
 import torch
 
-import kernels.cross_entropy as ce
-from kernels import fused_linear_cross_entropy, fused_linear_logprobs
-from kernels.cross_entropy import reference_cross_entropy, reference_logprobs
+import sputnik_kernels.cross_entropy as ce
+from sputnik_kernels import fused_linear_cross_entropy, fused_linear_logprobs
+from sputnik_kernels.cross_entropy import reference_cross_entropy, reference_logprobs
 
 
 @pytest.fixture(autouse=True, params=["torch", "triton"])

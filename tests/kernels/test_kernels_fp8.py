@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from kernels.fp8 import (AMAX_FLOOR, FP8_MAX, fp8_dequantize, fp8_dequantize_weight, fp8_gemm, fp8_gemm_reference,
+from sputnik_kernels.fp8 import (AMAX_FLOOR, FP8_MAX, fp8_dequantize, fp8_dequantize_weight, fp8_gemm, fp8_gemm_reference,
                          fp8_grouped_mm, fp8_linear, fp8_linear_reference, fp8_quantize, fp8_quantize_reference,
                          fp8_quantize_weight, fp8_quantize_weight_reference)
-from kernels.moe import grouped_mm_reference
+from sputnik_kernels.moe import grouped_mm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 U = 2.0**-4  # e4m3 relative rounding bound (normal range)

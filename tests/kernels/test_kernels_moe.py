@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.moe import (grouped_mm, grouped_mm_reference, permute, permute_reference, routing_metadata, unpermute,
+from sputnik_kernels.moe import (grouped_mm, grouped_mm_reference, permute, permute_reference, routing_metadata, unpermute,
                          unpermute_reference)
-from kernels.swiglu import swiglu
+from sputnik_kernels.swiglu import swiglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])

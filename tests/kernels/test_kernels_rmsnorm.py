@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import rmsnorm
-from kernels.rmsnorm import rmsnorm_reference
+from sputnik_kernels import rmsnorm
+from sputnik_kernels.rmsnorm import rmsnorm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])

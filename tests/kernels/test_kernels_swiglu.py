@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import swiglu
-from kernels.swiglu import swiglu_reference
+from sputnik_kernels import swiglu
+from sputnik_kernels.swiglu import swiglu_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from sputnik_kernels.dispatch import use_triton
 
 BLOCK = 1024
 
@@ -64,7 +64,7 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: Triton or the torch reference (see kernels.dispatch)."""
+    """silu(gate) * up: Triton or the torch reference (see sputnik_kernels.dispatch)."""
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
     if use_triton(gate):

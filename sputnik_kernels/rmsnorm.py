@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from sputnik_kernels.dispatch import use_triton
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -84,7 +84,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dimension: Triton or the torch reference (see kernels.dispatch)."""
+    """RMSNorm over the last dimension: Triton or the torch reference (see sputnik_kernels.dispatch)."""
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rmsnorm: x has last dimension {x.shape[-1]} but weight has {weight.shape[0]}")
     if use_triton(x):

@@ -23,7 +23,7 @@ expert-sorted layout.
 Each op has a pure-torch reference (`*_reference`, the loop over segments for grouped_mm) that
 the tests compare against. The torch path is the reference, except that on CPU grouped_mm calls
 torch._grouped_mm when the strides allow (the same per-segment matmuls, bit-identical here, without
-the Python loop). SPUTNIK_KERNELS picks the path (kernels/dispatch.py).
+the Python loop). SPUTNIK_KERNELS picks the path (sputnik_kernels/dispatch.py).
 
 Test: `pytest tests/kernels/test_kernels_moe.py`; benchmark: `python benchmarks/moe_dispatch.py`.
 """
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from sputnik_kernels.dispatch import use_triton
 
 ROW_BLOCK = 1024  # feature columns per step in permute / unpermute
 

@@ -24,7 +24,7 @@ fp8_linear (y = x @ W^T, W the high-precision master weight, quantised afresh ea
   precision and quantised along tokens in the backward (DeepSeek caches it in FP8; that saves
   memory but is not needed for the numerics).
 fp8_grouped_mm does the same for the stacked routed-expert weights, emulated: the operands are
-quantised by these kernels, dequantised, and multiplied by kernels.moe.grouped_mm (FP8 numerics,
+quantised by these kernels, dequantised, and multiplied by sputnik_kernels.moe.grouped_mm (FP8 numerics,
 no FP8 speed; a real FP8 grouped GEMM is not written yet).
 
 Interpreter: Triton's interpreter converts fp32 -> fp8 by truncation without saturation (checked on
@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
-from kernels.moe import grouped_mm
+from sputnik_kernels.dispatch import use_triton
+from sputnik_kernels.moe import grouped_mm
 
 FP8_MAX = 448.0  # largest finite e4m3fn value
 # Smallest amax a scale is computed from (zero tiles get q = 0 and a finite scale). DeepGEMM's
@@ -56,7 +56,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    """kernels.dispatch's choice, except on GPUs without e4m3 (before sm89), where torch emulates."""
+    """sputnik_kernels.dispatch's choice, except on GPUs without e4m3 (before sm89), where torch emulates."""
     return use_triton(x) and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
@@ -269,7 +269,7 @@ def _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block) -> torch.Tensor:
 
 def fp8_quantize(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x[..., K] -> (q float8_e4m3fn [..., K], scale float32 [..., ceil(K/block)]); x ≈ q * scale per
-    1 x block tile (DeepSeek-V3's activation tiles). Triton or the torch reference (kernels.dispatch)."""
+    1 x block tile (DeepSeek-V3's activation tiles). Triton or the torch reference (sputnik_kernels.dispatch)."""
     _check_block(block)
     if not x.is_floating_point() or x.dim() == 0:
         raise ValueError(f"fp8_quantize: x must be a floating tensor with a last dimension, got {x.dtype} {tuple(x.shape)}")
@@ -374,7 +374,7 @@ def _check_linear(x, weight, block):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, block: int = 128) -> torch.Tensor:
     """x @ weight.T with FP8 forward, input gradient and weight gradient; the weight stays in its
     own precision and its gradient comes back in it. Output (and dx) in x's dtype, or the autocast
-    dtype under autocast. Triton or the torch emulation (kernels.dispatch)."""
+    dtype under autocast. Triton or the torch emulation (sputnik_kernels.dispatch)."""
     _check_linear(x, weight, block)
     (x,) = _autocast(x)
     return _FP8Linear.apply(x, weight, block, _use_triton(x))
@@ -427,7 +427,7 @@ class _FP8GroupedMM(torch.autograd.Function):
 
 
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """kernels.moe.grouped_mm with FP8 numerics (emulated: quantised by fp8_quantize /
+    """sputnik_kernels.moe.grouped_mm with FP8 numerics (emulated: quantised by fp8_quantize /
     fp8_quantize_weight, dequantised, multiplied in x's dtype). Rows of x sorted by expert,
     offsets[e] = end row of expert e. Differentiable in x and w."""
     _check_block(block)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from sputnik_kernels.dispatch import use_triton
 
 CHUNK = 1024  # tokens per chunk: chunk x vocab fp32 logits at a time
 BLOCK_V = 4096  # vocabulary columns per step of the Triton kernel (at most)
