@@ -39,9 +39,10 @@ class FP8Linear(nn.Linear):
 class FP8Experts(Experts):
     """Routed experts whose three grouped GEMMs run on FP8-rounded operands (emulated)."""
 
-    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        h_MI = swiglu(fp8_grouped_mm(x_MD, self.w1, offsets_E), fp8_grouped_mm(x_MD, self.w3, offsets_E))
-        return fp8_grouped_mm(h_MI, self.w2, offsets_E)
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
+        w1, w3, w2 = self.weights(experts)
+        h_MI = swiglu(fp8_grouped_mm(x_MD, w1, offsets_E), fp8_grouped_mm(x_MD, w3, offsets_E))
+        return fp8_grouped_mm(h_MI, w2, offsets_E)
 
 
 _FP8_OF = {nn.Linear: FP8Linear, Experts: FP8Experts}

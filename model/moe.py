@@ -76,10 +76,17 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # down
 
-    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """Rows of x sorted by expert; offsets[e] = end row of expert e."""
-        h = swiglu(grouped_mm(x_MD, self.w1, offsets_E), grouped_mm(x_MD, self.w3, offsets_E))
-        return grouped_mm(h, self.w2, offsets_E)
+    def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2), or their slice for `experts` (expert parallelism with whole weights)."""
+        if experts is None:
+            return self.w1, self.w3, self.w2
+        return self.w1[experts], self.w3[experts], self.w2[experts]
+
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
+        """Rows of x sorted by expert; offsets[e] = end row of expert e (of `experts` when given)."""
+        w1, w3, w2 = self.weights(experts)
+        h = swiglu(grouped_mm(x_MD, w1, offsets_E), grouped_mm(x_MD, w3, offsets_E))
+        return grouped_mm(h, w2, offsets_E)
 
 
 class MoE(nn.Module):

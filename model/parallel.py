@@ -65,18 +65,25 @@ def _routed_expert_parallel(moe: MoE, group, x_ND: torch.Tensor, w_NK: torch.Ten
     # received rows are grouped by source rank; regroup by local expert for the grouped GEMM
     local_expert = torch.repeat_interleave(torch.arange(n_local).repeat(ep), recv_by_src.flatten())
     regroup = local_expert.argsort(stable=True)
-    y = moe.experts(x_recv[regroup], torch.bincount(local_expert, minlength=n_local).cumsum(0))
+    y = moe.experts(x_recv[regroup], torch.bincount(local_expert, minlength=n_local).cumsum(0), moe.ep_slice)
     y = torch.empty_like(y).index_copy(0, regroup, y)  # back to source-rank order
     y_back = _AllToAll.apply(y, send, recv, group)
     y_back = y_back * w_NK.flatten()[order].unsqueeze(-1)
     return torch.zeros_like(x_ND).index_add_(0, token, y_back)
 
 
-def apply_expert_parallel(model: Transformer, group=None) -> None:
-    """Keep only this rank's slice of each MoE layer's routed experts; exchange tokens all-to-all.
+def apply_expert_parallel(model: Transformer, group=None, shard_weights: bool = True) -> None:
+    """Run each MoE layer's routed experts expert-parallel over `group`: rank r computes experts
+    [r * E/ep, (r+1) * E/ep) for the tokens of every rank in the group, exchanged all-to-all.
 
-    Rank r of the group owns experts [r * E/ep, (r+1) * E/ep). Gate, shared experts and all other
-    weights stay replicated. Call before building the optimizer.
+    shard_weights=True keeps only this rank's slice of the expert weights (their gradients then
+    carry every group member's tokens). shard_weights=False keeps the whole stacked weights,
+    identical on every rank, and computes with the local slice: the other slices get zero
+    gradient here, so a plain data-parallel average over all ranks (what DeepSpeed ZeRO does with
+    ordinary parameters) is exactly the gradient of the global batch — this is how pretraining
+    runs expert parallelism inside DeepSpeed, whose ZeRO stage then shards the weights and their
+    optimizer states. Gate, shared experts and all other weights stay replicated. Call before
+    building the optimizer.
     """
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
@@ -84,8 +91,10 @@ def apply_expert_parallel(model: Transformer, group=None) -> None:
             raise ValueError(f"expert-parallel size {ep} does not divide n_routed_experts {moe.n_experts}")
         n_local = moe.n_experts // ep
         sl = slice(rank * n_local, (rank + 1) * n_local)
-        for name in ("w1", "w2", "w3"):
-            full = getattr(moe.experts, name)
-            setattr(moe.experts, name, nn.Parameter(full.detach()[sl].clone()))
+        if shard_weights:
+            for name in ("w1", "w2", "w3"):
+                full = getattr(moe.experts, name)
+                setattr(moe.experts, name, nn.Parameter(full.detach()[sl].clone()))
+        moe.ep_slice = None if shard_weights else sl
         moe.routed = lambda x, w, idx, _m=moe: _routed_expert_parallel(_m, group, x, w, idx)
         moe.ep_group = group

@@ -94,6 +94,8 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: NonNegFloat = 1.0
     activation_checkpointing: bool = False
+    # ranks per expert-parallel group: each computes n_routed_experts / expert_parallel experts for the
+    # group's tokens (all-to-all); weights stay whole for ZeRO (model/parallel.py, shard_weights=False)
     expert_parallel: PositiveInt = 1
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 2

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from model import ModelArgs
-from orchestrator.cli import NotAvailable
 from orchestrator.config import ConfigError, RunConfig, to_dict
 from orchestrator.rundir import create_run_dir
 
@@ -39,9 +38,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide pretrain.workers ({p.workers})")
         if m.n_routed_experts % p.expert_parallel:
             raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide model.n_routed_experts ({m.n_routed_experts})")
-        raise NotAvailable("pretrain.expert_parallel > 1 inside DeepSpeed is not wired yet (model.parallel.apply_expert_parallel works on its own)")
-    if p.zero_stage == 3 and p.expert_parallel > 1:
-        raise ConfigError("key 'pretrain.zero_stage' 3 cannot be combined with pretrain.expert_parallel > 1")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"key 'data.seq_len' ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if p.warmup_steps >= p.steps:

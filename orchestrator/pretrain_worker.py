@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model import ModelArgs, Transformer
-from model.parallel import apply_activation_checkpointing
+from model.parallel import apply_activation_checkpointing, apply_expert_parallel
 from orchestrator.config import PretrainConfig, TrackingConfig
 from orchestrator.ds_config import deepspeed_config, import_deepspeed, lr_lambda
 
@@ -97,6 +97,14 @@ def train_loop(config: dict) -> None:
             print(f"pretrain: FP8 block-scaled GEMMs in {len(converted)} modules ({'Triton' if on_gpu else 'emulated on CPU'})", flush=True)
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if pcfg.expert_parallel > 1:
+        # consecutive ranks form an expert-parallel group; the weights stay whole (and identical on
+        # every rank), so DeepSpeed's data-parallel average is the exact global-batch gradient
+        ep = pcfg.expert_parallel
+        groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]  # every rank creates every group
+        apply_expert_parallel(model, groups[rank // ep], shard_weights=False)
+        if rank == 0:
+            print(f"pretrain: expert parallel {ep}: each worker computes {args.n_routed_experts // ep} of {args.n_routed_experts} routed experts per MoE layer", flush=True)
     total_steps = pcfg.steps
     flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
     ds_cfg = deepspeed_config(

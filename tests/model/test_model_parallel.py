@@ -1,4 +1,5 @@
-"""Expert parallelism: with 2 gloo processes, EP=2 gives the outputs and gradients of EP=1 (fp32)."""
+"""Expert parallelism: with 2 gloo processes, EP=2 gives the outputs and gradients of EP=1 (fp32),
+with the expert weights sharded and with them kept whole (the mode pretraining uses in DeepSpeed)."""
 
 import os
 import socket
@@ -6,6 +7,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import pytest
 
 from model import Transformer, load_model_args
 from model.parallel import apply_expert_parallel, expert_parameter_names
@@ -31,12 +33,12 @@ def data(rank):
     return torch.randint(0, 97, (2, 11), generator=g), torch.randn(2, 11, 97, generator=g)
 
 
-def worker(rank, port, out_dir):
+def worker(rank, port, out_dir, shard):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     m = build()
-    apply_expert_parallel(m, dist.group.WORLD)
+    apply_expert_parallel(m, dist.group.WORLD, shard_weights=shard)
     tokens, g = data(rank)
     y = m(tokens)
     (y * g).sum().backward()
@@ -44,8 +46,9 @@ def worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_expert_parallel_matches_single_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("shard", [True, False], ids=["sharded", "whole"])
+def test_expert_parallel_matches_single_process(tmp_path, shard):
+    mp.spawn(worker, args=(free_port(), str(tmp_path), shard), nprocs=2, join=True)
     ref = build()
     ys, grads = [], {}
     for rank in range(2):
@@ -61,10 +64,17 @@ def test_expert_parallel_matches_single_process(tmp_path):
         for n, gr in got["grads"].items():
             if n in experts:  # this rank's slice of the experts, with both ranks' tokens
                 n_local = full[n].shape[0] // 2
-                assert torch.allclose(gr, full[n][rank * n_local : (rank + 1) * n_local], atol=1e-5), n
-    # replicated weights: the sum over ranks equals the single-process gradient
+                mine = slice(rank * n_local, (rank + 1) * n_local)
+                assert gr.shape[0] == (n_local if shard else full[n].shape[0]), n
+                assert torch.allclose(gr if shard else gr[mine], full[n][mine], atol=1e-5), n
+                if not shard:  # the other rank's experts get no gradient here
+                    other = torch.ones(full[n].shape[0], dtype=torch.bool)
+                    other[mine] = False
+                    assert (gr[other] == 0).all(), n
+    # replicated weights (and whole expert weights): the sum over ranks equals the single-process
+    # gradient, so a data-parallel all-reduce gives the exact gradient
     g0, g1 = (torch.load(tmp_path / f"rank{r}.pt")["grads"] for r in range(2))
     for n in g0:
-        if n not in experts:
+        if n not in experts or not shard:
             # summation order differs: compare at 1e-5 relative to the gradient's scale
             assert (g0[n] + g1[n] - full[n]).abs().max() <= 1e-5 * max(1.0, full[n].abs().max().item()), n

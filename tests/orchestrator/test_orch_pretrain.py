@@ -1,6 +1,6 @@
 """Pretraining on Ray Train + DeepSpeed (real Ray, real DeepSpeed, gloo on CPU), run through the CLI.
 
-Exact resume, ZeRO-2/3 with 2 workers against 1 worker, recovery from a killed worker, export.
+Exact resume, ZeRO-2/3 with 2 workers (and expert parallel 2) against 1 worker, recovery from a killed worker, export.
 """
 
 import json
@@ -86,15 +86,18 @@ def test_fp8_pretraining_tracks_full_precision(tmp_path, cache):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_workers_zero2_zero3_match_one_worker(tmp_path, cache):
+def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, cache):
     common = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8"]
     sputnik(*common, "pretrain.workers=1", "pretrain.micro_batch_size=8", "pretrain.zero_stage=1", "--out", str(tmp_path / "w1"), cache=cache)
     ref = losses(tmp_path / "w1")
-    for stage in (2, 3):
-        sputnik(*common, "pretrain.workers=2", "pretrain.micro_batch_size=4", f"pretrain.zero_stage={stage}", "--out", str(tmp_path / f"z{stage}"), cache=cache)
-        got = losses(tmp_path / f"z{stage}")
+    for stage, ep in ((2, 1), (3, 1), (2, 2), (3, 2)):
+        out = tmp_path / f"z{stage}ep{ep}"
+        r = sputnik(*common, "pretrain.workers=2", "pretrain.micro_batch_size=4", f"pretrain.zero_stage={stage}",
+                    f"pretrain.expert_parallel={ep}", "--out", str(out), cache=cache)
+        assert (ep > 1) == ("expert parallel 2: each worker computes 4 of 8" in r.stdout + r.stderr)
+        got = losses(out)
         for step in ref:
-            assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (stage, step, got[step], ref[step])
+            assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (stage, ep, step, got[step], ref[step])
 
 
 @pytest.mark.slow
@@ -127,6 +130,7 @@ def test_bad_config_fails_before_workers_start(tmp_path, cache):
         ("data.seq_len=100000", "data.seq_len"),
         ("data.user_files=[/nonexistent/*.txt]", "matches no file"),
         ("model.vocab=100", "model.vocab"),
+        ("pretrain.expert_parallel=3", "'pretrain.expert_parallel' (3) must divide pretrain.workers"),
     ]:
         r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "pretrain", *SMALL, override, "--out", str(tmp_path / "x")],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
