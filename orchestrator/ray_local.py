@@ -21,6 +21,9 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     env = {"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "SPUTNIK_KERNELS", "TRITON_INTERPRET", "PYTHONPATH") if k in os.environ}}
     env["env_vars"]["RAY_TRAIN_V2_ENABLED"] = "1"
+    # Ray Train's print patch both logs a worker's print and tees it to a wrapped stdout, so every
+    # progress line reached the driver twice; plain print is forwarded once by log_to_driver.
+    env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     if runtime_env:
         env.update(runtime_env)
     if cfg.address:
