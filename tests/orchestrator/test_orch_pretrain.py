@@ -90,14 +90,15 @@ def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, 
     common = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8"]
     sputnik(*common, "pretrain.workers=1", "pretrain.micro_batch_size=8", "pretrain.zero_stage=1", "--out", str(tmp_path / "w1"), cache=cache)
     ref = losses(tmp_path / "w1")
-    for stage, ep in ((2, 1), (3, 1), (2, 2), (3, 2)):
-        out = tmp_path / f"z{stage}ep{ep}"
-        r = sputnik(*common, "pretrain.workers=2", "pretrain.micro_batch_size=4", f"pretrain.zero_stage={stage}",
+    # (workers, ZeRO stage, expert parallel); 4 workers with EP 2 form two expert-parallel groups
+    for workers, stage, ep in ((2, 2, 1), (2, 3, 1), (2, 2, 2), (2, 3, 2), (4, 2, 2)):
+        out = tmp_path / f"w{workers}z{stage}ep{ep}"
+        r = sputnik(*common, f"pretrain.workers={workers}", f"pretrain.micro_batch_size={8 // workers}", f"pretrain.zero_stage={stage}",
                     f"pretrain.expert_parallel={ep}", "--out", str(out), cache=cache)
         assert (ep > 1) == ("expert parallel 2: each worker computes 4 of 8" in r.stdout + r.stderr)
         got = losses(out)
         for step in ref:
-            assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (stage, ep, step, got[step], ref[step])
+            assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (workers, stage, ep, step, got[step], ref[step])
 
 
 @pytest.mark.slow
