@@ -4,7 +4,9 @@ Plain torch training step (AdamW, the model's MoE + MTP loss), the same model co
 workers run; MFU = 6 * activated parameters * tokens/s / peak, against the datasheet bf16 peak
 and against a large bf16 matmul measured in the same run. On CPU it says so and runs a tiny check.
 
-Run: `python benchmarks/pretrain_mfu.py [--preset small] [--batch 8] [--seq 1024] [--steps 20]`.
+Run: `python benchmarks/pretrain_mfu.py [--preset small] [--batch 8] [--seq 1024] [--steps 20] [--fp8]`;
+with --fp8 the same step also runs with DeepSeek-V3's FP8 linears and experts (model/fp8.py) and the
+ratio of the two is printed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import torch
 
 from model import Transformer, load_model_args
+from model.fp8 import apply_fp8
 from model.parallel import apply_activation_checkpointing
 
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -40,14 +43,41 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--fp8", action="store_true", help="also run with the FP8 linears and experts, and print the ratio")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: MFU needs one; running 2 steps of the tiny preset on CPU as a smoke check")
         a.preset, a.batch, a.seq, a.steps = "tiny", 2, 64, 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = "bf16" if dev == "cuda" else "fp32"  # bf16 autocast on GPUs; CPU runs fp32
+    runs = {base: measure(a, dev, fp8=False)}
+    if a.fp8:
+        runs["fp8"] = measure(a, dev, fp8=True)
+    peak = sheet = None
+    if dev == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = measured_matmul_peak()
+        sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+        print(f"device {name}, torch {torch.__version__}; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    for kind, (model, dt, tps, loss, mem) in runs.items():
+        flops = 6 * model.num_parameters(activated=True) * tps
+        print(f"[{kind}] preset {a.preset}: {model.num_parameters() / 1e6:.0f}M total, {model.num_parameters(activated=True) / 1e6:.0f}M activated; "
+              f"batch {a.batch} x {a.seq}; loss {loss:.3f}; step {dt * 1e3:.1f} ms, {tps:,.0f} tokens/s, model FLOP/s {flops / 1e12:.1f} T"
+              + (f", peak memory {mem:.1f} GiB" if dev == "cuda" else ""))
+        if peak:
+            print(f"[{kind}] MFU vs measured bf16 matmul: {flops / peak:.1%}" + (f"; vs datasheet {sheet / 1e12:.0f}: {flops / sheet:.1%}" if sheet else ""))
+    if a.fp8:
+        print(f"fp8 / {base} tokens/s: {runs['fp8'][2] / runs[base][2]:.2f}x" + (" (MFU of both counted against the bf16 peak)" if dev == "cuda" else
+              " (FP8 is emulated on CPU: a smoke check, not a speed figure)"))
+
+
+def measure(a, dev: str, *, fp8: bool):
+    """Build the preset, train a.steps steps; (model, seconds per step, tokens/s, loss, peak GiB)."""
     torch.manual_seed(0)
     args = load_model_args(a.preset, max_seq_len=max(a.seq, 128))
     model = Transformer(args).to(dev)
+    if fp8:  # DeepSeek-V3 FP8 linears and experts (Triton on Hopper/Ada, emulated elsewhere)
+        apply_fp8(model)
     if a.ac:
         apply_activation_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
@@ -72,16 +102,8 @@ def main():
     if dev == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / a.steps
-    tps = a.batch * a.seq / dt
-    flops = 6 * model.num_parameters(activated=True) * tps
-    print(f"preset {a.preset}: {model.num_parameters() / 1e6:.0f}M total, {model.num_parameters(activated=True) / 1e6:.0f}M activated; batch {a.batch} x {a.seq}; loss {loss.item():.3f}")
-    print(f"step {dt * 1e3:.1f} ms, {tps:,.0f} tokens/s, model FLOP/s {flops / 1e12:.1f} T")
-    if dev == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = measured_matmul_peak()
-        sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-        print(f"device {name}; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        print(f"MFU vs measured matmul: {flops / peak:.1%}" + (f"; vs datasheet {sheet / 1e12:.0f}: {flops / sheet:.1%}" if sheet else ""))
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    return model, dt, a.batch * a.seq / dt, loss.item(), mem
 
 
 if __name__ == "__main__":
