@@ -2,7 +2,8 @@
 milliseconds and peak extra memory, at DeepSeek-V3's vocabulary (129,280) and hidden size (7,168).
 
 Run: `python benchmarks/cross_entropy.py [--tokens 8192] [--dim 7168] [--vocab 129280]` on a CUDA
-GPU (bf16; the fused head twice, its per-chunk softmax in torch ops and in the Triton row kernel); on CPU it runs a small shape in fp32 (the memory figure is then from tracemalloc-free
+GPU (bf16; the fused head twice, its per-chunk softmax in torch ops and in the Triton row
+kernel); on CPU it runs a small shape in fp32 (the memory figure is then from tracemalloc-free
 arithmetic: the size of the logits that were or were not held).
 """
 
