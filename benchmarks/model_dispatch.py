@@ -1,7 +1,9 @@
 """MoE token dispatch on CPU: sort-based contiguous segments vs a per-expert masking loop.
 
 Forward + backward tokens/s of the tiny preset, both in one run (medians of interleaved repeats),
-printed as a ratio. Run: `python benchmarks/model_dispatch.py [--tokens 4096] [--steps 10] [--repeats 3]`.
+printed as ratios: for the routed experts alone (what the dispatch changes), one MoE layer with its
+gate and shared expert, and the whole model (where attention and dense layers dilute the difference).
+Run: `python benchmarks/model_dispatch.py [--tokens 4096] [--seq 256] [--steps 10] [--repeats 3]`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from model import Transformer, load_model_args
 
 
 def per_expert_loop(moe, x_ND, w_NK, idx_NK):
-    """Baseline (as in transformers' eager experts): for each expert, find its tokens by masking."""
+    """Baseline, as in transformers' eager DeepseekV3Experts: for each expert, find its tokens by
+    masking, one fused gate|up matmul, the down projection, index_add into the output."""
     out = torch.zeros_like(x_ND)
+    w13 = torch.cat([moe.experts.w1, moe.experts.w3], dim=2)
     for e in range(moe.n_experts):
         token, k = torch.where(idx_NK == e)
         if token.numel() == 0:
             continue
-        xe = x_ND[token]
-        h = F.silu(xe @ moe.experts.w1[e]) * (xe @ moe.experts.w3[e])
-        out.index_add_(0, token, (h @ moe.experts.w2[e]) * w_NK[token, k, None])
+        gate, up = (x_ND[token] @ w13[e]).chunk(2, dim=-1)
+        out.index_add_(0, token, ((F.silu(gate) * up) @ moe.experts.w2[e]) * w_NK[token, k, None])
     return out
 
 
@@ -51,6 +54,15 @@ def bench_layer(moe, x, steps):
     return steps * x.shape[0] * x.shape[1] / (time.perf_counter() - t)
 
 
+def bench_routed(fn, x_ND, w_NK, idx_NK, steps):
+    """Only what the dispatch changes: the routed experts, given the gate's choices."""
+    fn(x_ND, w_NK, idx_NK).square().mean().backward()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn(x_ND, w_NK, idx_NK).square().mean().backward()
+    return steps * x_ND.shape[0] / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -67,23 +79,26 @@ def main():
     moes = model.moe_layers() + [m.block.ffn for m in model.mtp if hasattr(m.block.ffn, "routed")]
     sorted_fns = [m.routed for m in moes]
     loop_fns = [lambda x, w, idx, _m=m: per_expert_loop(_m, x, w, idx) for m in moes]
+    with torch.no_grad():
+        w_NK, idx_NK, _ = layer.gate(x.detach().reshape(-1, model.args.dim))
+    x_ND = x.detach().reshape(-1, model.args.dim).requires_grad_()
     runs = {"sort": [], "loop": []}
     for _ in range(a.repeats):  # interleaved, so that drift in the machine's speed hits both alike
         for name, fns in (("sort", sorted_fns), ("loop", loop_fns)):
             for m, fn in zip(moes, fns):
                 m.routed = fn
-            runs[name].append((bench_layer(layer, x, a.steps), *bench(model, tokens, a.steps)))
-    (sort_layer, sort_tps, l1), (loop_layer, loop_tps, l2) = [
-        tuple(float(np.median([r[i] for r in runs[n]])) for i in range(3)) for n in ("sort", "loop")]
+            runs[name].append((bench_routed(fns[0], x_ND, w_NK, idx_NK, a.steps), bench_layer(layer, x, a.steps),
+                               *bench(model, tokens, a.steps)))
+    sort, loop = (np.array(runs[n]) for n in ("sort", "loop"))
+    l1, l2 = np.median(sort[:, 3]), np.median(loop[:, 3])
     assert abs(l1 - l2) < 1e-3 * abs(l1), (l1, l2)  # same computation
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"preset {a.preset}, {a.tokens} tokens/step, forward+backward, {a.steps} steps, median of {a.repeats} interleaved repeats")
-    print(f"one MoE layer  sort-based: {sort_layer:10.0f} tokens/s, per-expert loop: {loop_layer:10.0f} tokens/s, ratio {sort_layer / loop_layer:.2f}x")
-    print("whole model:")
-    print(f"sort-based dispatch : {sort_tps:10.0f} tokens/s")
-    print(f"per-expert loop     : {loop_tps:10.0f} tokens/s")
-    print(f"ratio sort/loop     : {sort_tps / loop_tps:.2f}x")
-
+    print(f"preset {a.preset}, {a.tokens} tokens/step, forward+backward, {a.steps} steps, {a.repeats} interleaved repeats")
+    print(f"{'tokens/s (median)':28s} {'sort-based':>11s} {'expert loop':>11s} {'ratio':>6s}  ratio per repeat (min..max)")
+    for i, what in enumerate(("routed experts only", "one MoE layer (gate+shared)", "whole model")):
+        ratios = sort[:, i] / loop[:, i]
+        print(f"{what:28s} {np.median(sort[:, i]):11.0f} {np.median(loop[:, i]):11.0f} {np.median(sort[:, i]) / np.median(loop[:, i]):5.2f}x"
+              f"  {ratios.min():.2f}..{ratios.max():.2f}")
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,10 @@ class LatentCache:
 
 
 class MLA(nn.Module):
+    # Pad v to the q/k head dim so SDPA can use its fused kernels (benchmarks/model_attention.py
+    # times both; the output is the same up to rounding).
+    pad_v: bool = True
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.n_heads
@@ -93,11 +97,17 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, nope+R)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        qk_dim = self.nope + self.rope
+        if self.pad_v and self.v_dim < qk_dim:
+            # The fused attention kernels (flash on CUDA, the flash-style CPU kernel) need one head
+            # dim for q, k and v; otherwise SDPA falls back to the unfused math path (1.5x slower
+            # forward+backward at the tiny preset on CPU). Zero columns of v give zero output columns.
+            v = F.pad(v, (0, qk_dim - self.v_dim))
         if mask_BTS is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1), scale=self.softmax_scale)
-        return o.transpose(1, 2)  # (B, T, H, v)
+        return o[..., : self.v_dim].transpose(1, 2)  # (B, T, H, v)
 
     def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, mask_BTS):
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
