@@ -50,7 +50,7 @@ class _AllToAll(torch.autograd.Function):
 
 def _routed_expert_parallel(moe: MoE, group, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
     """Dispatch (token, expert) pairs to the rank owning the expert, run, and combine back."""
-    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    ep = dist.get_world_size(group)
     n_local = moe.n_experts // ep
     order = idx_NK.flatten().argsort(stable=True)  # pairs sorted by global expert = by owner rank
     token = order // moe.topk
