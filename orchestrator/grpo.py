@@ -223,7 +223,12 @@ class Driver:
         self.sync_ready = self.collective and self.make_sync_group()
 
     def close(self) -> None:
-        """Release the placement groups; the role actors in them go with them."""
+        """Let the reward workers stop their pools, then release the placement groups; the role
+        actors in them go with them."""
+        try:
+            self.ray.get([s.close.remote() for s in self.scorers], timeout=10)
+        except Exception as e:  # a dead or hung scorer must not stop the release
+            print(f"grpo: closing the reward workers: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
         self.samplers, self.scorers, self.learners, self.reference = [], [], [], None
         self.placement.close()
 

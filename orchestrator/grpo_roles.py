@@ -162,6 +162,11 @@ class RewardWorker:
         return {"records": records, "seconds": time.perf_counter() - t0, "gen_seconds": chunk["seconds"],
                 "tokens": chunk["tokens"], "reward_errors": self.evaluator.error_counts()}
 
+    def close(self) -> None:
+        """Stop the evaluator's thread pool before the actor is torn down (a pool still alive at
+        teardown can print a concurrent.futures traceback from the dying process)."""
+        self.evaluator.close()
+
 
 class _LogProbs(nn.Module):
     """What the DeepSpeed engine wraps: tokens [B, T] -> log p(targets) [B, T]."""
