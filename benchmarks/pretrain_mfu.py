@@ -4,9 +4,10 @@ Plain torch training step (AdamW, the model's MoE + MTP loss), the same model co
 workers run; MFU = 6 * activated parameters * tokens/s / peak, against the datasheet bf16 peak
 and against a large bf16 matmul measured in the same run. On CPU it says so and runs a tiny check.
 
-Run: `python benchmarks/pretrain_mfu.py [--preset small] [--batch 8] [--seq 1024] [--steps 20] [--fp8]`;
+Run: `python benchmarks/pretrain_mfu.py [--preset small] [--batch 8] [--seq 1024] [--steps 20] [--fp8] [--profile N]`;
 with --fp8 the same step also runs with DeepSeek-V3's FP8 linears and experts (model/fp8.py) and the
-ratio of the two is printed.
+ratio of the two is printed; --profile N prints, per run, the N ops with the most self device time
+over 2 profiled steps (where the step's time goes, for the next optimisation).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
     ap.add_argument("--fp8", action="store_true", help="also run with the FP8 linears and experts, and print the ratio")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile 2 steps and print the N ops taking the most device (or CPU) time")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: MFU needs one; running 2 steps of the tiny preset on CPU as a smoke check")
@@ -103,6 +106,16 @@ def measure(a, dev: str, *, fp8: bool):
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / a.steps
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    if a.profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(2):
+                step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        print(f"[{'fp8' if fp8 else 'bf16' if dev == 'cuda' else 'fp32'}] top {a.profile} ops by {key} over 2 steps:")
+        print(prof.key_averages().table(sort_by=key, row_limit=a.profile, max_name_column_width=60))
     return model, dt, a.batch * a.seq / dt, loss.item(), mem
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU-only check of the project in one device run, sized for the lent machine's 15 minutes
+# (issues #4 and #7; results go to BENCHMARKS.md with the device and the command):
+#   1. pytest tests/kernels            the Triton kernels compiled for real, fp32 and bf16
+#   2. benchmarks/kernels.py           RMSNorm, SwiGLU, MoE dispatch, FP8 GEMM, fused cross-entropy
+#   3. benchmarks/pretrain_mfu.py      single-GPU MFU of `small`, bf16 and FP8, with a profile
+# Each part has its own time limit, so one slow part cannot lose the others; every part's output
+# is also written under $OUT (the device tool brings it back).
+#
+# The GPU image has torch and triton but not pydantic, omegaconf or pytest. On the CPU machine, once:
+#   echo /.whl/ >> .git/info/exclude   # (already in .gitignore)
+#   ../shared/tools/gpu-wheels.sh .whl pytest pluggy iniconfig
+# then through the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
+set -uo pipefail
+out=${OUT:-/tmp/gpu_session}
+mkdir -p "$out"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+PY=${PYTHON:-python3}
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/device.txt"
+part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+part kernels 240 "$PY" benchmarks/kernels.py
+part mfu 150 "$PY" benchmarks/pretrain_mfu.py --preset small --batch 16 --seq 2048 --steps 10 --fp8 --profile 25
