@@ -9,7 +9,7 @@
 #
 # The GPU image has torch and triton but not pydantic, omegaconf or pytest. On the CPU machine, once:
 #   echo /.whl/ >> .git/info/exclude   # (already in .gitignore)
-#   ../shared/tools/gpu-wheels.sh .whl pytest pluggy iniconfig
+#   ../shared/tools/gpu-wheels.sh .whl pytest pluggy iniconfig pygments packaging
 # then through the device tool:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 out=${OUT:-/tmp/gpu_session}
