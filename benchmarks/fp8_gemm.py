@@ -4,6 +4,10 @@ target: 1.2x or more at 4096^3), and the FP8 result's relative error against the
 Quantisation is timed separately (activation 1x128 tiles, weight 128x128 blocks); the FP8 GEMM
 figure excludes it, as in the issue. On a machine without a CUDA GPU it says so and exits 0.
 
+A second table times the FP8 grouped GEMM of the routed experts (fp8_grouped_mm's kernel on
+pre-quantised operands, and fp8_grouped_mm forward + backward with its quantisation) against the
+bf16 grouped GEMM (sputnik_kernels.grouped_mm) on the same expert-sorted rows.
+
 Run: `python benchmarks/fp8_gemm.py [--shapes 4096x4096x4096 ...]` (MxNxK: y[M,N] = x[M,K] @ w[N,K]^T).
 """
 
@@ -78,7 +82,39 @@ def main() -> int:
         err = ((fp8_gemm(xq, xs, wq, ws, torch.bfloat16).float() - ref).norm() / ref.norm()).item()
         print(f"{name:32s} {f'{M}x{N}x{K}':>18s} {bf16_ms:8.3f} {flops / bf16_ms / 1e9:8.0f} {fp8_ms:8.3f} "
               f"{flops / fp8_ms / 1e9:8.0f} {bf16_ms / fp8_ms:7.2f}x {quant_ms:9.3f} {err:8.4f}")
+    grouped(g)
     return 0
+
+
+EXPERT_SHAPES = {"w1 or w3 (7168 -> 2048)": (7168, 2048), "w2 (2048 -> 7168)": (2048, 7168)}
+
+
+def grouped(g: torch.Generator, experts: int = 16, rows: int = 16384, shapes=EXPERT_SHAPES, device: str = "cuda") -> None:
+    """Routed experts: `rows` expert-sorted rows over `experts` experts with uneven counts."""
+    from sputnik_kernels.fp8 import _fp8_grouped_launch, fp8_grouped_mm, fp8_quantize, fp8_quantize_weight
+    from sputnik_kernels.moe import grouped_mm
+
+    counts = torch.distributions.Dirichlet(torch.full((experts,), 4.0)).sample() * rows
+    counts = counts.floor().long()
+    counts[-1] += rows - counts.sum()
+    offsets = counts.cumsum(0).to(torch.int32).to(device)
+    print(f"\nrouted experts: {rows} rows over {experts} experts (counts {counts.min().item()}..{counts.max().item()})")
+    print(f"{'expert GEMM':24s} {'KxN':>11s} {'bf16 ms':>8s} {'TFLOP/s':>8s} {'fp8 ms':>8s} {'TFLOP/s':>8s} {'fp8/bf16':>8s} "
+          f"{'f+b bf16':>9s} {'f+b fp8':>8s} {'ratio':>6s}")
+    for name, (K, N) in shapes.items():
+        x = torch.randn(rows, K, device=device, dtype=torch.bfloat16, generator=g)
+        w = (torch.randn(experts, K, N, device=device, generator=g) / K**0.5).to(torch.bfloat16)
+        xq, xs = fp8_quantize(x)
+        wq, ws = fp8_quantize_weight(w)
+        flops = 2 * rows * K * N
+        bf16_ms = bench(lambda: grouped_mm(x, w, offsets))
+        fp8_ms = bench(lambda: _fp8_grouped_launch(xq, xs, wq, ws, offsets, torch.bfloat16, 128))
+        xg, wg, w32 = x.clone().requires_grad_(True), w.clone().requires_grad_(True), w.float().requires_grad_(True)
+        dy = torch.randn(rows, N, device=device, dtype=torch.bfloat16, generator=g)
+        fb_bf16 = bench(lambda: grouped_mm(xg, wg, offsets).backward(dy), iters=10)
+        fb_fp8 = bench(lambda: fp8_grouped_mm(xg, w32, offsets).backward(dy), iters=10)
+        print(f"{name:24s} {f'{K}x{N}':>11s} {bf16_ms:8.3f} {flops / bf16_ms / 1e9:8.0f} {fp8_ms:8.3f} {flops / fp8_ms / 1e9:8.0f} "
+              f"{bf16_ms / fp8_ms:7.2f}x {fb_bf16:9.3f} {fb_fp8:8.3f} {fb_bf16 / fb_fp8:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ forward, dgrad and wgrad — while the parameters (the master weights) keep thei
 
 Converted, as in DeepSeek-V3: the MLA projections (wq / wq_a / wq_b, wkv_a, wkv_b, wo), the dense
 and shared-expert MLPs, the MTP projection eh_proj, and the routed experts' stacked w1/w3/w2
-(through sputnik_kernels.fp8_grouped_mm, which emulates FP8 numerics around the grouped GEMM).
+(through sputnik_kernels.fp8_grouped_mm: a Triton FP8 grouped GEMM on CUDA, emulated on CPU).
 Left in high precision, as in the paper: the embedding, the output head (OutputHead, an nn.Linear
 subclass, so it is never matched), the router gate, norms and attention itself. MLA's absorbed
 inference path reads wkv_b.weight directly and stays in high precision.
@@ -37,7 +37,7 @@ class FP8Linear(nn.Linear):
 
 
 class FP8Experts(Experts):
-    """Routed experts whose three grouped GEMMs run on FP8-rounded operands (emulated)."""
+    """Routed experts whose three grouped GEMMs (and their gradients) run on FP8 operands."""
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
         w1, w3, w2 = self.weights(experts)

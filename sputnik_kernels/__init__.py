@@ -1,6 +1,6 @@
 """Triton kernels with pure-torch references: RMSNorm and SwiGLU, the MoE routing metadata /
 permute / unpermute / grouped GEMM (sputnik_kernels/moe.py), FP8 e4m3 block quantisation, block-scaled
-GEMM and the FP8 linear (sputnik_kernels/fp8.py), and the fused linear cross-entropy / log-probs
+GEMM, the FP8 linear and FP8 grouped GEMM (sputnik_kernels/fp8.py), and the fused linear cross-entropy / log-probs
 (chunks of tokens; each chunk's rows by a Triton kernel, sputnik_kernels/cross_entropy.py).
 
 SPUTNIK_KERNELS=auto|triton|torch picks the implementation at each call (sputnik_kernels/dispatch.py).

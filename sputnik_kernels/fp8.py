@@ -23,9 +23,12 @@ fp8_linear (y = x @ W^T, W the high-precision master weight, quantised afresh ea
   for its backward ("1x128 in the forward, 128x1 in the backward"). x is saved in its own
   precision and quantised along tokens in the backward (DeepSeek caches it in FP8; that saves
   memory but is not needed for the numerics).
-fp8_grouped_mm does the same for the stacked routed-expert weights, emulated: the operands are
-quantised by these kernels, dequantised, and multiplied by sputnik_kernels.moe.grouped_mm (FP8 numerics,
-no FP8 speed; a real FP8 grouped GEMM is not written yet).
+fp8_grouped_mm does the same for the stacked routed-expert weights [E, K, N] with rows sorted by
+expert: a grouped GEMM whose row tiles each belong to one expert (as in sputnik_kernels.moe) and
+whose K loop applies the block scales as above; dgrad reuses it on w's transposed view; wgrad
+(one program per expert and dw tile) walks the 128-token quantisation tiles that overlap the
+expert's rows, masking the rows of a tile that belong to its neighbours. `fp8_grouped_mm_reference`
+emulates it in torch (quantise, dequantise, torch grouped GEMM).
 
 Interpreter: Triton's interpreter converts fp32 -> fp8 by truncation without saturation (checked on
 Triton 3.9), so under TRITON_INTERPRET=1 (CPU tensors) the quantiser rounds to the e4m3 grid in
@@ -388,7 +391,153 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, block: int = 128
 
 
 # ---------------------------------------------------------------------------------------------
-# routed experts (emulated)
+# routed experts: FP8 grouped GEMM (Triton) and its emulation (torch)
+
+
+@triton.jit
+def _fp8_grouped_fwd(A, AS, B, BS, C, OFFSETS, N, K, n_experts,
+                     stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bk, stride_bn,
+                     stride_bse, stride_bsk, stride_bsn, stride_cm, stride_cn,
+                     FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+    """C[rows of e, n] = sum over K blocks kb of (A_q[rows, kb] . B_q[e][kb, n]) * AS[rows, kb] * BS[e][kb, n // BLOCK_K].
+
+    A: [M, K] e4m3, rows sorted by expert, one scale per 1 x BLOCK_K tile; B: [E, K, N] e4m3 (any
+    strides: the backward passes w^T as a view), one scale per BLOCK_K x BLOCK_K block. Row tiles
+    are found as in sputnik_kernels.moe's grouped GEMM (a cumsum of per-expert tile counts).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(OFFSETS + es, mask=es < n_experts, other=0)
+    starts = tl.load(OFFSETS + es - 1, mask=(es > 0) & (es < n_experts), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.cumsum(tiles, axis=0)
+    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    if e < n_experts:
+        mine = es == e
+        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+        rows = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = rows < row_end, cols < N
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
+        b_e = B + e.to(tl.int64) * stride_be
+        bs_e = BS + e.to(tl.int64) * stride_bse + (cols // BLOCK_K) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = ks < K
+            a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_e + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if FP8_DOT:
+                part = tl.dot(a, b)
+            else:
+                part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            a_s = tl.load(AS + rows * stride_asm + kb * stride_ask, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_e + kb * stride_bsk, mask=mask_n, other=0.0)
+            acc += part * a_s[:, None] * b_s[None, :]
+        tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fp8_grouped_dw(XT, XS, DYT, DYS, DW, OFFSETS, K, N,
+                    stride_xk, stride_xm, stride_xsk, stride_xsm, stride_dn, stride_dm, stride_dsn, stride_dsm,
+                    stride_we, stride_wk, stride_wn,
+                    FP8_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dw[e][ks, cols] = sum over the rows r of expert e of x[r, ks] * dy[r, cols], both operands
+    quantised along the tokens: XT = x^T [K, M] and DYT = dy^T [N, M] in e4m3 with one scale per
+    1 x BLOCK tile of tokens. The loop walks the global BLOCK-aligned token tiles that overlap the
+    expert's rows (a tile may straddle two experts: its rows outside this expert are masked), so
+    each step has one scale per k and per n. An expert with no rows gets dw = 0."""
+    e = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k, mask_n = ks < K, cols < N
+    ks, cols = ks.to(tl.int64), cols.to(tl.int64)
+    start = tl.where(e > 0, tl.load(OFFSETS + tl.maximum(e - 1, 0)), 0)
+    end = tl.load(OFFSETS + e)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for t in range(start // BLOCK, tl.cdiv(end, BLOCK)):
+        rows = t * BLOCK + tl.arange(0, BLOCK)
+        mask_m = (rows >= start) & (rows < end)
+        rows = rows.to(tl.int64)
+        a = tl.load(XT + ks[:, None] * stride_xk + rows[None, :] * stride_xm, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(DYT + cols[None, :] * stride_dn + rows[:, None] * stride_dm, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if FP8_DOT:
+            part = tl.dot(a, b)
+        else:
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        x_s = tl.load(XS + ks * stride_xsk + t * stride_xsm, mask=mask_k, other=0.0)
+        dy_s = tl.load(DYS + cols * stride_dsn + t * stride_dsm, mask=mask_n, other=0.0)
+        acc += part * x_s[:, None] * dy_s[None, :]
+    tl.store(DW + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(DW.dtype.element_ty),
+             mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _grouped_config(a: torch.Tensor) -> dict:
+    """As _gemm_config: small tiles under the interpreter, the fp8_gemm tiles on a GPU (untuned)."""
+    if not a.is_cuda:
+        return dict(FP8_DOT=False, BLOCK_M=32, BLOCK_N=32)
+    return dict(FP8_DOT=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+
+
+def _fp8_grouped_launch(a_q, a_s, b_q, b_s, offsets_E, out_dtype, block) -> torch.Tensor:
+    """[M, N]: a_q [M, K] with a_s [M, ceil(K/b)]; b_q [E, K, N] with b_s [E, ceil(K/b), ceil(N/b)] (views allowed)."""
+    M, K = a_q.shape
+    E, _, N = b_q.shape
+    c = torch.empty(M, N, device=a_q.device, dtype=out_dtype)
+    if M == 0 or N == 0 or K == 0:
+        return c.zero_()
+    cfg = _grouped_config(a_q)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) + E, triton.cdiv(N, cfg["BLOCK_N"]))
+    _fp8_grouped_fwd[grid](a_q, a_s, b_q, b_s, c, offsets_E, N, K, E, *a_q.stride(), *a_s.stride(), *b_q.stride(),
+                           *b_s.stride(), *c.stride(), BLOCK_K=block, BLOCK_E=max(16, triton.next_power_of_2(E)), **cfg)
+    return c
+
+
+def _fp8_grouped_dw_launch(xt_q, xt_s, dyt_q, dyt_s, offsets_E, E, dtype, block) -> torch.Tensor:
+    K, M = xt_q.shape
+    N = dyt_q.shape[0]
+    dw = torch.empty(E, K, N, device=xt_q.device, dtype=dtype)
+    if M == 0 or K == 0 or N == 0:
+        return dw.zero_()
+    cfg = _grouped_config(xt_q)
+    bk, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (E, triton.cdiv(K, bk), triton.cdiv(N, bn))
+    _fp8_grouped_dw[grid](xt_q, xt_s, dyt_q, dyt_s, dw, offsets_E, K, N, *xt_q.stride(), *xt_s.stride(),
+                          *dyt_q.stride(), *dyt_s.stride(), *dw.stride(), FP8_DOT=cfg["FP8_DOT"], BLOCK=block,
+                          BLOCK_K=bk, BLOCK_N=bn, **{k: v for k, v in cfg.items() if k.startswith("num_")})
+    return dw
+
+
+class _FP8GroupedMMTriton(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] @ w[e] with every GEMM on e4m3 operands (tiles as in _FP8Linear:
+    x per 1x128 along K, w per 128x128 block; dgrad: dy per 1x128 along N, w's blocks transposed;
+    wgrad: x and dy per 128-token tiles)."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_EKN, offsets_E, block):
+        w_q, w_s = _quantize_weight_launch(w_EKN, block)  # [E, K, N], scales [E, K/b, N/b]
+        x_q, x_s = _quantize_launch(x_MK, block)
+        ctx.save_for_backward(x_MK, w_q, w_s, offsets_E)
+        ctx.block, ctx.w_dtype = block, w_EKN.dtype
+        return _fp8_grouped_launch(x_q, x_s, w_q, w_s, offsets_E, x_MK.dtype, block)
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        x, w_q, w_s, offsets = ctx.saved_tensors
+        block = ctx.block
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = _quantize_launch(dy_MN, block)
+            dx = _fp8_grouped_launch(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), offsets, x.dtype, block)
+        if ctx.needs_input_grad[1]:
+            xt_q, xt_s = _quantize_launch(x.t(), block)  # along the tokens
+            dyt_q, dyt_s = _quantize_launch(dy_MN.t(), block)
+            dw = _fp8_grouped_dw_launch(xt_q, xt_s, dyt_q, dyt_s, offsets, w_q.shape[0], ctx.w_dtype, block)
+        return dx, dw, None, None
 
 
 def _segment_wgrad(x_MK: torch.Tensor, dy_MN: torch.Tensor, offsets_E: torch.Tensor, E: int) -> torch.Tensor:
@@ -400,13 +549,14 @@ def _segment_wgrad(x_MK: torch.Tensor, dy_MN: torch.Tensor, offsets_E: torch.Ten
 
 
 class _FP8GroupedMM(torch.autograd.Function):
-    """out[rows of e] = x[rows of e] @ w[e] on FP8-rounded operands; the tiles as in _FP8Linear."""
+    """The emulation: out[rows of e] = x[rows of e] @ w[e] on FP8-rounded operands (torch
+    quantisers, dequantised, multiplied by the torch grouped GEMM); the tiles as in _FP8Linear."""
 
     @staticmethod
     def forward(ctx, x_MK, w_EKN, offsets_E, block):
-        w_q, w_s = fp8_quantize_weight(w_EKN, block)  # blocks of each [K, N] matrix
+        w_q, w_s = fp8_quantize_weight_reference(w_EKN, block)  # blocks of each [K, N] matrix
         w_deq = fp8_dequantize_weight(w_q, w_s, block).to(x_MK.dtype)
-        x_deq = fp8_dequantize(*fp8_quantize(x_MK, block), block).to(x_MK.dtype)
+        x_deq = fp8_dequantize(*fp8_quantize_reference(x_MK, block), block).to(x_MK.dtype)
         ctx.save_for_backward(x_MK, w_deq, offsets_E)
         ctx.block, ctx.w_dtype = block, w_EKN.dtype
         return grouped_mm(x_deq, w_deq, offsets_E)
@@ -417,21 +567,34 @@ class _FP8GroupedMM(torch.autograd.Function):
         block = ctx.block
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dy tiles along N; w's blocks transposed
-            dy_deq = fp8_dequantize(*fp8_quantize(dy_MN, block), block).to(x.dtype)
+            dy_deq = fp8_dequantize(*fp8_quantize_reference(dy_MN, block), block).to(x.dtype)
             dx = grouped_mm(dy_deq, w_deq.transpose(1, 2), offsets)
         if ctx.needs_input_grad[1]:  # both tiled along the tokens; a tile may straddle two experts
-            xt = fp8_dequantize(*fp8_quantize(x.t(), block), block)
-            dyt = fp8_dequantize(*fp8_quantize(dy_MN.t(), block), block)
+            xt = fp8_dequantize(*fp8_quantize_reference(x.t(), block), block)
+            dyt = fp8_dequantize(*fp8_quantize_reference(dy_MN.t(), block), block)
             dw = _segment_wgrad(xt.t(), dyt.t(), offsets, w_deq.shape[0]).to(ctx.w_dtype)
         return dx, dw, None, None
 
 
 def fp8_grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """sputnik_kernels.moe.grouped_mm with FP8 numerics (emulated: quantised by fp8_quantize /
-    fp8_quantize_weight, dequantised, multiplied in x's dtype). Rows of x sorted by expert,
-    offsets[e] = end row of expert e. Differentiable in x and w."""
+    """sputnik_kernels.moe.grouped_mm with every GEMM (forward, dgrad, wgrad) on e4m3 operands: the
+    Triton FP8 grouped GEMM (sputnik_kernels.dispatch; sm89+ on CUDA), else the torch emulation
+    `fp8_grouped_mm_reference`. Rows of x sorted by expert, offsets[e] = end row of expert e.
+    Differentiable in x and w; the output and dx in x's dtype (autocast's under autocast), dw in w's."""
     _check_block(block)
     if x_MK.dim() != 2 or w_EKN.dim() != 3 or x_MK.shape[1] != w_EKN.shape[1]:
         raise ValueError(f"fp8_grouped_mm: need x [M, K] and w [E, K, N], got {tuple(x_MK.shape)} and {tuple(w_EKN.shape)}")
+    if offsets_E.shape != (w_EKN.shape[0],):
+        raise ValueError(f"fp8_grouped_mm: offsets must have one end row per expert ({w_EKN.shape[0]}), got shape {tuple(offsets_E.shape)}")
+    (x_MK,) = _autocast(x_MK)
+    if _use_triton(x_MK):
+        return _FP8GroupedMMTriton.apply(x_MK, w_EKN, offsets_E.to(device=x_MK.device, dtype=torch.int32), block)
+    return _FP8GroupedMM.apply(x_MK, w_EKN, offsets_E, block)
+
+
+def fp8_grouped_mm_reference(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """fp8_grouped_mm emulated in torch (quantise with the torch references, dequantise, grouped GEMM
+    in x's dtype): the reference the Triton FP8 grouped GEMM is tested against."""
+    _check_block(block)
     (x_MK,) = _autocast(x_MK)
     return _FP8GroupedMM.apply(x_MK, w_EKN, offsets_E, block)
