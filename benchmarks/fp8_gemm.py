@@ -51,6 +51,8 @@ def bench(fn, iters: int = 30) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", help="MxNxK shapes instead of the defaults")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time each kernel under several tile configurations at 4096^3 and at an expert shape")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/fp8_gemm.py: no CUDA GPU on this machine; the FP8 kernels are checked on CPU by "
@@ -83,7 +85,49 @@ def main() -> int:
         print(f"{name:32s} {f'{M}x{N}x{K}':>18s} {bf16_ms:8.3f} {flops / bf16_ms / 1e9:8.0f} {fp8_ms:8.3f} "
               f"{flops / fp8_ms / 1e9:8.0f} {bf16_ms / fp8_ms:7.2f}x {quant_ms:9.3f} {err:8.4f}")
     grouped(g)
+    if args.sweep:
+        sweep(g)
     return 0
+
+
+SWEEP = [  # (BLOCK_M, BLOCK_N, num_stages, num_warps); BLOCK_K is the quantisation block (128)
+    (128, 128, 3, 8), (128, 128, 4, 8), (128, 128, 5, 4), (128, 256, 3, 8), (128, 256, 4, 8),
+    (256, 128, 3, 8), (64, 128, 4, 4), (64, 256, 4, 8), (128, 64, 4, 4),
+]
+
+
+def sweep(g: torch.Generator) -> None:
+    """Tile configurations of the FP8 GEMM (4096^3) and of the FP8 grouped GEMM (16 experts,
+    16,384 rows, 7168 -> 2048), TFLOP/s each, the current defaults marked; to pick better defaults."""
+    from sputnik_kernels.fp8 import (_fp8_grouped_launch, _gemm_config, _gemm_launch, _grouped_config, fp8_quantize,
+                                     fp8_quantize_weight)
+
+    M = N = K = 4096
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(torch.bfloat16)
+    xq, xs = fp8_quantize(x)
+    wq, ws = fp8_quantize_weight(w)
+    rows, E, Kg, Ng = 16384, 16, 7168, 2048
+    xg = torch.randn(rows, Kg, device="cuda", dtype=torch.bfloat16, generator=g)
+    wg = (torch.randn(E, Kg, Ng, device="cuda", generator=g) / Kg**0.5).to(torch.bfloat16)
+    xgq, xgs = fp8_quantize(xg)
+    wgq, wgs = fp8_quantize_weight(wg)
+    offsets = torch.linspace(rows / E, rows, E, device="cuda").round().to(torch.int32)
+    dense_default, grouped_default = _gemm_config(xq, M), _grouped_config(xgq)
+    print("\ntile sweep (TFLOP/s; * = current default)")
+    print(f"{'BLOCK_M x BLOCK_N, stages, warps':34s} {'fp8_gemm 4096^3':>16s} {'grouped 7168->2048':>19s}")
+    for bm, bn, stages, warps in SWEEP:
+        cfg = dict(FP8_DOT=True, BLOCK_M=bm, BLOCK_N=bn, num_stages=stages, num_warps=warps)
+        out = []
+        for fn, flops, default in (
+                (lambda: _gemm_launch(xq, xs, wq, ws, torch.bfloat16, 128, dict(cfg, GROUP_M=8)), 2 * M * N * K, dense_default),
+                (lambda: _fp8_grouped_launch(xgq, xgs, wgq, wgs, offsets, torch.bfloat16, 128, cfg), 2 * rows * Kg * Ng, grouped_default)):
+            mark = "*" if all(default.get(k) == v for k, v in cfg.items()) else " "
+            try:
+                out.append(f"{flops / bench(fn, iters=10) / 1e9:.0f}{mark}")
+            except Exception as e:  # e.g. triton's OutOfResources for a tile too large for shared memory
+                out.append(type(e).__name__[:15])
+        print(f"{f'{bm} x {bn}, {stages}, {warps}':34s} {out[0]:>16s} {out[1]:>19s}")
 
 
 EXPERT_SHAPES = {"w1 or w3 (7168 -> 2048)": (7168, 2048), "w2 (2048 -> 7168)": (2048, 7168)}

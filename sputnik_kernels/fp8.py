@@ -249,7 +249,8 @@ def _gemm_config(a: torch.Tensor, M: int) -> dict:
     return dict(FP8_DOT=True, BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block) -> torch.Tensor:
+def _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block, cfg: dict | None = None) -> torch.Tensor:
+    """cfg overrides the tile configuration (benchmarks/fp8_gemm.py --sweep)."""
     M, K = a_q.shape
     N = w_q.shape[0]
     c = torch.empty(M, N, device=a_q.device, dtype=out_dtype)
@@ -258,7 +259,7 @@ def _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block) -> torch.Tensor:
     if K == 0:
         return c.zero_()
     b_scale_rows = 1 if w_s.shape[0] == N else block
-    cfg = _gemm_config(a_q, M)
+    cfg = cfg or _gemm_config(a_q, M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _fp8_gemm[grid](a_q, a_s, w_q, w_s, c, M, N, K, b_scale_rows,
                     a_q.stride(0), a_q.stride(1), a_s.stride(0), w_q.stride(0), w_q.stride(1), w_s.stride(0),
@@ -483,14 +484,15 @@ def _grouped_config(a: torch.Tensor) -> dict:
     return dict(FP8_DOT=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
-def _fp8_grouped_launch(a_q, a_s, b_q, b_s, offsets_E, out_dtype, block) -> torch.Tensor:
-    """[M, N]: a_q [M, K] with a_s [M, ceil(K/b)]; b_q [E, K, N] with b_s [E, ceil(K/b), ceil(N/b)] (views allowed)."""
+def _fp8_grouped_launch(a_q, a_s, b_q, b_s, offsets_E, out_dtype, block, cfg: dict | None = None) -> torch.Tensor:
+    """[M, N]: a_q [M, K] with a_s [M, ceil(K/b)]; b_q [E, K, N] with b_s [E, ceil(K/b), ceil(N/b)] (views allowed).
+    cfg overrides the tile configuration (benchmarks/fp8_gemm.py --sweep)."""
     M, K = a_q.shape
     E, _, N = b_q.shape
     c = torch.empty(M, N, device=a_q.device, dtype=out_dtype)
     if M == 0 or N == 0 or K == 0:
         return c.zero_()
-    cfg = _grouped_config(a_q)
+    cfg = cfg or _grouped_config(a_q)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) + E, triton.cdiv(N, cfg["BLOCK_N"]))
     _fp8_grouped_fwd[grid](a_q, a_s, b_q, b_s, c, offsets_E, N, K, E, *a_q.stride(), *a_s.stride(), *b_q.stride(),
                            *b_s.stride(), *c.stride(), BLOCK_K=block, BLOCK_E=max(16, triton.next_power_of_2(E)), **cfg)
