@@ -32,5 +32,5 @@ part() {  # part NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/device.txt"
 part tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
 part kernels 200 "$PY" benchmarks/kernels.py
-part fp8_sweep 90 "$PY" benchmarks/fp8_gemm.py --sweep --shapes 4096x4096x4096
-part mfu 150 "$PY" benchmarks/pretrain_mfu.py --preset small --batch 16 --seq 2048 --steps 10 --fp8 --profile 25
+part fp8_sweep 120 "$PY" benchmarks/fp8_gemm.py --sweep --shapes 4096x4096x4096
+part mfu 130 "$PY" benchmarks/pretrain_mfu.py --preset small --batch 16 --seq 2048 --steps 10 --fp8 --profile 25
