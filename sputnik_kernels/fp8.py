@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from sputnik_kernels.dispatch import use_triton
-from sputnik_kernels.moe import grouped_mm
+from sputnik_kernels.moe import expert_row_tile, grouped_mm
 
 FP8_MAX = 448.0  # largest finite e4m3fn value
 # Smallest amax a scale is computed from (zero tiles get q = 0 and a finite scale). DeepGEMM's
@@ -404,22 +404,14 @@ def _fp8_grouped_fwd(A, AS, B, BS, C, OFFSETS, N, K, n_experts,
     """C[rows of e, n] = sum over K blocks kb of (A_q[rows, kb] . B_q[e][kb, n]) * AS[rows, kb] * BS[e][kb, n // BLOCK_K].
 
     A: [M, K] e4m3, rows sorted by expert, one scale per 1 x BLOCK_K tile; B: [E, K, N] e4m3 (any
-    strides: the backward passes w^T as a view), one scale per BLOCK_K x BLOCK_K block. Row tiles
-    are found as in sputnik_kernels.moe's grouped GEMM (a cumsum of per-expert tile counts).
+    strides: the backward passes w^T as a view), one scale per BLOCK_K x BLOCK_K block. Each row
+    tile holds one expert's rows (sputnik_kernels.moe.expert_row_tile).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    es = tl.arange(0, BLOCK_E)
-    ends = tl.load(OFFSETS + es, mask=es < n_experts, other=0)
-    starts = tl.load(OFFSETS + es - 1, mask=(es > 0) & (es < n_experts), other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tile_ends = tl.cumsum(tiles, axis=0)
-    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    e, row0, row_end = expert_row_tile(OFFSETS, n_experts, pid_m, BLOCK_M, BLOCK_E)
     if e < n_experts:
-        mine = es == e
-        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
-        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
-        rows = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rows < row_end, cols < N
         rows, cols = rows.to(tl.int64), cols.to(tl.int64)

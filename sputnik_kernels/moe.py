@@ -233,6 +233,27 @@ def unpermute(y_PN: torch.Tensor, meta: RoutingMeta, weights_TK: torch.Tensor) -
 
 
 @triton.jit
+def expert_row_tile(OFFSETS, n_experts, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile pid_m of an expert-sorted grouped GEMM -> (expert e, first row, the expert's end row).
+
+    Row tiles are numbered expert by expert (ceil(count_e / BLOCK_M) each), so every tile holds rows
+    of one expert only; e is found from a cumsum of those counts (no host sync, no tile table).
+    e == n_experts for the spare programs past the last tile (the launch grid over-provisions by at
+    most one partial tile per expert)."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(OFFSETS + es, mask=es < n_experts, other=0)
+    starts = tl.load(OFFSETS + es - 1, mask=(es > 0) & (es < n_experts), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.cumsum(tiles, axis=0)
+    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    mine = es == e
+    first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+    row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    row0 = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    return e, row0, row_end
+
+
+@triton.jit
 def _grouped_mm_fwd(X, W, Y, OFFSETS, N, K, n_experts,
                     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -244,17 +265,9 @@ def _grouped_mm_fwd(X, W, Y, OFFSETS, N, K, n_experts,
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    es = tl.arange(0, BLOCK_E)
-    ends = tl.load(OFFSETS + es, mask=es < n_experts, other=0)
-    starts = tl.load(OFFSETS + es - 1, mask=(es > 0) & (es < n_experts), other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tile_ends = tl.cumsum(tiles, axis=0)
-    e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+    e, row0, row_end = expert_row_tile(OFFSETS, n_experts, pid_m, BLOCK_M, BLOCK_E)
     if e < n_experts:
-        mine = es == e
-        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
-        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
-        rows = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row0 + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rows < row_end, cols < N
         rows = rows.to(tl.int64)
