@@ -2,7 +2,7 @@
 # Every GPU-only check of the project in one device run, sized for the lent machine's 15 minutes
 # (issues #4 and #7; results go to BENCHMARKS.md with the device and the command):
 #   1. pytest tests/kernels            the Triton kernels compiled for real, fp32 and bf16
-#   2. benchmarks/kernels.py           RMSNorm, SwiGLU, MoE dispatch, FP8 GEMM, fused cross-entropy
+#   2. benchmarks/kernel_suite.py      RMSNorm, SwiGLU, MoE dispatch, FP8 GEMM, fused cross-entropy
 #   3. benchmarks/fp8_gemm.py --sweep  FP8 GEMM / grouped GEMM tile configurations
 #   4. benchmarks/pretrain_mfu.py      single-GPU MFU of `small`, bf16 and FP8, with a profile
 # Each part has its own time limit, so one slow part cannot lose the others; every part's output
@@ -31,6 +31,6 @@ part() {  # part NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/device.txt"
 part tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
-part kernels 200 "$PY" benchmarks/kernels.py
+part kernels 200 "$PY" benchmarks/kernel_suite.py
 part fp8_sweep 120 "$PY" benchmarks/fp8_gemm.py --sweep --shapes 4096x4096x4096
 part mfu 130 "$PY" benchmarks/pretrain_mfu.py --preset small --batch 16 --seq 2048 --steps 10 --fp8 --profile 25

@@ -85,11 +85,12 @@ class Experts(nn.Module):
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
         """Rows of x sorted by expert; offsets[e] = end row of expert e (of `experts` when given)."""
         w1, w3, w2 = self.weights(experts)
-        if x_MD.device.type == "cpu":
+        if x_MD.device.type == "cpu" and x_MD.shape[0] >= 16 * w1.shape[0]:
             # On CPU, gate and up in one grouped GEMM over [w1 | w3] (half the per-segment matmul
             # calls; routed experts 1.2x faster at the tiny preset, benchmarks/model_dispatch.py).
-            # On GPU each grouped GEMM is one kernel launch, and the concatenation would copy every
-            # expert's weights on every step, so the two run separately there.
+            # Not for a handful of rows (decoding), where copying the weights costs more than the
+            # second call; nor on GPU, where each grouped GEMM is one kernel launch and the copy of
+            # every expert's weights on every step would be pure overhead.
             gate, up = grouped_mm(x_MD, torch.cat([w1, w3], dim=2), offsets_E).chunk(2, dim=1)
         else:
             gate, up = grouped_mm(x_MD, w1, offsets_E), grouped_mm(x_MD, w3, offsets_E)

@@ -10,7 +10,7 @@ with the issue's targets above each, so one device session records everything:
   cross_entropy.py  fused linear cross-entropy vs the materialised head at vocab 129,280
                                                                target: <= 1/4 the memory, <= 1.1x the time
 
-Run: `python benchmarks/kernels.py [--only NAME ...]`. Without a CUDA GPU it says so and exits 0:
+Run: `python benchmarks/kernel_suite.py [--only NAME ...]`. Without a CUDA GPU it says so and exits 0:
 the kernels are then checked by `pytest tests/kernels` (part of the default test run, Triton interpreted on CPU).
 """
 
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=list(SCRIPTS), help="run these scripts only")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU on this machine, nothing to measure; the Triton kernels are "
+        print("benchmarks/kernel_suite.py: no CUDA GPU on this machine, nothing to measure; the Triton kernels are "
               "checked against their torch references by `pytest tests/kernels` (Triton interpreted on CPU) instead.")
         return 0
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
@@ -52,7 +52,7 @@ def main() -> int:
         if rc:
             failed.append(name)
     if failed:
-        print(f"benchmarks/kernels.py: {', '.join(failed)} failed (see above)")
+        print(f"benchmarks/kernel_suite.py: {', '.join(failed)} failed (see above)")
     return 1 if failed else 0
 
 
