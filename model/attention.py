@@ -100,8 +100,9 @@ class MLA(nn.Module):
         qk_dim = self.nope + self.rope
         if self.pad_v and self.v_dim < qk_dim:
             # The fused attention kernels (flash on CUDA, the flash-style CPU kernel) need one head
-            # dim for q, k and v; otherwise SDPA falls back to the unfused math path (1.5x slower
-            # forward+backward at the tiny preset on CPU). Zero columns of v give zero output columns.
+            # dim for q, k and v; otherwise SDPA falls back to the unfused math path (an MLA layer's
+            # forward+backward 1.1x slower at 256 tokens, 1.4x at 512, tiny preset on CPU:
+            # benchmarks/model_attention.py). Zero columns of v give zero output columns.
             v = F.pad(v, (0, qk_dim - self.v_dim))
         if mask_BTS is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
