@@ -53,9 +53,7 @@ def main():
         a.preset, a.batch, a.seq, a.steps = "tiny", 2, 64, 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = "bf16" if dev == "cuda" else "fp32"  # bf16 autocast on GPUs; CPU runs fp32
-    runs = {base: measure(a, dev, fp8=False)}
-    if a.fp8:
-        runs["fp8"] = measure(a, dev, fp8=True)
+    runs = {kind: measure(a, dev, kind) for kind in ([base, "fp8"] if a.fp8 else [base])}
     peak = sheet = None
     if dev == "cuda":
         name = torch.cuda.get_device_name()
@@ -74,12 +72,13 @@ def main():
               " (FP8 is emulated on CPU: a smoke check, not a speed figure)"))
 
 
-def measure(a, dev: str, *, fp8: bool):
-    """Build the preset, train a.steps steps; (model, seconds per step, tokens/s, loss, peak GiB)."""
+def measure(a, dev: str, kind: str):
+    """Build the preset, train a.steps steps (kind "fp8": with FP8 linears and experts); (model,
+    seconds per step, tokens/s, loss, peak GiB)."""
     torch.manual_seed(0)
     args = load_model_args(a.preset, max_seq_len=max(a.seq, 128))
     model = Transformer(args).to(dev)
-    if fp8:  # DeepSeek-V3 FP8 linears and experts (Triton on Hopper/Ada, emulated elsewhere)
+    if kind == "fp8":  # DeepSeek-V3 FP8 linears and experts (Triton on Hopper/Ada, emulated elsewhere)
         apply_fp8(model)
     if a.ac:
         apply_activation_checkpointing(model)
@@ -114,7 +113,7 @@ def measure(a, dev: str, *, fp8: bool):
             if dev == "cuda":
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
-        print(f"[{'fp8' if fp8 else 'bf16' if dev == 'cuda' else 'fp32'}] top {a.profile} ops by {key} over 2 steps:")
+        print(f"[{kind}] top {a.profile} ops by {key} over 2 steps:")
         print(prof.key_averages().table(sort_by=key, row_limit=a.profile, max_name_column_width=60))
     return model, dt, a.batch * a.seq / dt, loss.item(), mem
 

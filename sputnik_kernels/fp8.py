@@ -202,13 +202,25 @@ def _quantize_weight_launch(w: torch.Tensor, block: int) -> tuple[torch.Tensor, 
 
 
 @triton.jit
+def _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT: tl.constexpr):
+    """acc + (a @ b) * a_s[:, None] * b_s[None, :]: one K block's product promoted to the fp32
+    accumulator with its row and column scales. FP8_DOT: an FP8 tl.dot, else both operands upcast
+    to fp32 (the interpreter has no e4m3 dot)."""
+    if FP8_DOT:
+        part = tl.dot(a, b)
+    else:
+        part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc + part * a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
 def _fp8_gemm(A, AS, B, BS, C, M, N, K, b_scale_rows,
               stride_am, stride_ak, stride_asm, stride_bn, stride_bk, stride_bsn, stride_cm, stride_cn,
               FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               GROUP_M: tl.constexpr):
     """C[m, n] = sum over K blocks kb of (A_q[m, kb] . B_q[n, kb]) * AS[m, kb] * BS[n // b_scale_rows, kb].
 
-    BLOCK_K is the quantisation block. FP8_DOT: an FP8 tl.dot, else both upcast to fp32 (interpreter).
+    BLOCK_K is the quantisation block; FP8_DOT as in _acc_scaled_dot.
     """
     pid = tl.program_id(0)
     # grouped launch order: GROUP_M row tiles share their column tiles in L2 (Triton matmul tutorial)
@@ -230,13 +242,9 @@ def _fp8_gemm(A, AS, B, BS, C, M, N, K, b_scale_rows,
         mask_k = ks < K
         a = tl.load(A + rm[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(B + rn[None, :] * stride_bn + ks[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if FP8_DOT:
-            part = tl.dot(a, b)
-        else:
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         a_s = tl.load(a_s_ptr + kb, mask=mask_m, other=0.0)
         b_s = tl.load(b_s_ptr + kb, mask=mask_n, other=0.0)
-        acc += part * a_s[:, None] * b_s[None, :]
+        acc = _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT)
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -423,13 +431,9 @@ def _fp8_grouped_fwd(A, AS, B, BS, C, OFFSETS, N, K, n_experts,
             mask_k = ks < K
             a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_e + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if FP8_DOT:
-                part = tl.dot(a, b)
-            else:
-                part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             a_s = tl.load(AS + rows * stride_asm + kb * stride_ask, mask=mask_m, other=0.0)
             b_s = tl.load(bs_e + kb * stride_bsk, mask=mask_n, other=0.0)
-            acc += part * a_s[:, None] * b_s[None, :]
+            acc = _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT)
         tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
@@ -458,13 +462,9 @@ def _fp8_grouped_dw(XT, XS, DYT, DYS, DW, OFFSETS, K, N,
         rows = rows.to(tl.int64)
         a = tl.load(XT + ks[:, None] * stride_xk + rows[None, :] * stride_xm, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         b = tl.load(DYT + cols[None, :] * stride_dn + rows[:, None] * stride_dm, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if FP8_DOT:
-            part = tl.dot(a, b)
-        else:
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         x_s = tl.load(XS + ks * stride_xsk + t * stride_xsm, mask=mask_k, other=0.0)
         dy_s = tl.load(DYS + cols * stride_dsn + t * stride_dsm, mask=mask_n, other=0.0)
-        acc += part * x_s[:, None] * dy_s[None, :]
+        acc = _acc_scaled_dot(acc, a, b, x_s, dy_s, FP8_DOT)
     tl.store(DW + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(DW.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])
 
