@@ -29,17 +29,24 @@ from model.rope import apply_rotary_emb, yarn_softmax_scale
 
 @dataclass
 class LatentCache:
-    """Per-layer MLA cache: the normalised latent and the rotated shared RoPE key."""
+    """Per-layer MLA cache, one buffer [B, S, C + R]: the normalised latent, then the rotated shared
+    RoPE key, so that one batched matmul scores a query against both."""
 
-    kv_BSC: torch.Tensor
-    pe_BSR: torch.Tensor
+    buf_BSL: torch.Tensor
+    kv_rank: int
 
     @classmethod
     def empty(cls, args: ModelArgs, batch: int, max_len: int, device=None, dtype=torch.float32) -> "LatentCache":
-        return cls(
-            torch.zeros(batch, max_len, args.kv_lora_rank, device=device, dtype=dtype),
-            torch.zeros(batch, max_len, args.qk_rope_head_dim, device=device, dtype=dtype),
-        )
+        buf = torch.zeros(batch, max_len, args.kv_lora_rank + args.qk_rope_head_dim, device=device, dtype=dtype)
+        return cls(buf, args.kv_lora_rank)
+
+    @property
+    def kv_BSC(self) -> torch.Tensor:
+        return self.buf_BSL[..., : self.kv_rank]
+
+    @property
+    def pe_BSR(self) -> torch.Tensor:
+        return self.buf_BSL[..., self.kv_rank :]
 
 
 class MLA(nn.Module):
@@ -84,10 +91,9 @@ class MLA(nn.Module):
         if cache is None:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask_BTS)
         else:
-            cache.kv_BSC[:, start_pos : start_pos + T] = c_kv.to(cache.kv_BSC.dtype)
-            cache.pe_BSR[:, start_pos : start_pos + T] = k_pe.to(cache.pe_BSR.dtype)
             end = start_pos + T
-            out = self._absorbed(q_nope, q_pe, cache.kv_BSC[:, :end], cache.pe_BSR[:, :end], mask_BTS)
+            cache.buf_BSL[:, start_pos:end] = torch.cat([c_kv, k_pe], dim=-1).to(cache.buf_BSL.dtype)
+            out = self._absorbed(q_nope, q_pe, cache.buf_BSL[:, :end], mask_BTS)
         return self.wo(out.flatten(2))
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask_BTS):
@@ -110,14 +116,22 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1), scale=self.softmax_scale)
         return o[..., : self.v_dim].transpose(1, 2)  # (B, T, H, v)
 
-    def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, mask_BTS):
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+    def _absorbed(self, q_nope, q_pe, cache_BSL, mask_BTS):
+        """Attention against the cached latents with wkv_b absorbed: the query's nope part is taken
+        into latent space per head (q_nope @ W_uk[h]) and joined to its RoPE part, so one batched
+        matmul with the cache gives the scores; the output, still latent, is expanded by W_uv[h]."""
+        B, T, H, _ = q_nope.shape
+        C = self.kv_rank
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, C), (H, v, C)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv_BSC) + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)
+        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope), w_uk)  # (H, B*T, C)
+        q = torch.cat([q_lat.view(H, B, T, C).permute(1, 2, 0, 3), q_pe.to(q_lat.dtype)], dim=-1)  # (B, T, H, C+R)
+        kv = cache_BSL[..., :C]
+        scores = torch.bmm(q.reshape(B, T * H, -1), cache_BSL.transpose(1, 2)).view(B, T, H, -1)
         scores = scores.float() * self.softmax_scale
         if mask_BTS is not None:
-            scores = scores.masked_fill(~mask_BTS.unsqueeze(1), float("-inf"))
-        p = scores.softmax(dim=-1).to(kv_BSC.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, kv_BSC)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
+            scores = scores.masked_fill(~mask_BTS.unsqueeze(2), float("-inf"))
+        p = scores.softmax(dim=-1).to(cache_BSL.dtype)
+        o_lat = torch.bmm(p.view(B, T * H, -1), kv)  # (B, T*H, C)
+        o = torch.matmul(o_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
+        return o.transpose(0, 1).view(B, T, H, self.v_dim)

@@ -26,6 +26,10 @@ from sputnik_kernels.moe import grouped_mm, permute, routing_metadata, unpermute
 from model.args import ModelArgs
 
 
+# Gathered expert weights up to this size run as per-pair batched matmuls (Experts._forward_pairs).
+PAIR_PATH_BYTES = 2 << 20
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
 
@@ -75,6 +79,7 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # gate, x @ w1[e]
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # down
+        self.dim, self.inter_dim = dim, inter_dim
 
     def weights(self, experts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w3, w2), or their slice for `experts` (expert parallelism with whole weights)."""
@@ -82,8 +87,14 @@ class Experts(nn.Module):
             return self.w1, self.w3, self.w2
         return self.w1[experts], self.w3[experts], self.w2[experts]
 
-    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
-        """Rows of x sorted by expert; offsets[e] = end row of expert e (of `experts` when given)."""
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor | None = None, experts: slice | None = None, *,
+                pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Rows of x sorted by expert; offsets[e] = end row of expert e (of `experts` when given).
+        With pairs=(w_NK, idx_NK) instead: x is [N, D] in token order and the result is
+        sum_k w[n, k] * expert_{idx[n, k]}(x[n]) (see _forward_pairs). Both go through forward, so
+        that ZeRO-3's hooks gather the weights."""
+        if pairs is not None:
+            return self._forward_pairs(x_MD, *pairs)
         w1, w3, w2 = self.weights(experts)
         if x_MD.device.type == "cpu" and x_MD.shape[0] >= 16 * w1.shape[0]:
             # On CPU, gate and up in one grouped GEMM over [w1 | w3] (half the per-segment matmul
@@ -95,6 +106,23 @@ class Experts(nn.Module):
         else:
             gate, up = grouped_mm(x_MD, w1, offsets_E), grouped_mm(x_MD, w3, offsets_E)
         return grouped_mm(swiglu(gate, up), w2, offsets_E)
+
+    def pair_bytes(self) -> int:
+        """Bytes of one expert's three weight matrices (from the shapes given at construction, which
+        ZeRO-3's partitioned parameters no longer show)."""
+        return 3 * self.dim * self.inter_dim * self.w1.element_size()
+
+    def _forward_pairs(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Each (token, expert) pair's weights gathered and the pairs run as batched matmuls: a few
+        calls, no sort and no GEMM call per expert. For a handful of tokens (decoding), where the
+        fixed cost of dispatch is the whole cost."""
+        N, K = idx_NK.shape
+        D = x_ND.shape[1]
+        i = idx_NK.reshape(-1)
+        x = x_ND.unsqueeze(1).expand(N, K, D).reshape(N * K, 1, D)
+        h = swiglu(torch.bmm(x, self.w1.index_select(0, i)), torch.bmm(x, self.w3.index_select(0, i)))
+        y = torch.bmm(h, self.w2.index_select(0, i)).view(N, K, D)
+        return torch.bmm(w_NK.unsqueeze(1).to(y.dtype), y).squeeze(1)
 
 
 class MoE(nn.Module):
@@ -125,6 +153,11 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def _routed_local(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        if x_ND.device.type == "cpu" and idx_NK.numel() * self.experts.pair_bytes() <= PAIR_PATH_BYTES:
+            # A few tokens with small experts (decoding): gathering each pair's weights beats the
+            # fixed cost of sorting and a GEMM call per expert (~0.2 ms on CPU). The copies grow
+            # with tokens x expert size, so larger batches or experts take the sorted path.
+            return self.experts(x_ND, pairs=(w_NK, idx_NK))
         meta = routing_metadata(idx_NK, self.n_experts)
         y_PD = self.experts(permute(x_ND, meta), meta.offsets_E)  # P = N*K rows, sorted by expert
         return unpermute(y_PD, meta, w_NK)

@@ -315,7 +315,7 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scal
         raise ValueError(f"fp8_gemm: operands must be {FP8_DTYPE} (use fp8_quantize), got {a_q.dtype} and {w_q.dtype}")
     if a_q.dim() != 2 or w_q.dim() != 2 or a_q.shape[1] != w_q.shape[1]:
         raise ValueError(f"fp8_gemm: need a [M, K] and w [N, K], got {tuple(a_q.shape)} and {tuple(w_q.shape)}")
-    (M, K), N, nk = a_q.shape, w_q.shape[0], triton.cdiv(a_q.shape[1], block)
+    (M, _), N, nk = a_q.shape, w_q.shape[0], triton.cdiv(a_q.shape[1], block)
     if tuple(a_scale.shape) != (M, nk):
         raise ValueError(f"fp8_gemm: a_scale must be [{M}, {nk}] for block {block}, got {tuple(a_scale.shape)}")
     if tuple(w_scale.shape) not in ((triton.cdiv(N, block), nk), (N, nk)):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelArgs
+import model.moe as moe_module
 from model.moe import MoE, grouped_mm
 
 ARGS = ModelArgs(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=3, n_expert_groups=4,
@@ -65,7 +66,11 @@ def reference_moe(m, x):
     return out + m.shared_experts(x)
 
 
-def test_sorted_dispatch_matches_per_token_reference_with_grads():
+@pytest.mark.parametrize("path", ["sorted", "pairs"])
+def test_dispatch_matches_per_token_reference_with_grads(path, monkeypatch):
+    # sorted: routing_metadata / permute / grouped GEMM / unpermute; pairs: each (token, expert)
+    # pair's weights gathered into batched matmuls (Experts._forward_pairs, used for a few tokens)
+    monkeypatch.setattr(moe_module, "PAIR_PATH_BYTES", 0 if path == "sorted" else 1 << 40)
     m = make_moe()
     x = torch.randn(2, 13, 32, requires_grad=True)
     y = m(x)
@@ -78,6 +83,18 @@ def test_sorted_dispatch_matches_per_token_reference_with_grads():
     m.zero_grad()
     (ref * g).sum().backward()
     assert torch.allclose(gx, x2.grad, atol=1e-5) and torch.allclose(gw, m.experts.w1.grad, atol=1e-5)
+
+
+def test_decode_sized_batches_take_the_pair_path_and_larger_ones_do_not(monkeypatch):
+    m = make_moe()
+    calls = []
+    real = m.experts._forward_pairs
+    monkeypatch.setattr(m.experts, "_forward_pairs", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    pair_bytes = 3 * 32 * 16 * 4  # one expert's w1, w3, w2 in fp32
+    few = moe_module.PAIR_PATH_BYTES // (pair_bytes * ARGS.n_activated_experts)  # tokens whose pairs fit
+    m(torch.randn(1, few, 32))
+    m(torch.randn(1, few + 1, 32))
+    assert calls == [few]
 
 
 def test_grouped_mm_with_empty_experts():

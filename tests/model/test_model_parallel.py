@@ -50,7 +50,7 @@ def worker(rank, port, out_dir, shard):
 def test_expert_parallel_matches_single_process(tmp_path, shard):
     mp.spawn(worker, args=(free_port(), str(tmp_path), shard), nprocs=2, join=True)
     ref = build()
-    ys, grads = [], {}
+    ys = []
     for rank in range(2):
         tokens, g = data(rank)
         y = ref(tokens)
