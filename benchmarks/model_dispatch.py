@@ -4,6 +4,10 @@ Forward + backward tokens/s of the tiny preset, both in one run (medians of inte
 printed as ratios: for the routed experts alone (what the dispatch changes), one MoE layer with its
 gate and shared expert, and the whole model (where attention and dense layers dilute the difference).
 Run: `python benchmarks/model_dispatch.py [--tokens 4096] [--seq 256] [--steps 10] [--repeats 3]`.
+
+`--decode`: instead, forward only (no grad) of one layer's routed experts at decoding sizes (1-64
+tokens): the sorted path, the per-pair path that MoE takes for a few tokens on CPU
+(Experts._forward_pairs) and the loop, to show where the pair path pays.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, load_model_args
+from model.moe import PAIR_PATH_BYTES
+from sputnik_kernels.moe import permute, routing_metadata, unpermute
 
 
 def per_expert_loop(moe, x_ND, w_NK, idx_NK):
@@ -63,6 +69,44 @@ def bench_routed(fn, x_ND, w_NK, idx_NK, steps):
     return steps * x_ND.shape[0] / (time.perf_counter() - t)
 
 
+@torch.no_grad()
+def decode_table(model, repeats, calls=200):
+    layer = model.moe_layers()[0]
+    experts = layer.experts
+    E, D = layer.n_experts, model.args.dim
+
+    def sorted_path(x, w, idx):
+        meta = routing_metadata(idx, E)
+        return unpermute(experts(permute(x, meta), meta.offsets_E), meta, w)
+
+    ways = {"sorted": sorted_path, "pairs": lambda x, w, idx: experts(x, pairs=(w, idx)),
+            "loop": lambda x, w, idx: per_expert_loop(layer, x, w, idx)}
+    print(f"one MoE layer's routed experts, forward, no grad ({E} experts, top-{layer.topk}, dim {D}); "
+          f"us per call, best of {repeats} rounds of {calls}")
+    print(f"{'tokens':>6s} {'pairs':>5s} {'gathered':>9s} " + " ".join(f"{n:>8s}" for n in ways) + "  sorted/pairs")
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(n, D)
+        w, idx, _ = layer.gate(x)
+        outs = {name: fn(x, w, idx) for name, fn in ways.items()}
+        for name, y in outs.items():
+            assert torch.allclose(y, outs["loop"], atol=1e-5), name  # the same computation
+        best = {}
+        for name, fn in ways.items():
+            t = []
+            for _ in range(repeats):
+                for _ in range(10):
+                    fn(x, w, idx)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(x, w, idx)
+                t.append((time.perf_counter() - t0) / calls * 1e6)
+            best[name] = min(t)
+        used = "*" if n * layer.topk * experts.pair_bytes() <= PAIR_PATH_BYTES else " "
+        print(f"{n:6d} {n * layer.topk:5d} {n * layer.topk * experts.pair_bytes() / 2**20:7.2f}MB "
+              + " ".join(f"{best[k]:8.1f}" for k in ways) + f"  {best['sorted'] / best['pairs']:5.2f}x {used}")
+    print("* = taken by MoE (PAIR_PATH_BYTES)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -70,9 +114,13 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode", action="store_true", help="only the decoding-size table (forward, no grad)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = Transformer(load_model_args(a.preset)).train()
+    if a.decode:
+        print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        return decode_table(model.eval(), max(a.repeats, 3))
     tokens = torch.randint(0, model.args.vocab, (a.tokens // a.seq, a.seq + 1))
     layer = model.moe_layers()[0]
     x = torch.randn(a.tokens // a.seq, a.seq, model.args.dim, requires_grad=True)
@@ -99,6 +147,7 @@ def main():
         ratios = sort[:, i] / loop[:, i]
         print(f"{what:28s} {np.median(sort[:, i]):11.0f} {np.median(loop[:, i]):11.0f} {np.median(sort[:, i]) / np.median(loop[:, i]):5.2f}x"
               f"  {ratios.min():.2f}..{ratios.max():.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ Test: `pytest tests/kernels/test_kernels_rmsnorm.py`; benchmark: `python benchma
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -89,4 +90,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
         raise ValueError(f"rmsnorm: x has last dimension {x.shape[-1]} but weight has {weight.shape[0]}")
     if use_triton(x):
         return _RMSNorm.apply(x, weight, eps)
+    if x.dtype == weight.dtype:
+        # torch's own rms_norm: fp32 statistics for low-precision inputs, bit-identical to the
+        # reference here (fp32, bf16, fp16 on CPU) in one call instead of eight
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rmsnorm_reference(x, weight, eps)

@@ -30,6 +30,25 @@ def test_matches_reference(shape, dtype, monkeypatch):
     assert torch.allclose(w.grad.float(), w2.grad, atol=tol * shape[0], rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_path_matches_reference_with_grads(dtype, monkeypatch):
+    # The torch path uses torch's rms_norm; it must keep the reference's fp32 statistics.
+    monkeypatch.setenv("SPUTNIK_KERNELS", "torch")
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(6, 300, generator=g)).to(dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(300, generator=g)).to(dtype).requires_grad_(True)
+    dy = torch.randn(6, 300, generator=g).to(dtype)
+    y = rmsnorm(x, w, 1e-6)
+    y.backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = rmsnorm_reference(x2, w2, 1e-6)
+    ref.backward(dy)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(x.grad.float(), x2.grad.float(), atol=tol, rtol=tol)
+    assert torch.allclose(w.grad.float(), w2.grad.float(), atol=tol * 6, rtol=tol)
+
+
 def test_dispatch_and_errors(monkeypatch):
     x, w = torch.randn(3, 8), torch.ones(8)
     monkeypatch.setenv("SPUTNIK_KERNELS", "torch")
