@@ -3,6 +3,12 @@ transformers' generate() on the same weights (exported with model.hf.save_hf_pre
 
 Each way is warmed up once, then timed in --repeats interleaved rounds (medians printed, with
 the spread of the per-round ratios). Run: `python benchmarks/model_generate.py [--new 256] [--batch 4] [--repeats 3]`.
+
+`--rollout`: instead, GRPO-sized sampling (16 prompts x 8 completions, up to 64 new tokens,
+temperature 1, --stops token ids end a row, so lengths spread as in rollouts) with finished rows
+dropped from the batch (model.generate.COMPACT_FRACTION) vs kept to the end. Sampled outputs
+differ between the two (the batch a draw is made from differs), so tokens/s counts the tokens
+each way actually generated.
 """
 
 from __future__ import annotations
@@ -35,15 +41,51 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
+def rollout(model, a):
+    import model.generate as gen
+
+    torch.manual_seed(1)
+    prompts = [p for p in torch.randint(0, model.args.vocab, (16, a.prompt)).tolist() for _ in range(8)]
+    stops = list(range(a.stops))
+
+    def run(fraction, seed):
+        gen.COMPACT_FRACTION = fraction
+        t, outs = timed(lambda: generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=stops, seed=seed))
+        return t, sum(len(o) for o in outs)
+
+    ways = {"drop finished rows": 0.25, "keep them": 1.0}
+    res = {name: [] for name in ways}
+    for name, f in ways.items():
+        run(f, 0)  # warm-up
+    for r in range(a.repeats):
+        for name, f in ways.items():
+            res[name].append(run(f, r))
+    gen.COMPACT_FRACTION = 0.25
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"tiny preset, 128 rows (16 prompts x 8), prompt {a.prompt}, up to 64 new tokens, temperature 1, "
+          f"{a.stops} stop ids; {a.repeats} interleaved rounds (seed = round)")
+    rate = {}
+    for name, v in res.items():
+        tok = np.array([n for _, n in v])
+        rate[name] = np.array([n / t for t, n in v])
+        print(f"{name:20s}: {np.median(rate[name]):8.1f} tokens/s, {tok.mean() / len(prompts):5.1f} tokens per row (mean)")
+    r = rate["drop finished rows"] / rate["keep them"]
+    print(f"ratio: {np.median(rate['drop finished rows']) / np.median(rate['keep them']):.2f}x (per round {r.min():.2f}..{r.max():.2f})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rollout", action="store_true", help="GRPO-sized sampling: finished rows dropped vs kept")
+    ap.add_argument("--stops", type=int, default=16, help="--rollout: how many token ids end a row")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = Transformer(load_model_args("tiny", init_std=0.05)).eval()
+    if a.rollout:
+        return rollout(model, a)
     prompts = torch.randint(0, model.args.vocab, (a.batch, a.prompt)).tolist()
     n_tokens = a.batch * a.new
     runs = {

@@ -7,6 +7,8 @@ against the cache (absorbed MLA: only kv_lora_rank + qk_rope_head_dim values per
 
 `generate(...)` returns only the new tokens of each prompt; generation of a row stops after it
 emits one of `stop_token_ids` (the stop token is included in the output) or after max_new_tokens.
+Rows that have stopped are dropped from the batch as they accumulate (GRPO rollouts stop at very
+different lengths), so the remaining steps cost only what the unfinished rows need.
 
 Test: `pytest tests/model/test_model_generate.py`; benchmark: `python benchmarks/model_generate.py`.
 """
@@ -16,6 +18,11 @@ from __future__ import annotations
 import torch
 
 from model.transformer import Transformer
+
+
+# Finished rows leave the batch once they are this fraction of it (the copy of the caches is then
+# paid back within a few steps); benchmarks/model_generate.py --rollout times it against 1.0 (never).
+COMPACT_FRACTION = 0.25
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -64,9 +71,10 @@ def generate(
     positions_BS = (slots.unsqueeze(0) - pad_BS.unsqueeze(1)).clamp(min=0)
     caches = model.new_caches(B, total)
     stop = torch.tensor(list(stop_token_ids) or [-1], device=device)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     lengths = torch.full((B,), max_new_tokens, device=device)
+    rows = torch.arange(B, device=device)  # the original rows still in the batch, in batch order
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per row of the batch
 
     # prefill: causal within the prompt, padded slots masked
     causal = slots[:max_prompt].unsqueeze(0) <= slots[:max_prompt].unsqueeze(1)  # (T, S)
@@ -76,12 +84,21 @@ def generate(
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[:, i] = nxt
+        out[rows, i] = nxt
         hit = torch.isin(nxt, stop) & ~done
-        lengths = torch.where(hit, torch.full_like(lengths, i + 1), lengths)
+        lengths[rows[hit]] = i + 1
         done |= hit
-        if bool(done.all()) or i == max_new_tokens - 1:
+        n_done = int(done.sum())
+        if n_done == len(rows) or i == max_new_tokens - 1:
             break
+        if n_done and n_done >= COMPACT_FRACTION * len(rows):
+            # Enough of the batch has finished: drop those rows (their cache slots, positions and
+            # masks too), so that later steps cost only what the unfinished rows need.
+            keep = (~done).nonzero().squeeze(1)
+            rows, nxt, done = rows[keep], nxt[keep], done[keep]
+            valid_BS, positions_BS = valid_BS[keep], positions_BS[keep]
+            for c in caches:
+                c.buf_BSL = c.buf_BSL[keep]
         pos = max_prompt + i
         step_mask = valid_BS[:, None, : pos + 1]
         logits = model(nxt.unsqueeze(1), start_pos=pos, caches=caches, positions_BT=positions_BS[:, pos : pos + 1], mask_BTS=step_mask)[:, -1]

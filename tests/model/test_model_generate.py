@@ -52,6 +52,19 @@ def test_stop_tokens_end_rows(model):
     assert out == ref[: ref.index(stop) + 1]
 
 
+def test_rows_ending_at_different_steps_leave_the_others_unchanged(model):
+    # Finished rows are dropped from the batch as they stop; every row must still get exactly its
+    # own greedy continuation, cut after its first stop token.
+    prompts = [[5, 6, 7], [11, 12], [3, 4, 5, 6, 7, 8], [40], [9, 9, 9, 9], [21, 22, 23], [60, 61], [70, 71, 72, 73, 74]]
+    refs = [greedy_reference(model, p, 14) for p in prompts]
+    stop = [refs[0][2], refs[2][5], refs[4][1]]  # rows 0, 2 and 4 stop early (others may too)
+    out = generate(model, prompts, max_new_tokens=14, temperature=0, stop_token_ids=stop)
+    for ref, o in zip(refs, out):
+        first = next((k for k, t in enumerate(ref) if t in stop), None)
+        assert o == (ref if first is None else ref[: first + 1])
+    assert sum(len(o) < 14 for o in out) >= 3
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
