@@ -9,7 +9,9 @@ route_scale.
 Dispatch (sputnik_kernels/moe.py): the (token, expert) pairs are sorted by expert into contiguous segments
 (routing_metadata, permute), the routed experts run as a grouped GEMM over those segments, and
 the results are summed back per token weighted by the gate (unpermute) — no Python loop over
-tokens. Triton on CUDA, the torch references otherwise (SPUTNIK_KERNELS).
+tokens. Triton on CUDA, the torch references otherwise (SPUTNIK_KERNELS). For a handful of tokens
+on CPU (decoding) each (token, expert) pair's weights are gathered instead and run as batched
+matmuls (Experts._forward_pairs, PAIR_PATH_BYTES), which avoids the fixed cost of the sort.
 
 Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
 Test: `pytest tests/model/test_model_moe.py`.
