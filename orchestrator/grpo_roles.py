@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ import torch.distributed as dist
 from torch import nn
 
 from model import ModelArgs, Transformer
+
+
+def quiet_teardown_hook(unraisable) -> None:
+    """sys.unraisablehook for role actors. Ray stops an actor with SIGTERM, whose handler raises
+    SystemExit wherever the main thread is; inside a weakref callback Python cannot raise it and
+    printed "Exception ignored in ... SystemExit: 1" with a traceback at the end of every clean
+    GRPO run. That exit is the intended one: it is not printed; anything else is, as before."""
+    if unraisable.exc_type is SystemExit:
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -137,6 +148,7 @@ class RewardWorker:
     def __init__(self, reward_cfg, *, max_len: int, threads: int = 1):
         from rl.evaluator import RewardEvaluator
 
+        sys.unraisablehook = quiet_teardown_hook
         torch.set_num_threads(threads)
         self.evaluator = RewardEvaluator(reward_cfg)
         self.max_len = max_len

@@ -255,3 +255,24 @@ def test_grpo_without_init_is_a_config_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "grpo.init" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_quiet_teardown_hook_hides_only_the_intended_exit():
+    # An exception Python cannot raise (here from __del__) goes to sys.unraisablehook: the role
+    # actors' hook drops the SystemExit of Ray's SIGTERM teardown and still reports anything else.
+    code = (
+        "import sys\n"
+        "from orchestrator.grpo_roles import quiet_teardown_hook\n"
+        "sys.unraisablehook = quiet_teardown_hook\n"
+        "class Exit:\n"
+        "    def __del__(self): raise SystemExit(1)\n"
+        "class Bug:\n"
+        "    def __del__(self): raise ValueError('a real bug')\n"
+        "Exit(); Bug()\n"
+        "print('still running')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and "still running" in r.stdout
+    assert "SystemExit" not in r.stderr
+    assert "ValueError: a real bug" in r.stderr
