@@ -12,6 +12,7 @@ Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -25,7 +26,12 @@ def import_deepspeed():
     half-way (a timed-out job, a killed worker) leaves that lock behind and every later run on
     the machine waits on it forever, silently. We run gloo on CPU anyway, so the op is switched
     off before DeepSpeed's backend is created.
+
+    DeepSpeed's ZeRO all-gathers call `torch.distributed.all_gather_into_tensor`, which this torch
+    deprecates with a FutureWarning every few steps in every worker; nothing our users can act
+    on, so that one warning is filtered.
     """
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning)
     import deepspeed
     import deepspeed.ops
 

@@ -5,9 +5,22 @@ Test: used by every `ray`-marked test.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from orchestrator.config import ClusterConfig
+
+# Ray Train's PlacementGroupCleaner asks the State API every second whether the train controller
+# is alive. The embedded Ray runs without the dashboard, which serves that API, so every check
+# failed with a warning: hundreds of "Failed to query Ray Train Controller actor state" lines in a
+# demo. Its job (freeing the placement groups of a controller that crashed) ends with the embedded
+# Ray anyway, so the embedded Ray's workers keep that logger to errors.
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_embedded_worker() -> None:
+    """worker_process_setup_hook of the embedded Ray (see _CLEANER_LOGGER)."""
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
@@ -29,6 +42,7 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
     else:
+        env["worker_process_setup_hook"] = "orchestrator.ray_local.quiet_embedded_worker"
         ray.init(
             address="local",
             num_cpus=cfg.num_cpus,
