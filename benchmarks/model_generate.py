@@ -53,14 +53,15 @@ def rollout(model, a):
         t, outs = timed(lambda: generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=stops, seed=seed))
         return t, sum(len(o) for o in outs)
 
-    ways = {"drop finished rows": 0.25, "keep them": 1.0}
+    default = gen.COMPACT_FRACTION
+    ways = {"drop finished rows": default, "keep them": 1.0}
     res = {name: [] for name in ways}
     for name, f in ways.items():
         run(f, 0)  # warm-up
     for r in range(a.repeats):
         for name, f in ways.items():
             res[name].append(run(f, r))
-    gen.COMPACT_FRACTION = 0.25
+    gen.COMPACT_FRACTION = default
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"tiny preset, 128 rows (16 prompts x 8), prompt {a.prompt}, up to 64 new tokens, temperature 1, "
           f"{a.stops} stop ids; {a.repeats} interleaved rounds (seed = round)")

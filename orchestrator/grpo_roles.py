@@ -35,10 +35,11 @@ from model import ModelArgs, Transformer
 
 
 def quiet_teardown_hook(unraisable) -> None:
-    """sys.unraisablehook for role actors. Ray stops an actor with SIGTERM, whose handler raises
-    SystemExit wherever the main thread is; inside a weakref callback Python cannot raise it and
-    printed "Exception ignored in ... SystemExit: 1" with a traceback at the end of every clean
-    GRPO run. That exit is the intended one: it is not printed; anything else is, as before."""
+    """sys.unraisablehook of the reward workers. Ray stops an actor with SIGTERM, whose handler
+    raises SystemExit wherever the main thread is; inside a weakref callback Python cannot raise
+    it, and a reward worker printed "Exception ignored in ... SystemExit: 1" with a traceback at
+    the end of most GRPO runs. That exit is the intended one: it is not printed; anything else
+    is, as before."""
     if unraisable.exc_type is SystemExit:
         return
     sys.__unraisablehook__(unraisable)
