@@ -50,7 +50,7 @@ class TrackingConfig:
     project: str = "sputnik"
     entity: Optional[str] = None
     tags: list[str] = dataclasses.field(default_factory=list)
-    log_every: PositiveInt = 1  # steps between metric records
+    log_every: PositiveInt = 1  # steps between metric records and progress lines; the last step is always logged
     heatmap_every: PositiveInt = 50  # steps between expert-load heatmaps / rollout tables
 
 
@@ -130,13 +130,18 @@ class GRPOConfig:
     epochs: PositiveInt = 1
     minibatch_size: PositiveInt = 64  # completions per optimizer step
     lr: PositiveFloat = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW
+    weight_decay: NonNegFloat = 0.0
     grad_clip: NonNegFloat = 1.0
-    advantage_scale: Literal["std", "none"] = "std"
-    aggregation: Literal["token", "sequence"] = "token"
+    advantage_scale: Literal["std", "none"] = "std"  # "none": Dr. GRPO's centred rewards
+    # how per-token losses become one number: "token" = mean over the minibatch's tokens (DAPO),
+    # "sequence" = mean per completion then over completions (GRPO), "constant" = sum divided by
+    # completions x rollout.max_new_tokens (Dr. GRPO: no length normalisation)
+    aggregation: Literal["token", "sequence", "constant"] = "token"
     clip_low: Fraction = 0.2
     clip_high: Fraction = 0.28
     kl_beta: NonNegFloat = 0.0  # 0 skips the reference model entirely
-    entropy_coef: NonNegFloat = 0.0
+    entropy_coef: NonNegFloat = 0.0  # entropy bonus per token (> 0 computes full logits in the update)
     reference: Literal["colocated", "actor"] = "colocated"
     dynamic_sampling: bool = False
     max_refill_rounds: NonNegInt = 2
@@ -144,12 +149,15 @@ class GRPOConfig:
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
     # how new weights reach the samplers: one object in the object store that each sampler fetches,
     # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
-    # auto = collective when the learners have GPUs (orchestrator/weight_sync.py)
+    # auto = collective when the learners have GPUs (orchestrator/grpo/weight_sync.py)
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     sync_timeout_s: PositiveFloat = 300.0  # a broadcast that takes longer falls back to the object store
     num_evaluators: PositiveInt = 1
     eval_every: PositiveInt = 10
     heldout_size: PositiveInt = 64
+    # held-out evaluation: greedy accuracy, and pass@1 of this many samples per task at
+    # rollout.temperature (0 = greedy only)
+    heldout_samples: NonNegInt = 4
     checkpoint_every: PositiveInt = 25
     keep_checkpoints: PositiveInt = 2
     table_every: PositiveInt = 10  # a W&B Table of sample rollouts every K steps
@@ -158,12 +166,12 @@ class GRPOConfig:
 
 @dataclasses.dataclass
 class DemoConfig:
-    """`sputnik demo`: the second GRPO stage, on synthetic programming tasks scored in the sandbox."""
+    """`sputnik demo`: the second GRPO stage, on synthetic programming tasks scored in the sandbox.
+    (Held-out sampling follows `grpo.heldout_samples`.)"""
 
     __pydantic_config__ = _STRICT
     code_steps: NonNegInt = 0  # 0 skips the programming stage (needs data.code_docs > 0)
     code_heldout_size: PositiveInt = 64
-    samples_per_task: PositiveInt = 4  # sampled (temperature 1) completions per held-out task for pass@1
 
 
 @dataclasses.dataclass
@@ -173,7 +181,7 @@ class EvalConfig:
     __pydantic_config__ = _STRICT
     checkpoint: Optional[str] = None  # a run directory, a checkpoint directory or an HF directory
     tasks: Optional[str] = None  # a task table (jsonl/parquet) or a generator name
-    samples_per_task: PositiveInt = 1  # n in pass@k
+    samples_per_task: NonNegInt = 0  # n in pass@k, sampled at rollout.temperature; 0 = greedy only (always measured)
     k: list[PositiveInt] = dataclasses.field(default_factory=lambda: [1])
     limit: Optional[PositiveInt] = None  # score only the first N tasks
 

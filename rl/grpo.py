@@ -5,7 +5,8 @@ centred as in Dr. GRPO); the token-level clipped surrogate with separate low and
 ranges (DAPO clip-higher); the k3 estimator of KL(policy || reference) added inside the loss
 (beta 0 or no reference skips it); aggregation over tokens ("token": mean over all valid tokens of
 the batch, DAPO), per sequence ("sequence": mean per sequence then over sequences, original GRPO)
-or by a constant ("constant": sum / (sequences x max_len), Dr. GRPO); an optional entropy bonus.
+or by a constant ("constant": sum / (sequences x the generation budget), Dr. GRPO, so that no
+sequence's tokens weigh more for being in a short sequence); an optional entropy bonus.
 Left out: value models, reward normalisation across groups.
 
 Shapes: N prompts, G completions per prompt, B = N*G sequences, T completion tokens.
@@ -47,10 +48,14 @@ def grpo_loss(
     clip_high: float = 0.28,
     kl_beta: float = 0.0,
     aggregation: str = "token",
+    constant_len: int | None = None,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped-surrogate GRPO loss; per-token tensors [B, T], advantages [B], mask [B, T] (1 = completion token)."""
+    """Clipped-surrogate GRPO loss; per-token tensors [B, T], advantages [B], mask [B, T] (1 = completion token).
+
+    `constant_len`: the normaliser of aggregation "constant" (the generation budget; default T).
+    `entropy` [B, T] with `entropy_coef` > 0 subtracts coef x entropy per token (an entropy bonus)."""
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
     log_ratio = logp - old_logp
@@ -67,7 +72,7 @@ def grpo_loss(
         per_token = per_token - entropy_coef * entropy
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy, mask).item()
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, constant_len=constant_len)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         metrics["clip_frac_low"] = ((ratio < 1 - clip_low) & (adv < 0)).to(mask.dtype).mul(mask).sum().div(n).item()
@@ -77,14 +82,14 @@ def grpo_loss(
     return loss, metrics
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *, constant_len: int | None = None) -> torch.Tensor:
     if aggregation == "token":
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
     if aggregation == "sequence":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_seq.mean()
     if aggregation == "constant":
-        return (per_token * mask).sum() / (mask.size(0) * mask.size(1))
+        return (per_token * mask).sum() / (mask.size(0) * (constant_len or mask.size(1)))
     raise ValueError(f"aggregation must be 'token', 'sequence' or 'constant', not {aggregation!r}")
 
 

@@ -16,10 +16,10 @@ def node_of(ray, actor):
 
 
 def check_every_prompt_scored_once(batch, cfg):
-    records = [rec for res in batch["results"] for rec in res["records"]]
+    records = batch.records
     by_group = {}
     for rec in records:
-        by_group.setdefault(rec["group"], []).append(rec["id"])
+        by_group.setdefault(rec.group, []).append(rec.id)
     assert sorted(by_group) == list(range(cfg.grpo.prompts_per_step))
     assert all(len(ids) == cfg.grpo.group_size and len(set(ids)) == 1 for ids in by_group.values())
     return records
@@ -58,8 +58,8 @@ def test_roles_spread_over_nodes_and_a_lost_sampler_node_is_recovered(policy_dir
         plan = make_plan(roles_for(cfg, "grpo", 0), live_nodes(ray))
         tracker = Tracker(tmp_path, cfg.tracking, name="multinode")
         d = Driver(cfg, tmp_path, tracker)
-        samplers = [node_of(ray, s) for s in d.samplers]
-        scorers = [node_of(ray, s) for s in d.scorers]
+        samplers = [node_of(ray, s) for s in d.rollouts.samplers]
+        scorers = [node_of(ray, s) for s in d.rollouts.scorers]
         learner = node_of(ray, d.learners[0])
         assert set(samplers + scorers + [learner]) <= set(workers)  # the 0-CPU head runs no role
         # as planned: at most one sampler and one evaluator per node
@@ -79,17 +79,17 @@ def test_roles_spread_over_nodes_and_a_lost_sampler_node_is_recovered(policy_dir
             time.sleep(0.5)
         batch = d.collect(pending, 1)
         check_every_prompt_scored_once(batch, cfg)
-        moved = [node_of(ray, s) for s in d.samplers]
+        moved = [node_of(ray, s) for s in d.rollouts.samplers]
         assert victim not in moved and all(n in workers for n in moved)
 
-        adv, _ = d.advantages(batch["results"])
+        adv, _ = d.advantages(batch.records)
         adv = [((i % 4) - 1.5) for i in range(len(adv))]  # a learning signal even if all rewards are equal
         d.learn(batch, adv, 1)
         learner_hash = ray.get(d.learners[0].weights_hash.remote())
-        assert ray.get([s.weights_hash.remote() for s in d.samplers]) == [learner_hash] * 2
+        assert ray.get([s.weights_hash.remote() for s in d.rollouts.samplers]) == [learner_hash] * 2
         batch = d.collect(d.sample_step(2), 2)
         records = check_every_prompt_scored_once(batch, cfg)
-        assert {rec["version"] for rec in records} == {1}
+        assert {rec.version for rec in records} == {1}
         d.close()
         tracker.close()
     finally:

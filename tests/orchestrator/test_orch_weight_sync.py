@@ -1,4 +1,4 @@
-"""Collective weight sync (orchestrator/weight_sync.py): a broadcast from learner rank 0 to the
+"""Collective weight sync (orchestrator/grpo/weight_sync.py): a broadcast from learner rank 0 to the
 samplers over a process group of its own (gloo here; NCCL on GPUs runs the same code).
 
 - pack/unpack keep every tensor bit for bit across dtypes (against the state itself);
@@ -13,8 +13,8 @@ import socket
 import pytest
 import torch
 
-from orchestrator.grpo_roles import state_hash
-from orchestrator.weight_sync import SyncGroup, empty_buffers, pack, unpack, weights_meta
+from orchestrator.grpo.rollout import state_hash
+from orchestrator.grpo.weight_sync import SyncGroup, empty_buffers, pack, unpack, weights_meta
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:

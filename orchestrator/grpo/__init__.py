@@ -1,0 +1,87 @@
+"""`sputnik grpo`: R1-Zero-style GRPO on Ray actors.
+
+What is implemented (rl/grpo.py has the formulas): G completions per prompt, rewards from
+verifiers (rl/rewards), group-relative advantages ((r - mean) / std, or only centred with
+`grpo.advantage_scale=none` as in Dr. GRPO), the clipped surrogate with DAPO's clip-higher
+(`clip_low`, `clip_high`), loss aggregation per token (DAPO), per sequence (GRPO) or by a constant
+(Dr. GRPO), an optional k3 KL to a frozen reference (`kl_beta`; 0 loads no reference), an optional
+entropy bonus, DAPO's dynamic sampling and overlong filtering or soft penalty, and one-step
+off-policy sampling (`grpo.mode=async`). Left out: value models, reward models, multi-turn rollouts.
+
+The package, one concept per file:
+- driver.py       the loop, top to bottom (start here)
+- rollout.py      RolloutSampler and RewardWorker actors, and the driver's handle on them
+- learner.py      PolicyLearner (DeepSpeed ranks), the reference model, batch packing
+- weight_sync.py  new weights to the samplers: object store or a broadcast from learner rank 0
+- checkpoint.py   GRPO checkpoints and resume
+- inputs.py       the init model and tokenizer, tasks, rewards, config checks
+- metrics.py      the step's metrics, the rollouts table, the progress line
+The held-out evaluator is orchestrator/evaluate.py (shared with the demo and `sputnik eval`); the
+report is orchestrator/report.py.
+
+Test: `pytest tests/orchestrator/test_orch_grpo.py`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from orchestrator.config import RunConfig, to_dict
+from orchestrator.grpo.driver import Driver
+from orchestrator.grpo.inputs import load_tasks, resolve_init, validate
+from orchestrator.rundir import create_run_dir
+
+
+def export_policy(driver: Driver, out: Path) -> Path:
+    """The current policy (the weights the samplers hold) as an HF directory."""
+    from model.hf import from_hf_pretrained, save_hf_pretrained
+
+    model = from_hf_pretrained(driver.hf_dir)
+    if driver.weights.weights_ref is not None:
+        model.load_state_dict(driver.ray.get(driver.weights.weights_ref))
+    save_hf_pretrained(model, out)
+    return out
+
+
+def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
+    """Run GRPO into `out` (or a new run directory): (run directory, {"before", "after"} held-out results)."""
+    from orchestrator.placement import check_shared_storage
+    from orchestrator.ray_local import init_ray
+    from orchestrator.report import write_grpo_report
+    from orchestrator.tracking import Tracker
+
+    validate(cfg)
+    resolve_init(cfg)
+    load_tasks(cfg)  # a bad task table fails here, before any actor starts
+    run_dir = create_run_dir(cfg, out)
+    print(f"grpo: run directory {run_dir}", flush=True)
+    random.seed(cfg.seed)
+    ray = init_ray(cfg.cluster)
+    check_shared_storage(ray, run_dir)
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo") as tracker, \
+            Driver(cfg, run_dir, tracker) as driver:
+        result = driver.run()
+        figures = {"grpo_steps": driver.step, "policy_version": driver.version, "tokenizer": str(driver.tok_path)}
+        if driver.step == cfg.grpo.steps:
+            figures["hf_export"] = str(export_policy(driver, run_dir / "hf"))
+        for when in ("before", "after"):
+            res = result[when]
+            if res is not None:
+                figures[f"heldout_accuracy_{when}"] = res.greedy
+                if res.sampled is not None:
+                    figures[f"heldout_pass@1_{when}"] = res.sampled
+        if result["after"] is not None:
+            print(f"grpo: held-out accuracy after GRPO {result['after'].greedy:.3f} greedy"
+                  + (f", pass@1 {result['after'].sampled:.3f} sampled" if result["after"].sampled is not None else ""), flush=True)
+        tracker.summary(figures)
+    write_grpo_report(run_dir)
+    return run_dir, result
+
+
+def run(cfg: RunConfig, cli_args) -> int:
+    execute(cfg, cli_args.out)
+    return 0
+
+
+__all__ = ["Driver", "execute", "export_policy", "load_tasks", "resolve_init", "run"]

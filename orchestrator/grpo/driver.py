@@ -1,0 +1,209 @@
+"""The GRPO driver: the loop, top to bottom.
+
+Each step: draw prompts from the train split; the rollout samplers generate G completions per
+prompt and the reward workers score each chunk as soon as it is done (rollout.py); with dynamic
+sampling, groups whose rewards are all equal are refilled from the train split; group advantages
+(rl.rollouts); one update on the learner ranks (learner.py); the new weights reach the samplers
+(weight_sync.py); metrics, held-out evaluation (orchestrator/evaluate.py), checkpoints
+(checkpoint.py). The driver handles ObjectRefs and small typed records, never token tensors.
+
+`grpo.mode=sync` samples step k with the weights after step k-1; `async` (one step off policy)
+samples step k+1 while the learners train on step k, and records the version lag.
+
+Test: `pytest tests/orchestrator/test_orch_grpo.py`; benchmark: `python benchmarks/grpo_modes.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.config import RunConfig
+from orchestrator.grpo import checkpoint
+from orchestrator.grpo.inputs import TaskStream, load_tasks, reward_config, resolve_init
+from orchestrator.grpo.rollout import Rollouts, ScoredChunk, records_of
+from rl.rollouts import ScoredRollout
+
+
+@dataclasses.dataclass
+class StepRollouts:
+    """A step's rollouts: generation refs (the learners fetch them) and the scored chunks."""
+
+    gen: list  # ObjectRefs of RolloutChunk
+    scored: list[ScoredChunk]
+    refill_rounds: int = 0
+    wait_s: float = 0.0  # time the driver waited for them
+
+    @property
+    def records(self) -> list[ScoredRollout]:
+        return records_of(self.scored)
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig, run_dir: Path, tracker):
+        import ray
+
+        from data.tokenizer import load_tokenizer
+        from orchestrator.grpo.learner import PolicyLearner, ReferenceModel
+        from orchestrator.grpo.weight_sync import WeightSync, rendezvous_at
+        from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
+
+        self.cfg, self.run_dir, self.tracker, self.ray = cfg, Path(run_dir), tracker, ray
+        g = cfg.grpo
+        self.hf_dir, self.tok_path = resolve_init(cfg)
+        self.tok = load_tokenizer(self.tok_path)
+        self.train_rows, self.heldout_rows = load_tasks(cfg)
+        self.stream = TaskStream(self.train_rows, cfg.seed)
+        self.rewards = reward_config(cfg)
+        # every role instance gets its own bundle: learners packed, samplers and evaluators spread
+        self.placement = RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=bool(cfg.cluster.address),
+                                       timeout_s=cfg.cluster.placement_timeout_s)
+        opts = self.placement.options
+        self.rollouts = Rollouts(ray, self.placement, hf_dir=self.hf_dir, tok_path=self.tok_path, template=cfg.data.template,
+                                 rewards=self.rewards, rollout_cfg=cfg.rollout, num_evaluators=g.num_evaluators, seed=cfg.seed)
+        self.reference = None
+        if g.kl_beta > 0 and g.reference == "actor":
+            self.reference = ray.remote(ReferenceModel).options(**opts("reference", 0)).remote(str(self.hf_dir), pad_id=self.tok.pad_id)
+        addr, port = rendezvous_at(ray, self.placement)  # learner rank 0 hosts the torch.distributed store
+        Learner = ray.remote(PolicyLearner)
+        self.learners = [Learner.options(**opts("learner", i)).remote(
+            str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
+            seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens) for i in range(g.learners)]
+        self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g)
+        self.step = 0
+
+    @property
+    def version(self) -> int:
+        return self.weights.version
+
+    def close(self) -> None:
+        """Release the placement groups (the role actors go with them), reward workers first."""
+        self.rollouts.close()
+        self.learners, self.reference = [], None
+        self.placement.close()
+
+    def __enter__(self) -> "Driver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- rollouts ------------------------------------------------------------------------------
+
+    def sample_step(self, step: int) -> StepRollouts:
+        """Submit the step's prompts (no waiting); `collect` waits for them."""
+        g = self.cfg.grpo
+        gen, score = self.rollouts.launch(self.stream.take(g.prompts_per_step), seed_key=(step, 0), group_size=g.group_size,
+                                          temperature=self.cfg.rollout.temperature, weights=self.weights.weights_ref, version=self.version)
+        return StepRollouts(gen=gen, scored=score)
+
+    def collect(self, pending: StepRollouts, step: int) -> StepRollouts:
+        """Wait for a step's scores; dynamic sampling refills zero-variance groups."""
+        from rl.rollouts import varied_groups
+
+        g = self.cfg.grpo
+        t0 = time.perf_counter()
+        batch = StepRollouts(gen=list(pending.gen), scored=self.ray.get(pending.scored))
+        while g.dynamic_sampling and batch.refill_rounds < g.max_refill_rounds:
+            missing = g.prompts_per_step - len(varied_groups(batch.records))
+            if missing <= 0:
+                break
+            batch.refill_rounds += 1
+            first = 1 + max(rec.group for rec in batch.records)
+            gen, score = self.rollouts.launch(
+                self.stream.take(missing), seed_key=(step, batch.refill_rounds), group_size=g.group_size, first_group=first,
+                temperature=self.cfg.rollout.temperature, weights=self.weights.weights_ref, version=self.version)
+            batch.scored += self.ray.get(score)
+            batch.gen += gen
+        batch.wait_s = time.perf_counter() - t0
+        return batch
+
+    # --- one update ----------------------------------------------------------------------------
+
+    def advantages(self, records: list[ScoredRollout]) -> tuple[list[float | None], dict]:
+        from rl.rollouts import rollout_advantages
+
+        g = self.cfg.grpo
+        return rollout_advantages(records, scale=g.advantage_scale, drop_zero_variance=g.dynamic_sampling,
+                                  drop_truncated=g.overlong == "filter")
+
+    def learn(self, batch: StepRollouts, adv: list[float | None], step: int) -> dict:
+        """One update on every learner rank, then the new weights to the samplers."""
+        t0 = time.perf_counter()
+        extra = {"reference": self.reference.logprobs.remote(adv, *batch.gen)} if self.reference is not None else {}
+        metrics = self.ray.get([l.train.remote(adv, step, *batch.gen, **extra) for l in self.learners])
+        t_learn = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.weights.sync(self.version + 1)
+        m0 = {k: v for k, v in metrics[0].items() if k not in ("samples", "learn_seconds")}
+        return {**m0, "time/learn": t_learn, "time/sync": time.perf_counter() - t0, **self.weights.metrics()}
+
+    # --- evaluation and checkpoints ------------------------------------------------------------
+
+    def evaluate(self, step: int):
+        """The held-out evaluator on the current policy; per-task rows go to heldout.jsonl."""
+        from orchestrator.evaluate import heldout, write_rows
+
+        if not self.heldout_rows:
+            return None
+        res = heldout(self.rollouts, self.heldout_rows, samples=self.cfg.grpo.heldout_samples, temperature=self.cfg.rollout.temperature,
+                      weights=self.weights.weights_ref, version=self.version)
+        write_rows(self.run_dir / "heldout.jsonl", res, step=step)
+        return res
+
+    def save(self, step: int) -> None:
+        state = checkpoint.DriverState(step=step, version=self.version, data_position=self.stream.position)
+        checkpoint.save(self.ray, self.learners, self.run_dir, state, keep=self.cfg.grpo.keep_checkpoints)
+
+    def resume(self) -> int:
+        state = checkpoint.latest(self.run_dir)
+        if state is None:
+            return 0
+        checkpoint.load(self.ray, self.learners, self.run_dir, state)
+        self.stream.position = state.data_position
+        self.weights.sync(state.version)
+        print(f"grpo: resumed from step {state.step} (policy version {state.version})", flush=True)
+        return state.step
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Steps from the last checkpoint to `grpo.steps` (or `stop_after`); {"before", "after"} held-out results."""
+        from orchestrator.grpo.metrics import ProgressLine, rollout_table, step_metrics
+
+        g, t = self.cfg.grpo, self.cfg.tracking
+        start = self.resume()
+        last = min(g.steps, g.stop_after or g.steps)
+        before = self.evaluate(step=0) if start == 0 else None
+        if before is not None:
+            self.tracker.log(before.metrics(), step=0)
+            print(f"grpo: held-out accuracy before GRPO {before.greedy:.3f} greedy"
+                  + (f", pass@1 {before.sampled:.3f} sampled" if before.sampled is not None else ""), flush=True)
+        after, line = None, ProgressLine("grpo", start, g.steps)
+        pending = self.sample_step(start + 1) if start < last else None
+        for step in range(start + 1, last + 1):
+            t_step = time.perf_counter()
+            batch = self.collect(pending, step)
+            if g.mode == "async" and step < last:
+                pending = self.sample_step(step + 1)  # samples with the weights before this update
+            adv, adv_m = self.advantages(batch.records)
+            learn = self.learn(batch, adv, step)
+            if g.mode == "sync" and step < last:
+                pending = self.sample_step(step + 1)
+            metrics = step_metrics(batch, adv, {**adv_m, **learn}, self.rewards, version=self.version,
+                                   seconds=time.perf_counter() - t_step)
+            evaluated = step % g.eval_every == 0 or step == g.steps
+            if evaluated:
+                after = self.evaluate(step)
+                metrics.update(after.metrics() if after is not None else {})
+            if evaluated or step % t.log_every == 0 or step == last:
+                self.tracker.log(metrics, step=step)
+                line.show(step, metrics, out=sys.stdout)
+            if step % g.table_every == 0 or step == 1:
+                self.tracker.table(*rollout_table(self.ray.get(batch.gen[0]), batch.records, adv, self.rewards, step))
+            if step % g.checkpoint_every == 0 or step == last:
+                self.save(step)
+            self.step = step
+        return {"before": before, "after": after if last == g.steps else None}

@@ -1,0 +1,118 @@
+"""What a GRPO run reads before any actor starts: the init model and its tokenizer, the task
+split, the reward config, and the checks a user's config must pass.
+
+Errors a user can cause are `ConfigError`s naming the key (exit status 2 from the CLI).
+
+Test: `pytest tests/orchestrator/test_orch_grpo.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.config import ConfigError, RunConfig
+
+
+def resolve_init(cfg: RunConfig) -> tuple[Path, Path]:
+    """(HF model directory, tokenizer.json) from `grpo.init`: a pretrain or GRPO run directory, or an HF directory."""
+    g = cfg.grpo
+    if not g.init:
+        raise ConfigError("key 'grpo.init' is required: a `sputnik pretrain` run directory (or an HF directory plus grpo.tokenizer)")
+    init = Path(g.init)
+    if not init.is_dir():
+        raise ConfigError(f"key 'grpo.init': {init} is not a directory")
+    summary = init / "summary.json"
+    if (init / "config.json").is_file():
+        hf = init
+        tok = Path(g.tokenizer) if g.tokenizer else None
+    elif summary.is_file():
+        s = json.loads(summary.read_text())
+        hf = Path(s.get("hf_export", init / "hf"))
+        tok = Path(g.tokenizer or s.get("tokenizer", ""))
+    else:
+        raise ConfigError(f"key 'grpo.init': {init} holds neither an HF model (config.json) nor a run (summary.json)")
+    if not (hf / "config.json").is_file():
+        raise ConfigError(f"key 'grpo.init': no HF model in {hf} (was the run finished and exported?)")
+    if tok is None or not tok.is_file():
+        raise ConfigError(f"key 'grpo.tokenizer': tokenizer.json not found ({tok}); set grpo.tokenizer")
+    return hf, tok
+
+
+def load_tasks(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) as lists of dicts."""
+    g, d = cfg.grpo, cfg.data
+    if g.tasks == "arithmetic":
+        from data.tasks import generate_arithmetic
+
+        kw = dict(families=tuple(d.families), digits=d.digits, heldout_percent=d.heldout_percent)
+        train = generate_arithmetic(g.train_size, seed=cfg.seed, split="train", **kw)
+        heldout = generate_arithmetic(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
+        return train.to_pylist(), heldout.to_pylist()
+    if g.tasks == "code":
+        from data.tasks import generate_code_tasks
+
+        kw = dict(digits=d.digits, heldout_percent=d.heldout_percent)
+        train = generate_code_tasks(g.train_size, seed=cfg.seed, split="train", **kw)
+        heldout = generate_code_tasks(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
+        return train.to_pylist(), heldout.to_pylist()
+    from data.tasks import read_tasks
+
+    if not Path(g.tasks).is_file():
+        raise ConfigError(f"key 'grpo.tasks': {g.tasks!r} is neither a generator (arithmetic, code) nor a task file")
+    try:
+        rows = read_tasks(g.tasks).to_pylist()
+    except (ValueError, OSError) as e:  # a malformed table: the reader names the row or column
+        raise ConfigError(f"key 'grpo.tasks': {e}") from None
+    train = [r for r in rows if r["split"] == "train"]
+    heldout = [r for r in rows if r["split"] != "train"][: g.heldout_size]
+    if not train:
+        raise ConfigError(f"key 'grpo.tasks': {g.tasks} has no train-split tasks")
+    return train, heldout
+
+
+def reward_config(cfg: RunConfig):
+    """The `rewards:` section, plus the DAPO overlong penalty when grpo.overlong=penalty."""
+    import copy
+
+    from pydantic import TypeAdapter
+
+    from rl.rewards import RewardConfig, RewardSpec
+
+    rc = TypeAdapter(RewardConfig).validate_python(cfg.rewards) if isinstance(cfg.rewards, dict) else copy.deepcopy(cfg.rewards)
+    if cfg.grpo.overlong == "penalty" and not any(s.name == "overlong" for s in rc.rewards):
+        n = cfg.rollout.max_new_tokens
+        rc.rewards.append(RewardSpec("overlong", 1.0, {"max_len": n, "cache_len": max(1, n // 4)}))
+    return rc
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across sections, before any actor starts."""
+    g = cfg.grpo
+    if g.learners > 1 and g.minibatch_size < g.learners:
+        raise ConfigError(f"key 'grpo.minibatch_size' ({g.minibatch_size}) must be at least grpo.learners ({g.learners})")
+    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:  # the embedded Ray: one node of num_cpus
+        from orchestrator.placement import Node, PlanError, make_plan, roles_for
+
+        try:
+            make_plan(roles_for(cfg, "grpo", 0), [Node(float(cfg.cluster.num_cpus))])
+        except PlanError as e:
+            raise ConfigError(f"key 'cluster.num_cpus' ({cfg.cluster.num_cpus}) is too small: {e}") from None
+
+
+class TaskStream:
+    """Train prompts in a seeded order, reshuffled every epoch; `position` is the data position."""
+
+    def __init__(self, rows: list[dict], seed: int, position: int = 0):
+        self.rows, self.seed, self.position = rows, seed, position
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            out.append(self.rows[int(order[i])])
+            self.position += 1
+        return out

@@ -1,0 +1,263 @@
+"""The rollout roles, and the driver's handle on them.
+
+- `RolloutSampler` holds an inference copy of the policy and generates G completions per prompt
+  with `model.generate` (MLA latent KV cache). Every `generate` call names the weights it must use
+  (an ObjectRef the driver got from the learners, and its version): a sampler that Ray restarted
+  after a crash, or one that missed a sync, loads them before sampling, so a retried call samples
+  from the same policy as the original would have.
+- `RewardWorker` scores one `RolloutChunk` with `rl.evaluator.RewardEvaluator` (bounded thread pool,
+  per-sample timeouts, live-reloaded reward files) and returns `rl.rollouts.ScoredRollout` records:
+  the driver never sees token ids.
+- `Rollouts` is the driver's side: it starts the samplers and reward workers in their placement
+  bundles (restarted after a crash, calls retried) and submits tasks to them, two chunks per
+  sampler so that scoring one chunk overlaps generating the next. It returns ObjectRefs only.
+
+The classes work without Ray (tests and benchmarks call them in-process); `Rollouts` wraps them.
+
+Test: `pytest tests/orchestrator/test_orch_grpo.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rl.rollouts import ScoredRollout
+
+
+def quiet_teardown_hook(unraisable) -> None:
+    """sys.unraisablehook of the reward workers. Ray stops an actor with SIGTERM, whose handler
+    raises SystemExit wherever the main thread is; inside a weakref callback Python cannot raise
+    it and prints "Exception ignored in ... SystemExit: 1" with a traceback. That exit is the
+    intended one: it is not printed; anything else is."""
+    if unraisable.exc_type is SystemExit:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_policy(init_dir: str | Path):
+    from model.hf import from_hf_pretrained
+
+    return from_hf_pretrained(init_dir)
+
+
+@dataclasses.dataclass
+class RolloutChunk:
+    """One sampler call's output: one entry per completion, G consecutive entries per task."""
+
+    tasks: list[dict]  # the task row of each completion
+    groups: list[int]  # index of its prompt in the step
+    prompt_ids: list[list[int]]  # with BOS
+    completion_ids: list[list[int]]
+    completions: list[str]  # decoded
+    truncated: list[bool]  # stopped by the token budget
+    versions: list[int]  # policy version that sampled it
+    seconds: float  # generation time
+    tokens: int  # completion tokens generated
+
+
+@dataclasses.dataclass
+class ScoredChunk:
+    """A reward worker's answer for one chunk."""
+
+    records: list[ScoredRollout]
+    seconds: float  # scoring time
+    gen_seconds: float  # the chunk's generation time
+    tokens: int
+    reward_errors: dict[str, int]  # errors per reward in this call
+
+
+class RolloutSampler:
+    def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1):
+        from data.tokenizer import load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.tok = load_tokenizer(tokenizer_path)
+        self.template = template
+        self.model = load_policy(init_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a GPU only to GPU samplers
+        self.model.to(self.device).eval()
+        self.version = 0
+        self.loads = 0  # how many times weights were loaded (restarts and syncs)
+        self.sync = None  # weight_sync.SyncGroup, with grpo.weight_sync=collective
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.model.load_state_dict(state, strict=True)
+        self.version = version
+        self.loads += 1
+        return version
+
+    def device_type(self) -> str:
+        return self.device.type
+
+    def join_sync_group(self, addr: str, port: int, *, rank: int, world: int, tag: str, meta, backend: str, timeout_s: float) -> bool:
+        from orchestrator.grpo.weight_sync import SyncGroup
+
+        self.sync = None
+        self.sync = SyncGroup(addr, port, rank=rank, world=world, tag=tag, meta=meta, backend=backend, timeout_s=timeout_s)
+        return True
+
+    def receive_weights(self, version: int) -> bool:
+        """The broadcast from learner rank 0; False (and the group dropped) when there is no group
+        (a restarted sampler) or the broadcast failed: the driver then loads from the object store."""
+        if self.sync is None:
+            return False
+        try:
+            state = self.sync.receive()
+        except Exception as e:  # a peer died or timed out: this group is finished
+            print(f"sampler: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            self.sync = None
+            return False
+        with torch.no_grad():
+            self.load_weights(state, version)
+        return True
+
+    def weights_hash(self) -> str:
+        return state_hash(self.model.state_dict())
+
+    def generate(self, tasks: list[dict], groups: list[int], weights: list | None, version: int, *, group_size: int,
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> RolloutChunk:
+        """G completions for each task with the policy at `version`; `weights` is `[ObjectRef]` of
+        that state (wrapped in a list so that Ray does not fetch it: only a sampler that does not
+        hold `version`, after a restart or a missed sync, reads it from the object store)."""
+        from data.templates import render_prompt
+        from model.generate import generate
+
+        if weights is not None and version != self.version:
+            import ray
+
+            self.load_weights(ray.get(weights[0]), version)
+        t0 = time.perf_counter()
+        prompts = [[self.tok.bos_id] + self.tok.encode(render_prompt(t["prompt"], self.template)) for t in tasks]
+        batch = [p for p in prompts for _ in range(group_size)]
+        stops = [self.tok.answer_end_id, self.tok.eos_id]
+        outs = generate(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id)
+        return RolloutChunk(
+            tasks=[tasks[i // group_size] for i in range(len(outs))], groups=[groups[i // group_size] for i in range(len(outs))],
+            prompt_ids=batch, completion_ids=outs, completions=[self.tok.decode(ids) for ids in outs],
+            truncated=[not ids or ids[-1] not in stops for ids in outs], versions=[self.version] * len(outs),
+            seconds=time.perf_counter() - t0, tokens=sum(len(x) for x in outs))
+
+
+class RewardWorker:
+    """Scores rollout chunks; returns small typed records."""
+
+    def __init__(self, reward_cfg, *, max_len: int, threads: int = 1):
+        from rl.evaluator import RewardEvaluator
+
+        sys.unraisablehook = quiet_teardown_hook
+        torch.set_num_threads(threads)
+        self.evaluator = RewardEvaluator(reward_cfg)
+        # the accuracy rewards already computed for training give the verdict without a second run
+        self.configured = {s.name for s in reward_cfg.rewards}
+        self.max_len = max_len
+        self._errors_seen: dict[str, int] = {}
+
+    def score(self, chunk: RolloutChunk) -> ScoredChunk:
+        from rl.rollouts import ACCURACY_REWARD, reasons, verify
+
+        t0 = time.perf_counter()
+        samples = [{**task, "completion": text, "completion_tokens": len(ids), "max_len": self.max_len}
+                   for task, text, ids in zip(chunk.tasks, chunk.completions, chunk.completion_ids)]
+        results = self.evaluator.score(samples)
+        records = []
+        for i, r in enumerate(results):
+            task, text = chunk.tasks[i], chunk.completions[i]
+            acc = ACCURACY_REWARD.get(task.get("kind") or "math")
+            correct = r["rewards"].get(acc, 0.0) >= 1.0 if acc in self.configured else _safe_verify(verify, text, task)
+            records.append(ScoredRollout(
+                id=task["id"], group=chunk.groups[i], reward=float(r["reward"]), rewards=r["rewards"], errors=r["errors"],
+                correct=bool(correct), length=len(chunk.completion_ids[i]), truncated=bool(chunk.truncated[i]),
+                version=chunk.versions[i], reasons=reasons(text)))
+        return ScoredChunk(records=records, seconds=time.perf_counter() - t0, gen_seconds=chunk.seconds, tokens=chunk.tokens,
+                           reward_errors=self._new_errors())
+
+    def _new_errors(self) -> dict[str, int]:
+        """Reward errors since the previous call (the evaluator counts over its lifetime)."""
+        now = self.evaluator.error_counts()
+        new = {k: v - self._errors_seen.get(k, 0) for k, v in now.items() if v > self._errors_seen.get(k, 0)}
+        self._errors_seen = dict(now)
+        return new
+
+    def close(self) -> None:
+        """Stop the evaluator's thread pool before the actor is torn down (a pool still alive at
+        teardown can print a concurrent.futures traceback from the dying process)."""
+        self.evaluator.close()
+
+
+def _safe_verify(verify, text: str, task: dict) -> bool:
+    try:
+        return verify(text, task)
+    except Exception:  # a verifier that fails scores the completion as not solved, like a reward
+        return False
+
+
+class Rollouts:
+    """The samplers and reward workers of a run, in their placement bundles."""
+
+    def __init__(self, ray, placement, *, hf_dir: Path, tok_path: Path, template: str, rewards, rollout_cfg,
+                 num_evaluators: int, seed: int):
+        self.ray, self.cfg, self.seed = ray, rollout_cfg, seed
+        # Samplers and reward workers come back after a crash (into their bundle, rescheduled if
+        # their node died) and their calls are retried.
+        restart = dict(max_restarts=-1, max_task_retries=-1)
+        Sampler = ray.remote(**restart)(RolloutSampler)
+        Scorer = ray.remote(**restart)(RewardWorker)
+        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(str(hf_dir), str(tok_path), template=template)
+                         for i in range(rollout_cfg.num_samplers)]
+        self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
+                        for i in range(num_evaluators)]
+
+    def launch(self, tasks: list[dict], *, seed_key: tuple[int, ...], group_size: int, temperature: float,
+               weights=None, version: int = 0, first_group: int = 0) -> tuple[list, list]:
+        """Submit generation + scoring for `tasks`; returns (RolloutChunk refs, ScoredChunk refs), no waiting.
+        `weights`: ObjectRef of the policy state at `version` (None: the init checkpoint)."""
+        S = len(self.samplers)
+        per = max(1, math.ceil(len(tasks) / (S * 2)))  # two chunks per sampler: scoring overlaps generation
+        gen, score = [], []
+        for c, lo in enumerate(range(0, len(tasks), per)):
+            chunk = tasks[lo : lo + per]
+            seed = int(np.random.default_rng([self.seed, *seed_key, c]).integers(2**31))
+            ref = self.samplers[c % S].generate.remote(
+                chunk, list(range(first_group + lo, first_group + lo + len(chunk))), None if weights is None else [weights], version,
+                group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, top_p=self.cfg.top_p, seed=seed)
+            gen.append(ref)
+            score.append(self.scorers[c % len(self.scorers)].score.remote(ref))
+        return gen, score
+
+    def close(self) -> None:
+        """Let the reward workers stop their pools (the placement groups' release ends the actors)."""
+        try:
+            self.ray.get([s.close.remote() for s in self.scorers], timeout=10)
+        except Exception as e:  # a dead or hung scorer must not stop the release
+            print(f"grpo: closing the reward workers: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+        self.samplers, self.scorers = [], []
+
+
+def records_of(scored: list[ScoredChunk]) -> list[ScoredRollout]:
+    return [rec for chunk in scored for rec in chunk.records]
+
+
+def completions_of(chunks: list[RolloutChunk]) -> list[str]:
+    return [text for chunk in chunks for text in chunk.completions]
+
+
+__all__ = ["RolloutChunk", "RolloutSampler", "Rollouts", "RewardWorker", "ScoredChunk", "completions_of", "quiet_teardown_hook", "records_of", "state_hash"]

@@ -1,0 +1,216 @@
+"""Reports: report.md with PNG plots, for a GRPO run (`sputnik grpo`) and for the demo.
+
+Everything here reads what a run already wrote (metrics.jsonl, summary.json, heldout.jsonl, the
+pretraining run's expert_load.npy), so a report can be rebuilt from a run directory at any time:
+`python -m orchestrator.report RUN_DIR` rewrites a GRPO run's report.
+
+Test: `pytest tests/orchestrator/test_orch_report.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Plots:
+    """PNG files under `<dir>/plots/`, named in the report as `plots/<name>.png`."""
+
+    def __init__(self, top: Path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.plt, self.dir, self.files = plt, top / "plots", {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def figure(self, w: float = 6, h: float = 3.5, ncols: int = 1):
+        return self.plt.subplots(1, ncols, figsize=(w * ncols, h), squeeze=False)
+
+    def save(self, fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(self.dir / f"{name}.png", dpi=100)
+        self.plt.close(fig)
+        self.files[name] = f"plots/{name}.png"
+
+    def markdown(self) -> list[str]:
+        return [f"![{name}]({path})" for name, path in self.files.items()]
+
+
+def plot_rewards(p: Plots, stages: list[tuple[str, list[dict]]]) -> None:
+    """Reward, train accuracy and reasoning fraction per GRPO step, one panel per stage."""
+    fig, axes = p.figure(ncols=len(stages))
+    for ax, (title, recs) in zip(axes[0], stages):
+        steps = [r for r in recs if "reward_mean" in r]
+        x = [r["step"] for r in steps]
+        ax.plot(x, [r["reward_mean"] for r in steps], label="reward (mean)")
+        ax.plot(x, [r.get("accuracy", 0) for r in steps], label="train accuracy")
+        ax.plot(x, [r.get("reasoning_frac", 0) for r in steps], label="reasoning fraction", ls="--")
+        ax.set(xlabel="GRPO step", title=title, ylim=(0, 1.05))
+        ax.legend()
+    p.save(fig, "reward")
+
+
+def plot_length_and_heldout(p: Plots, recs: list[dict]) -> None:
+    """Mean response length per step, and held-out accuracy where it was measured."""
+    fig, axes = p.figure(ncols=2)
+    ax1, ax2 = axes[0]
+    steps = [r for r in recs if "response_length_mean" in r]
+    ax1.plot([r["step"] for r in steps], [r["response_length_mean"] for r in steps])
+    ax1.set(xlabel="GRPO step", ylabel="tokens", title="Mean response length")
+    held = [r for r in recs if "heldout/accuracy" in r]
+    ax2.plot([r["step"] for r in held], [r["heldout/accuracy"] for r in held], marker="o", label="greedy")
+    sampled = [r for r in held if "heldout/pass@1" in r]
+    if sampled:
+        ax2.plot([r["step"] for r in sampled], [r["heldout/pass@1"] for r in sampled], marker="o", label="pass@1 sampled")
+    ax2.set(xlabel="GRPO step", ylim=(0, 1.05), title="Held-out accuracy")
+    ax2.legend()
+    p.save(fig, "heldout")
+
+
+def plot_time(p: Plots, parts: dict[str, float]) -> None:
+    fig, ax = p.figure()
+    ax[0][0].barh(list(parts), list(parts.values()))
+    ax[0][0].set(xlabel="seconds", title="Where the time went (GRPO parts overlap in actors)")
+    p.save(fig, "time")
+
+
+def grpo_time_parts(stages: list[list[dict]]) -> dict[str, float]:
+    return {f"grpo {key}": float(sum(r.get(f"time/{key}", 0) for recs in stages for r in recs)) for key in ("generate", "score", "learn", "sync")}
+
+
+def write_grpo_report(run_dir: Path) -> Path:
+    """report.md of one `sputnik grpo` run, with plots of rewards, length, held-out accuracy and time."""
+    run_dir = Path(run_dir)
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    p = Plots(run_dir)
+    plot_rewards(p, [("GRPO rollouts", recs)])
+    plot_length_and_heldout(p, recs)
+    plot_time(p, grpo_time_parts([recs]))
+    steps = [r for r in recs if "reward_mean" in r]
+    lines = ["# GRPO run report", "", f"Run directory `{run_dir}`; {summary.get('grpo_steps', len(steps))} steps, policy version "
+             f"{summary.get('policy_version', '?')}.", "", "## Held-out accuracy", "", "| | greedy | pass@1 sampled |", "|---|---|---|"]
+    for when in ("before", "after"):
+        g, s = summary.get(f"heldout_accuracy_{when}"), summary.get(f"heldout_pass@1_{when}")
+        if g is not None:
+            lines.append(f"| {when} GRPO | {g:.3f} | {'n/a' if s is None else f'{s:.3f}'} |")
+    if steps:
+        a, b = steps[0], steps[-1]
+        lines += ["", "## Training", "", f"- reward {a['reward_mean']:.3f} (step {a['step']}) -> {b['reward_mean']:.3f} (step {b['step']}); "
+                  f"train accuracy {a.get('accuracy', 0):.3f} -> {b.get('accuracy', 0):.3f}; mean response length "
+                  f"{a['response_length_mean']:.1f} -> {b['response_length_mean']:.1f} tokens.",
+                  f"- time: {sum(r.get('time/step', 0) for r in steps):.0f} s in steps; " + ", ".join(
+                      f"{k} {v:.0f} s" for k, v in grpo_time_parts([recs]).items()) + "."]
+    lines += ["", "## Plots", "", *p.markdown(), ""]
+    held = read_jsonl(run_dir / "heldout.jsonl")
+    if held:
+        last = max(r["step"] for r in held)
+        lines += [f"## Held-out completions (greedy, step {last})", ""]
+        lines += [f"- `{r['prompt']}` -> `{r['greedy_completion'].strip()[:160]}` ({'correct' if r['greedy_correct'] else 'wrong'})"
+                  for r in [r for r in held if r["step"] == last][:5]]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return run_dir / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's report
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_plots(top: Path, pre_dir: Path, grpo_dirs: list[Path], summary: dict) -> Plots:
+    import numpy as np
+
+    p = Plots(top)
+    pre = read_jsonl(pre_dir / "metrics.jsonl")
+    fig, ax = p.figure()
+    ax = ax[0][0]
+    ax.plot([r["step"] for r in pre], [r["loss"] for r in pre], label="loss (main + MTP)")
+    ax.plot([r["step"] for r in pre if "ce_loss" in r], [r["ce_loss"] for r in pre if "ce_loss" in r], label="next-token CE")
+    ax.set(xlabel="pretraining step", ylabel="loss", title="Pretraining loss")
+    ax.legend()
+    p.save(fig, "loss")
+    stages = [(d, read_jsonl(d / "metrics.jsonl")) for d in grpo_dirs]
+    plot_rewards(p, [(f"GRPO rollouts ({'code' if d.name.endswith('code') else 'arithmetic'})", recs) for d, recs in stages])
+
+    by_stage, greedy = summary["heldout_accuracy_by_stage"], summary["heldout_greedy_accuracy_by_stage"]
+    cols = [(t, kind) for t in next(iter(by_stage.values())) for kind in ("pass@1 (sampled)", "greedy")]
+    fig, ax = p.figure()
+    ax = ax[0][0]
+    width = 0.8 / len(by_stage)
+    for i, stage in enumerate(by_stage):
+        vals = [(greedy if kind == "greedy" else by_stage)[stage][t] for t, kind in cols]
+        ax.bar([j + i * width for j in range(len(cols))], vals, width, label=stage)
+    ax.set_xticks([j + width * (len(by_stage) - 1) / 2 for j in range(len(cols))], [f"{t}\n{kind}" for t, kind in cols])
+    ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="Held-out accuracy by stage")
+    ax.legend()
+    p.save(fig, "heldout_accuracy")
+
+    if (pre_dir / "expert_load.npy").is_file():
+        loads = np.load(pre_dir / "expert_load.npy")
+        fig, ax = p.figure(h=2 + 0.4 * loads.shape[0])
+        im = ax[0][0].imshow(loads / loads.mean(axis=1, keepdims=True), aspect="auto", cmap="viridis")
+        ax[0][0].set(xlabel="expert", ylabel="MoE layer", title="Expert load at the end of pretraining (1 = balanced)")
+        fig.colorbar(im, ax=ax[0][0])
+        p.save(fig, "expert_load")
+    t = summary["time_seconds"]
+    plot_time(p, {"pretrain": t["pretrain"], "evaluation": t["evaluation"], **grpo_time_parts([recs for _, recs in stages])})
+    return p
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def write_demo_report(top: Path, summary: dict, points: dict, final: str, plots: Plots) -> None:
+    """`points[stage][task]` is an orchestrator.evaluate.HeldoutResult."""
+    b, a = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
+    gb, ga = summary["heldout_greedy_accuracy_before"], summary["heldout_greedy_accuracy_after"]
+    t = summary["time_seconds"]
+    pre, fin = points["pretrained"], points[final]
+    stages = list(points)
+    lines = [
+        "# Sputnik demo report", "", "## Result", "",
+        f"Accuracy on held-out tasks (prompts that appear neither in pretraining nor in GRPO training), by the verifier that "
+        f"scores training: pass@1 of the policy sampled at the rollout temperature ({summary['heldout_samples_per_task']} samples per task), and greedy:",
+        "",
+        "| task | n | " + " | ".join(f"{s}: pass@1 | {s}: greedy" for s in stages) + " |",
+        "|---|---|" + "---|---|" * len(stages),
+        *[f"| {k} | {summary['heldout_tasks'][k]} | " + " | ".join(f"{_fmt(points[s][k].sampled)} | {points[s][k].greedy:.3f}" for s in stages)
+          + " |" for k in b],
+        "",
+        *[f"- {k}: pass@1 **{b[k]:.3f} before GRPO, {a[k]:.3f} after** ({a[k] - b[k]:+.3f}); greedy {gb[k]:.3f} before, {ga[k]:.3f} after; "
+          f"the policy reasons in {pre[k].reasoning_fraction:.0%} of sampled completions before and {fin[k].reasoning_fraction:.0%} after. "
+          f"Before GRPO, sampled completions were right {_fmt(pre[k].accuracy_when_reasoning)} of the time when they reasoned and "
+          f"{_fmt(pre[k].accuracy_when_direct)} when they answered directly." for k in b],
+        "", "## What ran",
+        f"- Pretraining: tiny DeepSeek-V3-style MoE (MLA, shared + routed experts, aux-loss-free balancing, MTP), {summary['pretrain_steps']} steps "
+        f"with 2 DeepSpeed workers on Ray Train, final loss {summary['pretrain_final_loss']:.3f} ({t['pretrain']} s with corpus preparation).",
+        f"- GRPO on arithmetic: {summary['grpo_steps']['arithmetic']} steps on Ray actors (rollout samplers, reward evaluators, a DeepSpeed policy learner), {t['grpo_arithmetic']} s.",
+    ]
+    if "code" in summary["grpo_steps"]:
+        lines.append(f"- GRPO on programming tasks (write a function; scored by running its tests in the sandbox): {summary['grpo_steps']['code']} steps, {t['grpo_code']} s.")
+    lines += [
+        f"- Evaluation: {t['evaluation']} s. Total {t['total']} s.", "", "## Plots", "", *plots.markdown(), "",
+        "## Stage by stage", "",
+        "What each GRPO stage changed on the held-out tasks (pass@1 sampled; greedy in brackets). A stage can raise a "
+        "task it did not train on, when what it teaches (choosing to reason) carries over, and it can lower one it no longer trains on.",
+        "",
+        *[f"- {stage}: " + "; ".join(f"{k} {d['pass@1']:+.3f} ({d['greedy']:+.3f})" for k, d in change.items())
+          for stage, change in summary["heldout_accuracy_change_by_stage"].items()],
+        "", f"## Sample completions (held-out, greedy, {final})", "",
+    ]
+    for res in fin.values():
+        for row in res.rows[:3]:
+            lines.append(f"- `{row['prompt']}` -> `{row['greedy_completion'].strip()[:160]}` ({'correct' if row['greedy_correct'] else 'wrong'})")
+    (top / "report.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    print(write_grpo_report(Path(sys.argv[1])))
