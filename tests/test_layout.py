@@ -34,3 +34,50 @@ def test_no_module_shadows_an_installed_package_or_the_stdlib():
 def test_the_check_sees_clashes():
     planted = {"torch": Path("benchmarks/torch.py"), "json": Path("benchmarks/json.py"), "model": ROOT / "model"}
     assert set(_clashes(planted)) == {"torch", "json"}  # `model` is ours (the sputnik distribution)
+
+
+# Size limits that keep one concept per file (STYLE.md): what a reader can hold at once.
+MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_CLASS_LINES = 500, 80, 200
+LONG_FILES_ALLOWED = ("sputnik_kernels/", "rl/sandbox.py")  # Triton kernels with their launchers; the sandbox's layers
+
+
+def _sizes(path: Path):
+    """(kind, qualified name, lines) of every function and class in a Python file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+
+    def walk(node, prefix=""):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                kind = "class" if isinstance(child, ast.ClassDef) else "function"
+                yield kind, prefix + child.name, child.end_lineno - child.lineno + 1
+                yield from walk(child, prefix + child.name + ".")
+
+    yield from walk(tree)
+
+
+def _python_files():
+    for pkg in ("orchestrator", "model", "rl", "data", "sputnik_kernels", "benchmarks", "tests"):
+        yield from sorted((ROOT / pkg).rglob("*.py"))
+
+
+def test_files_functions_and_classes_stay_readable():
+    too_long = []
+    for path in _python_files():
+        rel = path.relative_to(ROOT).as_posix()
+        n = len(path.read_text().splitlines())
+        if n > MAX_FILE_LINES and not rel.startswith(LONG_FILES_ALLOWED):
+            too_long.append(f"{rel}: {n} lines")
+        if rel.startswith("orchestrator/"):
+            for kind, name, lines in _sizes(path):
+                limit = MAX_CLASS_LINES if kind == "class" else MAX_FUNCTION_LINES
+                if lines > limit:
+                    too_long.append(f"{rel}: {kind} {name} {lines} lines")
+    assert not too_long, "over the size limits: " + "; ".join(too_long)
+
+
+def test_the_size_check_measures_functions_and_classes(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("class A:\n    def f(self):\n        x = 1\n        return x\n\n\ndef g():\n    pass\n")
+    assert list(_sizes(src)) == [("class", "A", 4), ("function", "A.f", 3), ("function", "g", 2)]

@@ -215,6 +215,26 @@ def test_async_mode_samples_one_version_behind(policy_dir, ray_session, tmp_path
     assert rows and {"prompt", "completion", "math_accuracy", "advantage"} <= set(rows[0])
 
 
+@pytest.mark.ray
+def test_log_every_and_reward_errors_of_the_step(policy_dir, ray_session, tmp_path, capsys):
+    """`tracking.log_every=2` over 3 steps logs steps 2 and 3 (the last) with a progress line each;
+    a reward that always raises counts, per logged step, one error per completion of that step
+    over both reward workers (not a worker's lifetime total)."""
+    boom = tmp_path / "boom.py"
+    boom.write_text("def boom(completion, sample):\n    raise RuntimeError('always')\n")
+    cfg = make_cfg(policy_dir, "grpo.steps=3", "grpo.eval_every=100", "grpo.checkpoint_every=100", "tracking.log_every=2",
+                   "grpo.num_evaluators=2", f'rewards.rewards=[{{"name": "math_accuracy"}}, {{"name": "{boom}:boom"}}]')
+    d, tracker = driver_for(cfg, tmp_path / "run")
+    d.run()
+    d.close()
+    tracker.close()
+    errors = per_step(tmp_path / "run", "reward_errors")
+    per_completion = cfg.grpo.prompts_per_step * cfg.grpo.group_size
+    assert errors == {2: per_completion, 3: per_completion}
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("grpo: step ")]
+    assert [l.split()[2] for l in lines] == ["2/3", "3/3"] and all("tok/s" in l and "eta" in l for l in lines)
+
+
 def sputnik(*args, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
