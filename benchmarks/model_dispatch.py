@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, load_model_args
-from model.moe import PAIR_PATH_BYTES
 from sputnik_kernels.moe import permute, routing_metadata, unpermute
 
 
@@ -101,10 +100,10 @@ def decode_table(model, repeats, calls=200):
                     fn(x, w, idx)
                 t.append((time.perf_counter() - t0) / calls * 1e6)
             best[name] = min(t)
-        used = "*" if n * layer.topk * experts.pair_bytes() <= PAIR_PATH_BYTES else " "
+        used = "*" if n * layer.topk * experts.pair_bytes() <= layer.pair_path_bytes else " "
         print(f"{n:6d} {n * layer.topk:5d} {n * layer.topk * experts.pair_bytes() / 2**20:7.2f}MB "
               + " ".join(f"{best[k]:8.1f}" for k in ways) + f"  {best['sorted'] / best['pairs']:5.2f}x {used}")
-    print("* = taken by MoE (PAIR_PATH_BYTES)")
+    print(f"* = taken by MoE (ModelArgs.moe_pair_path_bytes = {layer.pair_path_bytes})")
 
 
 def main():
@@ -124,7 +123,7 @@ def main():
     tokens = torch.randint(0, model.args.vocab, (a.tokens // a.seq, a.seq + 1))
     layer = model.moe_layers()[0]
     x = torch.randn(a.tokens // a.seq, a.seq, model.args.dim, requires_grad=True)
-    moes = model.moe_layers() + [m.block.ffn for m in model.mtp if hasattr(m.block.ffn, "routed")]
+    moes = model.moe_layers()  # the MTP module's too
     sorted_fns = [m.routed for m in moes]
     loop_fns = [lambda x, w, idx, _m=m: per_expert_loop(_m, x, w, idx) for m in moes]
     with torch.no_grad():

@@ -6,7 +6,7 @@ the spread of the per-round ratios). Run: `python benchmarks/model_generate.py [
 
 `--rollout`: instead, GRPO-sized sampling (16 prompts x 8 completions, up to 64 new tokens,
 temperature 1, --stops token ids end a row, so lengths spread as in rollouts) with finished rows
-dropped from the batch (model.generate.COMPACT_FRACTION) vs kept to the end. Sampled outputs
+dropped from the batch (generate's default compact_fraction) vs kept to the end. Sampled outputs
 differ between the two (the batch a draw is made from differs), so tokens/s counts the tokens
 each way actually generated.
 """
@@ -14,6 +14,7 @@ each way actually generated.
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import tempfile
 import time
@@ -42,18 +43,16 @@ def timed(fn):
 
 
 def rollout(model, a):
-    import model.generate as gen
-
     torch.manual_seed(1)
     prompts = [p for p in torch.randint(0, model.args.vocab, (16, a.prompt)).tolist() for _ in range(8)]
     stops = list(range(a.stops))
 
     def run(fraction, seed):
-        gen.COMPACT_FRACTION = fraction
-        t, outs = timed(lambda: generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=stops, seed=seed))
+        t, outs = timed(lambda: generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=stops, seed=seed,
+                                         compact_fraction=fraction))
         return t, sum(len(o) for o in outs)
 
-    default = gen.COMPACT_FRACTION
+    default = inspect.signature(generate).parameters["compact_fraction"].default
     ways = {"drop finished rows": default, "keep them": 1.0}
     res = {name: [] for name in ways}
     for name, f in ways.items():
@@ -61,10 +60,9 @@ def rollout(model, a):
     for r in range(a.repeats):
         for name, f in ways.items():
             res[name].append(run(f, r))
-    gen.COMPACT_FRACTION = default
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"tiny preset, 128 rows (16 prompts x 8), prompt {a.prompt}, up to 64 new tokens, temperature 1, "
-          f"{a.stops} stop ids; {a.repeats} interleaved rounds (seed = round)")
+          f"{a.stops} stop ids; {a.repeats} interleaved rounds (seed = round); compact_fraction {default} vs 1")
     rate = {}
     for name, v in res.items():
         tok = np.array([n for _, n in v])

@@ -1,4 +1,9 @@
-"""DataConfig: the `data:` section of a run config (corpus, tokenizer, packing, tasks)."""
+"""DataConfig: the `data:` section of a run config (corpus, tokenizer, packing, tasks), validated
+on load by orchestrator.config like every section.
+
+Test: `pytest tests/data/test_data_shards.py` (the corpus it describes) and
+`tests/orchestrator/test_orch_config.py` (loading and validation).
+"""
 
 from __future__ import annotations
 

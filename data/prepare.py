@@ -1,10 +1,10 @@
 """Build (or reuse) the tokenizer and the tokenised corpus for a DataConfig.
 
-`prepare_corpus(cfg, cache_root)` gathers the documents (synthetic math with a reasoning mix,
-optional stdlib Python source and user files), trains the tokenizer on them, and writes Parquet
-shards, all under `cache_root/data-<fingerprint>/`. The fingerprint covers every setting that
-changes the corpus, so a second run with the same settings reuses the tokenizer and the shards,
-and says so.
+`prepare_corpus(cfg, cache_root)` gathers the documents (synthetic arithmetic and programming
+problems with a reasoning mix, held-out prompts left out; optional stdlib Python source and user
+files), trains the tokenizer on them, and writes Parquet shards, all under
+`cache_root/data-<fingerprint>/`. The fingerprint covers every setting that changes the corpus, so
+a second run with the same settings reuses the tokenizer and the shards, and says so.
 
 Test: `pytest tests/data/test_data_shards.py`.
 """

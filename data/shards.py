@@ -1,7 +1,8 @@
 """Tokenised corpus shards: Parquet files of token-id lists (one row per document) plus a manifest.
 
-`write_shards(chunks, tokenizer_path, out_dir, fingerprint)` tokenises each chunk of documents in
-a process pool and writes `shard_00000.parquet`, ... Each shard is written to a temporary name
+`write_shards(n_shards, texts_of_shard, tokenizer_path, out_dir, *, fingerprint,
+tokenizer_fingerprint)` tokenises the documents of each shard (in a process pool when
+num_workers > 1) and writes `shard_00000.parquet`, ... Each shard is written to a temporary name
 and renamed when complete, so an interrupted run leaves no half-written shard under a real name;
 a re-run reuses every shard whose checksum matches the manifest and rebuilds the rest.
 `manifest.json` holds per-shard document and token counts, SHA-256 checksums, the tokenizer

@@ -1,12 +1,15 @@
-"""Synthetic arithmetic problems with worked, step-by-step reasoning.
+"""Synthetic arithmetic and programming problems with worked, step-by-step reasoning.
 
-Each problem has a prompt, an answer and a worked solution (column addition / subtraction digit by
-digit with carries or borrows, running sums for chains). The pretraining corpus renders a fraction
-`reasoning_fraction` of problems with the worked solution in the think block and the rest with an
-empty one (a direct answer): a tiny model answers far better when it reasons, so GRPO can learn to
-choose reasoning (REFERENCE.md, "Measured here").
+An arithmetic problem (families add, sub, chain, word) has a prompt, an answer and a worked
+solution (column addition / subtraction digit by digit with carries or borrows, running sums for
+chains); a programming problem ("write f(x) returning x plus a plus b") has a program, its tests
+and the worked sum of its constant. data.prepare renders a fraction `reasoning_fraction` of them
+into the pretraining corpus with the worked solution in the think block and the rest with an empty
+one (a direct answer): a tiny model answers far better when it reasons, so GRPO can learn to choose
+reasoning (BENCHMARKS.md, "Demo"). data.tasks draws the task tables from the same generators.
 
-Test: `pytest tests/data/test_data_synthetic.py`.
+Test: `pytest tests/data/test_data_tasks.py` (worked solutions end in the answer; programs pass
+their tests).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """ModelArgs: the DeepSeek-V3 hyper-parameters, and presets loaded from configs/models/*.yaml.
 
 Field names follow DeepSeek-V3's reference `inference/model.py`; `model.hf` maps them to the
-names of transformers' DeepseekV3Config.
+names of transformers' DeepseekV3Config. The last group (execution choices: attention padding, the
+MoE decoding path) changes speed, not results, and is not exported.
 
 Test: `pytest tests/model/test_model_args.py`.
 """
@@ -67,6 +68,14 @@ class ModelArgs:
     # initialisation
     init_std: Annotated[float, Field(gt=0)] = 0.02
     tie_embeddings: bool = False
+    # execution choices: the same results up to rounding, only speed differs; not architecture, so
+    # model.hf leaves them out of config.json. Each has a benchmark timing both settings.
+    # MLA pads v to the q/k head dim, so SDPA can take its fused kernels (benchmarks/model_attention.py).
+    attn_pad_v: bool = True
+    # On CPU, an MoE batch whose (token, expert) pairs' gathered weights take at most this many bytes
+    # runs them as batched matmuls instead of sorting them by expert (decoding sizes; 0 = always
+    # sort; benchmarks/model_dispatch.py --decode).
+    moe_pair_path_bytes: NonNeg = 2 << 20
 
     def __post_init__(self):
         if self.q_lora_rank is None:

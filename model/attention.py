@@ -11,7 +11,7 @@ Two paths:
   (keys) and the output (values), so the cache is never expanded.
 
 Shapes: B batch, T new tokens, S cached positions, H heads, C kv_lora_rank, R rope dim.
-Test: `pytest tests/model/test_model_generate.py tests/model/test_model_hf.py`.
+Test: `pytest tests/model/test_model_attention.py tests/model/test_model_generate.py tests/model/test_model_hf.py`.
 """
 
 from __future__ import annotations
@@ -50,12 +50,9 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    # Pad v to the q/k head dim so SDPA can use its fused kernels (benchmarks/model_attention.py
-    # times both; the output is the same up to rounding).
-    pad_v: bool = True
-
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.pad_v = args.attn_pad_v
         self.n_heads = args.n_heads
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.kv_rank = args.kv_lora_rank

@@ -4,7 +4,8 @@ forward, dgrad and wgrad — while the parameters (the master weights) keep thei
 
 Converted, as in DeepSeek-V3: the MLA projections (wq / wq_a / wq_b, wkv_a, wkv_b, wo), the dense
 and shared-expert MLPs, the MTP projection eh_proj, and the routed experts' stacked w1/w3/w2
-(through sputnik_kernels.fp8_grouped_mm: a Triton FP8 grouped GEMM on CUDA, emulated on CPU).
+(through sputnik_kernels.fp8.fp8_grouped_mm: a Triton FP8 grouped GEMM on CUDA, emulated on
+CPU). On MoE's few-token CPU path the routed experts run sorted all the same (FP8Experts.forward).
 Left in high precision, as in the paper: the embedding, the output head (OutputHead, an nn.Linear
 subclass, so it is never matched), the router gate, norms and attention itself. MLA's absorbed
 inference path reads wkv_b.weight directly and stays in high precision.
@@ -25,6 +26,7 @@ from torch import nn
 
 from sputnik_kernels import swiglu
 from sputnik_kernels.fp8 import fp8_grouped_mm, fp8_linear
+from sputnik_kernels.moe import permute, routing_metadata, unpermute
 from model.moe import Experts
 
 
@@ -39,7 +41,17 @@ class FP8Linear(nn.Linear):
 class FP8Experts(Experts):
     """Routed experts whose three grouped GEMMs (and their gradients) run on FP8 operands."""
 
-    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, experts: slice | None = None) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor | None = None, experts: slice | None = None, *,
+                pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Experts.forward's contract. Token-order input with pairs=(w_NK, idx_NK) (MoE's few-token
+        CPU path) is sorted by expert here and run through the same FP8 grouped GEMMs: FP8 numerics
+        are defined on the expert-sorted rows (the wgrad quantises 128-token tiles of them), so a
+        per-pair FP8 variant would make results depend on which path the batch size picked, and on
+        CPU, where the pair path exists, FP8 is an emulation for its numerics, not for speed."""
+        if pairs is not None:
+            w_NK, idx_NK = pairs
+            meta = routing_metadata(idx_NK, self.w1.shape[0])
+            return unpermute(self.forward(permute(x_MD, meta), meta.offsets_E), meta, w_NK)
         w1, w3, w2 = self.weights(experts)
         h_MI = swiglu(fp8_grouped_mm(x_MD, w1, offsets_E), fp8_grouped_mm(x_MD, w3, offsets_E))
         return fp8_grouped_mm(h_MI, w2, offsets_E)

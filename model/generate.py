@@ -7,8 +7,10 @@ against the cache (absorbed MLA: only kv_lora_rank + qk_rope_head_dim values per
 
 `generate(...)` returns only the new tokens of each prompt; generation of a row stops after it
 emits one of `stop_token_ids` (the stop token is included in the output) or after max_new_tokens.
-Rows that have stopped are dropped from the batch as they accumulate (GRPO rollouts stop at very
-different lengths), so the remaining steps cost only what the unfinished rows need.
+Rows that have stopped are dropped from the batch once they are `compact_fraction` of it (GRPO
+rollouts stop at very different lengths), so the remaining steps cost only what the unfinished rows
+need. Greedy outputs are the same whatever the fraction; sampled ones are not (a draw depends on
+the batch it is made from).
 
 Test: `pytest tests/model/test_model_generate.py`; benchmark: `python benchmarks/model_generate.py`.
 """
@@ -18,11 +20,6 @@ from __future__ import annotations
 import torch
 
 from model.transformer import Transformer
-
-
-# Finished rows leave the batch once they are this fraction of it (the copy of the caches is then
-# paid back within a few steps); benchmarks/model_generate.py --rollout times it against 1.0 (never).
-COMPACT_FRACTION = 0.25
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -50,9 +47,15 @@ def generate(
     stop_token_ids: list[int] | tuple[int, ...] = (),
     seed: int | None = None,
     pad_id: int = 0,
+    compact_fraction: float = 0.25,
 ) -> list[list[int]]:
+    """New tokens of each prompt. compact_fraction: finished rows leave the batch once they are
+    this fraction of it (0: as soon as one finishes, 1: never). At 0.25 the copy of the caches is
+    paid back within a few steps; benchmarks/model_generate.py --rollout times it against 1."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and no empty prompt")
+    if not 0 <= compact_fraction <= 1:
+        raise ValueError(f"compact_fraction must be in [0, 1] (got {compact_fraction})")
     max_prompt = max(len(p) for p in prompts)
     total = max_prompt + max_new_tokens
     if total > model.args.max_seq_len:
@@ -91,7 +94,7 @@ def generate(
         n_done = int(done.sum())
         if n_done == len(rows) or i == max_new_tokens - 1:
             break
-        if n_done and n_done >= COMPACT_FRACTION * len(rows):
+        if n_done and n_done >= compact_fraction * len(rows):
             # Enough of the batch has finished: drop those rows (their cache slots, positions and
             # masks too), so that later steps cost only what the unfinished rows need.
             keep = (~done).nonzero().squeeze(1)

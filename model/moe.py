@@ -11,7 +11,8 @@ Dispatch (sputnik_kernels/moe.py): the (token, expert) pairs are sorted by exper
 the results are summed back per token weighted by the gate (unpermute) — no Python loop over
 tokens. Triton on CUDA, the torch references otherwise (SPUTNIK_KERNELS). For a handful of tokens
 on CPU (decoding) each (token, expert) pair's weights are gathered instead and run as batched
-matmuls (Experts._forward_pairs, PAIR_PATH_BYTES), which avoids the fixed cost of the sort.
+matmuls (Experts._forward_pairs, up to ModelArgs.moe_pair_path_bytes), which avoids the fixed cost
+of the sort.
 
 Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
 Test: `pytest tests/model/test_model_moe.py`.
@@ -26,10 +27,6 @@ from torch import nn
 from sputnik_kernels import swiglu
 from sputnik_kernels.moe import grouped_mm, permute, routing_metadata, unpermute
 from model.args import ModelArgs
-
-
-# Gathered expert weights up to this size run as per-pair batched matmuls (Experts._forward_pairs).
-PAIR_PATH_BYTES = 2 << 20
 
 
 class MLP(nn.Module):
@@ -132,6 +129,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.topk = args.n_routed_experts, args.n_activated_experts
         self.seq_aux_alpha = args.seq_aux_loss_alpha
+        self.pair_path_bytes = args.moe_pair_path_bytes
         self.gate = Gate(args)
         self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
@@ -155,7 +153,7 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def _routed_local(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        if x_ND.device.type == "cpu" and idx_NK.numel() * self.experts.pair_bytes() <= PAIR_PATH_BYTES:
+        if x_ND.device.type == "cpu" and idx_NK.numel() * self.experts.pair_bytes() <= self.pair_path_bytes:
             # A few tokens with small experts (decoding): gathering each pair's weights beats the
             # fixed cost of sorting and a GEMM call per expert (~0.2 ms on CPU). The copies grow
             # with tokens x expert size, so larger batches or experts take the sorted path.

@@ -1,5 +1,8 @@
 """RMSNorm with fp32 statistics (the model's only normalisation layer); runs `sputnik_kernels.rmsnorm`
-(Triton on CUDA tensors, the pure-torch reference on CPU)."""
+(Triton on CUDA tensors, the pure-torch reference on CPU).
+
+Test: `pytest tests/kernels/test_kernels_rmsnorm.py` (the op), tests/model/test_model_hf.py (in the model).
+"""
 
 from __future__ import annotations
 

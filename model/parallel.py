@@ -97,4 +97,3 @@ def apply_expert_parallel(model: Transformer, group=None, shard_weights: bool = 
                 setattr(moe.experts, name, nn.Parameter(full.detach()[sl].clone()))
         moe.ep_slice = None if shard_weights else sl
         moe.routed = lambda x, w, idx, _m=moe: _routed_expert_parallel(_m, group, x, w, idx)
-        moe.ep_group = group

@@ -5,8 +5,11 @@ output head, and multi-token prediction modules (V3 section 2.2).
 loss: module k combines the previous depth's hidden state with the embedding of the token k steps
 ahead and predicts the token after it, sharing the embedding and the output head.
 
+Every MoE layer, the MTP modules' included, takes part in the auxiliary-loss-free balancing
+(`expert_loads` / `update_expert_bias`, one row per layer of `moe_layers()`).
+
 Shapes: B batch, T positions, D dim, V vocab.
-Test: `pytest tests/model/`.
+Test: `pytest tests/model/test_model_train.py tests/model/test_model_args.py`.
 """
 
 from __future__ import annotations
@@ -127,7 +130,10 @@ class Transformer(nn.Module):
         return self.head(self.norm(h))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
-        """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ sequence-wise aux loss)."""
+        """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ the sequence-wise aux loss
+        of every MoE layer this call ran, MTP's included)."""
+        for m in self.moe_layers():
+            m.aux_loss = None  # set again by each MoE layer that runs below
         h = self.hidden(tokens)
         ce = self.head(self.norm(h), targets, mode="ce", ignore_index=ignore_index)
         total, metrics = ce, {"ce_loss": ce.item()}
@@ -158,17 +164,20 @@ class Transformer(nn.Module):
     # --- load balancing ------------------------------------------------------------------------
 
     def moe_layers(self) -> list[MoE]:
-        """The main model's MoE layers (MTP blocks excluded: their load follows the main model's)."""
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        """Every MoE layer: the main model's in depth order, then each MTP module's. The MTP blocks
+        route their own tokens with their own gate, so their bias is balanced like the others'."""
+        blocks = list(self.layers) + [mod.block for mod in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def expert_loads(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last bias update: [n_moe_layers, E] (this rank)."""
+        """Tokens routed to each expert since the last bias update: [len(moe_layers()), E] (this rank)."""
         layers = self.moe_layers()
         if not layers:
             return torch.zeros(0, self.args.n_routed_experts)
         return torch.stack([m.load for m in layers])
 
     def expert_bias(self) -> torch.Tensor:
+        """The balancing biases, rows as in expert_loads: [len(moe_layers()), E]."""
         layers = self.moe_layers()
         if not layers:
             return torch.zeros(0, self.args.n_routed_experts)
@@ -176,12 +185,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, loads: torch.Tensor) -> None:
-        """Aux-loss-free update, given loads already summed over data-parallel ranks."""
-        for m, load in zip(self.moe_layers(), loads):
+        """Aux-loss-free update of every MoE layer, given expert_loads() summed over data-parallel ranks."""
+        layers = self.moe_layers()
+        assert loads.shape == (len(layers), self.args.n_routed_experts), (tuple(loads.shape), len(layers))
+        for m, load in zip(layers, loads):
             m.update_bias(load, self.args.bias_update_speed)
-        for mod in self.mtp:
-            if isinstance(mod.block.ffn, MoE):
-                mod.block.ffn.load.zero_()
 
     # --- caches --------------------------------------------------------------------------------
 

@@ -53,16 +53,20 @@ def test_stop_tokens_end_rows(model):
 
 
 def test_rows_ending_at_different_steps_leave_the_others_unchanged(model):
-    # Finished rows are dropped from the batch as they stop; every row must still get exactly its
-    # own greedy continuation, cut after its first stop token.
+    # Finished rows are dropped from the batch once they are compact_fraction of it (0: at once,
+    # 1: never); every row must still get exactly its own greedy continuation, cut after its first
+    # stop token.
     prompts = [[5, 6, 7], [11, 12], [3, 4, 5, 6, 7, 8], [40], [9, 9, 9, 9], [21, 22, 23], [60, 61], [70, 71, 72, 73, 74]]
     refs = [greedy_reference(model, p, 14) for p in prompts]
     stop = [refs[0][2], refs[2][5], refs[4][1]]  # rows 0, 2 and 4 stop early (others may too)
-    out = generate(model, prompts, max_new_tokens=14, temperature=0, stop_token_ids=stop)
-    for ref, o in zip(refs, out):
-        first = next((k for k, t in enumerate(ref) if t in stop), None)
-        assert o == (ref if first is None else ref[: first + 1])
-    assert sum(len(o) < 14 for o in out) >= 3
+    for fraction in (0.0, 0.25, 1.0):
+        out = generate(model, prompts, max_new_tokens=14, temperature=0, stop_token_ids=stop, compact_fraction=fraction)
+        for ref, o in zip(refs, out):
+            first = next((k for k, t in enumerate(ref) if t in stop), None)
+            assert o == (ref if first is None else ref[: first + 1]), fraction
+        assert sum(len(o) < 14 for o in out) >= 3
+    with pytest.raises(ValueError, match="compact_fraction"):
+        generate(model, prompts, max_new_tokens=4, compact_fraction=1.5)
 
 
 def test_top_p_keeps_only_the_nucleus():

@@ -42,6 +42,9 @@ def test_hf_checkpoint_gives_same_logits(tmp_path, q_lora_rank):
     hf = random_hf_model(q_lora_rank)
     hf.save_pretrained(tmp_path)
     ours = from_hf_pretrained(tmp_path).eval()
+    # transformers saves no MTP layer: ours starts fresh, its balancing bias and loads at zero
+    assert len(ours.moe_layers()) == len(ours.expert_bias()) and not ours.expert_bias()[-1].any()
+    assert not ours.expert_loads().any()
     tokens = torch.randint(0, 257, (2, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -71,6 +74,9 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
     # MTP weights round-trip as layer index n_layers
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 1
+    # only keys transformers' config knows (torch_dtype: its older name for dtype); our execution
+    # choices (ModelArgs.attn_pad_v, moe_pair_path_bytes) are not architecture and stay out
+    assert set(cfg) - set(transformers.DeepseekV3Config().to_dict()) <= {"torch_dtype"}
     back = from_hf_pretrained(tmp_path)
     for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k

@@ -1,21 +1,22 @@
 """DeepSeekMoE: the gate against transformers' router, sort-based dispatch against a per-token
 reference, the aux-loss-free bias update and the sequence-wise balance loss against their formulas."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import ModelArgs
-import model.moe as moe_module
 from model.moe import MoE, grouped_mm
 
 ARGS = ModelArgs(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=3, n_expert_groups=4,
                  n_limited_groups=2, route_scale=2.5, seq_aux_loss_alpha=0.01)
 
 
-def make_moe(seed=0):
+def make_moe(seed=0, **overrides):
     torch.manual_seed(seed)
-    m = MoE(ARGS)
+    m = MoE(dataclasses.replace(ARGS, **overrides))
     for p in m.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
     with torch.no_grad():
@@ -67,11 +68,10 @@ def reference_moe(m, x):
 
 
 @pytest.mark.parametrize("path", ["sorted", "pairs"])
-def test_dispatch_matches_per_token_reference_with_grads(path, monkeypatch):
+def test_dispatch_matches_per_token_reference_with_grads(path):
     # sorted: routing_metadata / permute / grouped GEMM / unpermute; pairs: each (token, expert)
     # pair's weights gathered into batched matmuls (Experts._forward_pairs, used for a few tokens)
-    monkeypatch.setattr(moe_module, "PAIR_PATH_BYTES", 0 if path == "sorted" else 1 << 40)
-    m = make_moe()
+    m = make_moe(moe_pair_path_bytes=0 if path == "sorted" else 1 << 40)
     x = torch.randn(2, 13, 32, requires_grad=True)
     y = m(x)
     x2 = x.detach().clone().requires_grad_(True)
@@ -85,16 +85,16 @@ def test_dispatch_matches_per_token_reference_with_grads(path, monkeypatch):
     assert torch.allclose(gx, x2.grad, atol=1e-5) and torch.allclose(gw, m.experts.w1.grad, atol=1e-5)
 
 
-def test_decode_sized_batches_take_the_pair_path_and_larger_ones_do_not(monkeypatch):
-    m = make_moe()
-    calls = []
-    real = m.experts._forward_pairs
-    monkeypatch.setattr(m.experts, "_forward_pairs", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+@pytest.mark.parametrize("limit", [ARGS.moe_pair_path_bytes, 40_000])
+def test_decode_sized_batches_take_the_pair_path_and_larger_ones_do_not(limit):
+    m = make_moe(moe_pair_path_bytes=limit)
+    calls = []  # rows of each pair-path call, seen by a hook on the experts' forward
+    m.experts.register_forward_pre_hook(lambda mod, a, kw: calls.append(a[0].shape[0]) if kw.get("pairs") else None, with_kwargs=True)
     pair_bytes = 3 * 32 * 16 * 4  # one expert's w1, w3, w2 in fp32
-    few = moe_module.PAIR_PATH_BYTES // (pair_bytes * ARGS.n_activated_experts)  # tokens whose pairs fit
+    few = limit // (pair_bytes * ARGS.n_activated_experts)  # tokens whose pairs fit
     m(torch.randn(1, few, 32))
     m(torch.randn(1, few + 1, 32))
-    assert calls == [few]
+    assert few >= 1 and calls == [few]
 
 
 def test_grouped_mm_with_empty_experts():
