@@ -22,7 +22,8 @@ def main():
     ap.add_argument("--n", type=int, default=200)
     a = ap.parse_args()
     plain = [{"completion": f"</think> <answer>{i * 7}</answer>", "answer": str(i * 7)} for i in range(a.n)]
-    latex = [{"completion": f"</think> <answer>\\frac{{\\sqrt{{{i * i * 4}}}}}{{2}}</answer>", "answer": str(i)} for i in range(1, a.n + 1)]
+    # a symbolic reference goes through math-verify (a numeric one only accepts a final number)
+    latex = [{"completion": f"</think> <answer>\\sqrt{{{2 * i * i}}}</answer>", "answer": f"{i}\\sqrt{{2}}"} for i in range(1, a.n + 1)]
     default_verifier().equal("1", "1")  # start the worker process outside the timings
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
     ev = RewardEvaluator(RewardConfig(rewards=[RewardSpec("math_accuracy")], max_workers=2))

@@ -13,6 +13,7 @@ Test: `pytest tests/data/test_data_tasks.py`.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import json
@@ -135,8 +136,38 @@ def _row_from_record(rec: dict, path: Path, i: int) -> dict:
     raise TaskFileError(f"{path}: row {i} has none of the column sets (prompt, kind), (question, answer), (problem, solution)")
 
 
+def has_checks(tests: str) -> bool:
+    """True when the tests contain an assert or a unittest TestCase: something that can fail.
+    (The sandbox also refuses to pass a run in which no check was executed.)"""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.Assert) or (isinstance(n, ast.Name) and n.id == "TestCase")
+               or (isinstance(n, ast.Attribute) and n.attr == "TestCase") for n in ast.walk(tree))
+
+
+def _check_row(row: dict, path: Path, i: int) -> dict:
+    """Refuse a row that could only ever be scored by accident (issue #17), naming it."""
+    where = f"{path}: row {i} (id {row.get('id')!r})"
+    kind = str(row.get("kind") or "")
+    if kind not in ("math", "code"):
+        raise TaskFileError(f"{where} has kind {kind!r}; use 'math' or 'code'")
+    if kind == "math" and not str(row.get("answer") or "").strip():
+        raise TaskFileError(f"{where} is a math task without an answer; give it one or drop the row")
+    if kind == "code":
+        tests = str(row.get("tests") or "")
+        if not tests.strip():
+            raise TaskFileError(f"{where} is a code task without tests; give it asserts or unittest tests, or drop the row")
+        if not has_checks(tests):
+            raise TaskFileError(f"{where} has tests that do not parse or contain no assert or unittest TestCase, so they check nothing")
+    return row
+
+
 def read_tasks(path: str | Path) -> pa.Table:
-    """Tasks from .jsonl or .parquet: our schema, GSM8K style (#### answer) or MATH style (\\boxed{})."""
+    """Tasks from .jsonl or .parquet: our schema, GSM8K style (#### answer) or MATH style (\\boxed{}).
+
+    A math row without an answer, or a code row whose tests check nothing, is refused (TaskFileError naming the row)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
@@ -163,4 +194,4 @@ def read_tasks(path: str | Path) -> pa.Table:
         raise TaskFileError(f"{path}: unsupported task file type {path.suffix!r} (use .jsonl or .parquet)")
     if not records:
         raise TaskFileError(f"{path}: the file holds no tasks")
-    return make_table(_row_from_record(r, path, i) for i, r in enumerate(records))
+    return make_table(_check_row(_row_from_record(r, path, i), path, i) for i, r in enumerate(records))

@@ -1,8 +1,8 @@
 """The `sputnik` command line: demo, pretrain, grpo, eval, export, plan.
 
 Every subcommand takes `--config FILE`, `--out DIR` and dotted overrides (`grpo.group_size=8`).
-The config is validated before anything starts: a bad key or value prints one line and exits 2.
-A subcommand whose implementation has not landed says so and exits 3; it never pretends.
+The config is validated before anything starts: a bad key or value, or any other error a user can
+cause (a missing file, a run without checkpoints), prints one line and exits 2.
 
 Test: `pytest tests/orchestrator/test_orch_cli.py`.
 """
@@ -16,21 +16,17 @@ import sys
 from orchestrator.config import CONFIG_DIR, ConfigError, load_config
 
 EXIT_CONFIG = 2
-EXIT_NOT_AVAILABLE = 3
 
-# subcommand -> (help, default config, "module:function" implementing it, issue that delivers it)
+# subcommand -> (help, default config, "module:function" implementing it); modules load on use,
+# so `sputnik plan` does not import torch, Ray or DeepSpeed
 COMMANDS = {
-    "demo": ("the whole pipeline on this machine: corpus, pretraining, GRPO, report", "demo.yaml", "orchestrator.demo:run", 9),
-    "pretrain": ("pretrain the MoE model with Ray Train + DeepSpeed", "pretrain_tiny.yaml", "orchestrator.pretrain:run", 7),
-    "grpo": ("R1-Zero-style GRPO with rollout samplers, reward evaluators and policy learners", "grpo_math.yaml", "orchestrator.grpo:run", 8),
-    "eval": ("score a checkpoint on a task table (pass@1, pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run", 8),
-    "export": ("export a pretraining checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run", 7),
-    "plan": ("print the placement plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run", 9),
+    "demo": ("the whole pipeline on this machine: corpus, pretraining, GRPO, report", "demo.yaml", "orchestrator.demo:run"),
+    "pretrain": ("pretrain the MoE model with Ray Train + DeepSpeed", "pretrain_tiny.yaml", "orchestrator.pretrain:run"),
+    "grpo": ("R1-Zero-style GRPO with rollout samplers, reward evaluators and policy learners", "grpo_math.yaml", "orchestrator.grpo:run"),
+    "eval": ("score a checkpoint on a task table (pass@1, pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
+    "export": ("export a pretraining or GRPO checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run"),
+    "plan": ("print the placement plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run"),
 }
-
-
-class NotAvailable(RuntimeError):
-    """Raised by a subcommand whose pieces have not landed yet."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sputnik: DeepSeek-V3-style MoE pretraining and R1-Zero GRPO on Ray.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, default_cfg, _, _) in COMMANDS.items():
+    for name, (help_text, default_cfg, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", default=str(CONFIG_DIR / default_cfg), help=f"run config YAML (default: configs/{default_cfg})")
         p.add_argument("--out", default=None, help="run directory (default: runs/<name>-<timestamp>/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. grpo.group_size=8")
         if name == "export":
-            p.add_argument("--from", dest="from_dir", required=True, help="pretraining run directory")
+            p.add_argument("--from", dest="from_dir", required=True, help="pretraining or GRPO run directory")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
             p.add_argument("--to", dest="to_dir", required=True, help="output directory for the HF checkpoint")
         if name == "plan":
@@ -57,28 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _, _, target, issue = COMMANDS[args.command]
+    module_name, func_name = COMMANDS[args.command][2].split(":")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"sputnik {args.command}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    module_name, func_name = target.split(":")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        print(f"sputnik {args.command}: not available yet: it is delivered by issue #{issue}, which has not landed.", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
-    try:
-        return int(getattr(module, func_name)(cfg, args) or 0)
+        return int(getattr(importlib.import_module(module_name), func_name)(cfg, args) or 0)
     except ConfigError as e:
         print(f"sputnik {args.command}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except NotAvailable as e:
-        print(f"sputnik {args.command}: not available yet: {e}", file=sys.stderr)
-        return EXIT_NOT_AVAILABLE
     except KeyboardInterrupt:
         print(f"sputnik {args.command}: interrupted; finished checkpoints and metrics are kept.", file=sys.stderr)
         return 130

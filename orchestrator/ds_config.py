@@ -1,12 +1,10 @@
 """DeepSpeed engine setup shared by the pretraining workers and the GRPO policy learners.
 
-`deepspeed_config(...)` turns our dataclass settings into DeepSpeed's JSON config;
-`lr_lambda(...)` is the warmup + cosine schedule (a torch LambdaLR, so DeepSpeed saves its state
-in every checkpoint); `mark_expert_parameters(...)` tags routed-expert weights the way DeepSpeed's
-MoE support expects (`allreduce=False`, `group_name`), so ZeRO reduces their gradients over the
-expert-data-parallel group instead of the whole data-parallel group.
+`import_deepspeed()` imports DeepSpeed ready for a CPU or GPU worker; `deepspeed_config(...)` turns
+our dataclass settings into DeepSpeed's JSON config; `lr_lambda(...)` is the warmup + cosine
+schedule (wrapped in a torch LambdaLR, so DeepSpeed saves its state in every checkpoint).
 
-Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
+Test: `pytest tests/orchestrator/test_orch_pretrain.py tests/orchestrator/test_orch_grpo.py`.
 """
 
 from __future__ import annotations

@@ -262,8 +262,8 @@ def check_shared_storage(ray, path: str | Path, *, key: str = "--out") -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def command_of(cfg: RunConfig, config_path: str) -> str:
-    """Which command a config is for: from its name or sections (grpo unless it is a pretraining config)."""
+def command_of(config_path: str) -> str:
+    """Which command a config is for, from its file name: pretrain*, demo*, else grpo."""
     stem = Path(config_path).stem
     if stem.startswith("pretrain"):
         return "pretrain"
@@ -282,7 +282,7 @@ def run(cfg: RunConfig, cli_args) -> int:
     if cpn <= 0:
         raise ConfigError(f"--cpus-per-node must be positive, got {cpn}")
     nodes = [Node(float(cpn), float(gpn), f"node{i}") for i in range(nodes_n)]
-    command = command_of(cfg, cli_args.config)
+    command = command_of(cli_args.config)
     commands = ["pretrain", "grpo"] if command == "demo" else [command]
     print(f"plan for {nodes_n} node(s) x {cpn:g} CPU + {gpn} GPU, config {cli_args.config}")
     for cmd in commands:  # the demo runs pretraining, then GRPO: the cluster holds one at a time

@@ -11,6 +11,7 @@ Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -76,17 +77,18 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     from orchestrator.tracking import Tracker
 
     figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(corpus.tokenizer_path)}
-    Tracker(run_dir, cfg.tracking.__class__(wandb_mode="disabled"), name=cfg.name).summary(figures)
+    with Tracker(run_dir, dataclasses.replace(cfg.tracking, wandb_mode="disabled"), name=cfg.name) as tracker:
+        tracker.summary(figures)
     print(f"pretrain: done; final loss {figures['final_loss']}; HF model in {final}", flush=True)
     return run_dir
 
 
-def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=None):
+def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.placement import check_shared_storage, cluster_gpus
-    from orchestrator.pretrain_worker import train_loop
+    from orchestrator.pretrain_worker import WorkerSpec, train_loop
     from orchestrator.ray_local import init_ray
 
     init_ray(cfg.cluster)
@@ -98,15 +100,14 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=Non
     p = cfg.pretrain
     use_gpu = (cfg.cluster.gpus_per_learner if cfg.cluster.gpus_per_learner is not None else cluster_gpus(ray)) > 0
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
-    loop_config = {
-        "pretrain": p, "model": cfg.model, "tracking": cfg.tracking, "seed": cfg.seed, "name": cfg.name,
-        "run_dir": str(run_dir), "shard_dir": str(shard_dir), "seq_len": cfg.data.seq_len,
-        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "heatmap_every": cfg.tracking.heatmap_every,
-        "config_dict": to_dict(cfg), "peak_flops": peak_flops(), "threads_per_worker": max(1, cpus // p.workers),
-    }
+    spec = WorkerSpec(
+        pretrain=p, model=cfg.model, tracking=cfg.tracking, seed=cfg.seed, run_name=cfg.name, run_dir=run_dir,
+        shard_dir=Path(shard_dir), seq_len=cfg.data.seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
+        threads=max(1, cpus // p.workers), peak_flops=peak_flops(), wandb_config=to_dict(cfg),
+    )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec},  # Ray Train hands the workers a dict
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=p.workers, use_gpu=use_gpu,
@@ -123,12 +124,13 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok, *, failure_hook=Non
 
 
 def export_latest(run_dir: Path, args: ModelArgs) -> Path:
-    from orchestrator.export import export_checkpoint, find_checkpoints
+    """Export the run's latest checkpoint to `run_dir/hf`."""
+    from orchestrator.checkpoints import find_checkpoints
+    from orchestrator.export import export_checkpoint
 
     ckpts = find_checkpoints(run_dir)
     if not ckpts:
         raise RuntimeError(f"{run_dir}: the run left no complete checkpoint to export")
-    step, path = ckpts[-1]
     out = run_dir / "hf"
-    export_checkpoint(path, args, out)
+    export_checkpoint(ckpts[-1], args, out)
     return out

@@ -1,18 +1,18 @@
 """One pretraining worker: a DeepSpeed engine over the MoE model, fed by the packing loader.
 
-`train_loop(config)` is what Ray Train runs on every worker (it also runs without Ray on a GPU box,
-given a `Reporter`). Each optimizer step: grad-accumulated micro-batches, DeepSpeed step (ZeRO,
-clipping, warmup + cosine LR), then the auxiliary-loss-free bias update with expert loads summed
-over all ranks. Checkpoints: DeepSpeed `save_checkpoint` on every rank plus each rank's loader
-and RNG state, reported through `ray.train.report(checkpoint=...)`; a checkpoint counts only once
-Ray has registered it from all workers, and `meta.json` (written last by rank 0) marks it complete.
+`train_loop({"spec": WorkerSpec(...)})` is what Ray Train runs on every worker. Each optimizer
+step: grad-accumulated micro-batches, DeepSpeed step (ZeRO, clipping, warmup + cosine LR), then the
+auxiliary-loss-free bias update with expert loads summed over all ranks. Rank 0 logs metrics every
+`tracking.log_every` steps and the last. Checkpoints (layout in orchestrator/checkpoints.py): every
+rank saves its part and reports it with `ray.train.report(checkpoint=...)`; Ray Train merges the
+parts into one directory and, after a worker failure, restarts all workers from the latest one.
 
 Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import random
 import tempfile
 import time
@@ -25,10 +25,30 @@ from torch import nn
 
 from model import ModelArgs, Transformer
 from model.parallel import apply_activation_checkpointing, apply_expert_parallel
+from orchestrator.checkpoints import load_pretrain_part, save_pretrain_part
 from orchestrator.config import PretrainConfig, TrackingConfig
 from orchestrator.ds_config import deepspeed_config, import_deepspeed, lr_lambda
 
-DS_TAG = "ds"
+LOSSES = ("loss", "ce_loss", "mtp_loss")  # averaged over ranks every step
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """What every worker needs: its config sections and a few facts of the run."""
+
+    pretrain: PretrainConfig
+    model: ModelArgs
+    tracking: TrackingConfig
+    seed: int
+    run_name: str
+    run_dir: Path
+    shard_dir: Path  # the corpus's token shards (data/prepare.py)
+    seq_len: int
+    bos_id: int
+    eos_id: int
+    threads: int = 1  # torch threads per worker on CPU
+    peak_flops: float | None = None  # per device, for MFU; None where unknown
+    wandb_config: dict = dataclasses.field(default_factory=dict)  # the resolved run config, shown in W&B
 
 
 class LossModule(nn.Module):
@@ -52,15 +72,178 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def expert_load_heatmap(loads, step: int):
-    """A W&B image of the (layers x experts) load, each row divided by its mean."""
+def train_loop(loop_config: dict) -> None:
+    """Ray Train's entry point on every worker; `loop_config` is {"spec": WorkerSpec}."""
+    import ray.train
+
+    from data.loader import PackedLoader
+
+    spec: WorkerSpec = loop_config["spec"]
+    p = spec.pretrain
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        torch.set_num_threads(spec.threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+    model = build_model(spec, rank, world)
+    flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
+    bf16 = p.precision == "bf16" or (p.precision == "auto" and on_gpu)
+    engine, scheduler = build_engine(model, p, world, bf16=bf16)
+    loader = PackedLoader(spec.shard_dir, seq_len=spec.seq_len, batch_size=p.micro_batch_size * world, bos_id=spec.bos_id,
+                          eos_id=spec.eos_id, seed=spec.seed, rank=rank, world_size=world)
+    start_step = resume(engine, loader, rank, world)
+
+    last_step = min(p.steps, p.stop_after or p.steps)
+    log = StepLog(spec, world, flops_per_token, last_step) if rank == 0 else None
+    for step in range(start_step + 1, last_step + 1):
+        t0 = time.perf_counter()
+        losses, loads_LE = train_step(engine, model, loader, p.grad_accum, device, world)
+        dt = time.perf_counter() - t0
+        if log is not None:
+            log.step(step, losses, loads_LE, model.expert_bias().cpu(), lr=scheduler.get_last_lr()[0],
+                     grad_norm=float(engine.get_global_grad_norm() or 0.0), dt=dt)
+        if step % p.checkpoint_every == 0 or step == last_step:
+            report_checkpoint(engine, loader, step, rank, world, {"loss": losses["loss"], "step": step})
+    if log is not None:
+        log.close()
+
+
+def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
+    """The Transformer, identical on every rank, with FP8, activation checkpointing and expert parallel as configured."""
+    p, args = spec.pretrain, spec.model
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    model = Transformer(args)
+    if p.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
+        from model.fp8 import apply_fp8
+
+        converted = apply_fp8(model)
+        if rank == 0:
+            where = "Triton" if torch.cuda.is_available() else "emulated on CPU"
+            print(f"pretrain: FP8 block-scaled GEMMs in {len(converted)} modules ({where})", flush=True)
+    if p.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if p.expert_parallel > 1:
+        # consecutive ranks form an expert-parallel group; the weights stay whole (and identical on
+        # every rank), so DeepSpeed's data-parallel average is the exact global-batch gradient
+        ep = p.expert_parallel
+        groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]  # every rank creates every group
+        apply_expert_parallel(model, groups[rank // ep], shard_weights=False)
+        if rank == 0:
+            print(f"pretrain: expert parallel {ep}: each worker computes {args.n_routed_experts // ep} of "
+                  f"{args.n_routed_experts} routed experts per MoE layer", flush=True)
+    return model
+
+
+def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: bool):
+    """(DeepSpeed engine over LossModule(model), its LR scheduler)."""
+    deepspeed = import_deepspeed()
+    ds_cfg = deepspeed_config(
+        micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, world_size=world,
+        zero_stage=p.zero_stage, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
+        grad_clip=p.grad_clip, bf16=bf16, offload_optimizer=p.offload_optimizer,
+    )
+
+    def schedule(optimizer):  # a LambdaLR, so DeepSpeed saves its state in every checkpoint
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, warmup_steps=p.warmup_steps, total_steps=p.steps, min_lr_ratio=p.min_lr_ratio))
+
+    engine, _, _, scheduler = deepspeed.initialize(model=LossModule(model), model_parameters=model.parameters(),
+                                                   config=ds_cfg, lr_scheduler=schedule)
+    return engine, scheduler
+
+
+def resume(engine, loader, rank: int, world: int) -> int:
+    """Restore engine, loader and RNG from Ray Train's latest checkpoint; the step it was taken after (0: none)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        step, state = load_pretrain_part(engine, Path(d), rank=rank, world=world)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    if rank == 0:
+        print(f"pretrain: resumed from step {step}", flush=True)
+    return step
+
+
+def train_step(engine, model: Transformer, loader, grad_accum: int, device, world: int) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimizer step. Returns the LOSSES averaged over micro-batches and ranks, and the expert
+    loads loads_LE [MoE layers, routed experts] (tokens routed, summed over ranks) on the CPU."""
+    sums: dict[str, float] = {}
+    for _ in range(grad_accum):
+        batch = next(loader)
+        loss, metrics = engine(batch["tokens"].to(device), batch["targets"].to(device))
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates the weights at the accumulation boundary only
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / grad_accum
+    # auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): loads over the whole data-parallel group
+    loads_LE = model.expert_loads().to(device)
+    if world > 1:
+        dist.all_reduce(loads_LE)
+    model.update_expert_bias(loads_LE)
+    avg = torch.tensor([sums.get(k, 0.0) for k in LOSSES], device=device)
+    if world > 1:
+        dist.all_reduce(avg)
+        avg /= world
+    return dict(zip(LOSSES, avg.tolist())), loads_LE.float().cpu()
+
+
+class StepLog:
+    """Rank 0's metrics: a record and a progress line every `tracking.log_every` steps and the last;
+    the expert-load heatmap (W&B, and `expert_load.npy`) every `tracking.heatmap_every` steps, whose
+    records are logged too."""
+
+    def __init__(self, spec: WorkerSpec, world: int, flops_per_token: float, last_step: int):
+        from orchestrator.tracking import Tracker
+
+        self.spec, self.last_step = spec, last_step
+        self.tracker = Tracker(spec.run_dir, spec.tracking, name=spec.run_name, config=spec.wandb_config, job_type="pretrain")
+        p = spec.pretrain
+        self.tokens_per_step = p.micro_batch_size * p.grad_accum * world * spec.seq_len
+        self.flops_per_step = flops_per_token * self.tokens_per_step
+        self.peak = spec.peak_flops * world if spec.peak_flops else None
+
+    def step(self, step: int, losses: dict[str, float], loads_LE: torch.Tensor, bias_LE: torch.Tensor, *,
+             lr: float, grad_norm: float, dt: float) -> None:
+        heatmap = step % self.spec.tracking.heatmap_every == 0 or step == self.last_step
+        if not (heatmap or self.tracker.should_log(step, self.last_step)):
+            return
+        on_gpu = torch.cuda.is_available()
+        rec = {**losses, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_step / dt, "step_time_s": dt,
+               "memory_gb": (torch.cuda.max_memory_allocated() if on_gpu else _rss()) / 1e9}
+        if self.peak:
+            rec["mfu"] = self.flops_per_step / dt / self.peak
+        rel_LE = loads_LE / loads_LE.mean(dim=1, keepdim=True).clamp(min=1e-9)
+        for i, (r, b) in enumerate(zip(rel_LE, bias_LE)):
+            rec[f"expert_load_max/layer{i}"] = r.max().item()
+            rec[f"expert_load_min/layer{i}"] = r.min().item()
+            rec[f"expert_bias_norm/layer{i}"] = b.norm().item()
+        if heatmap:
+            np.save(Path(self.spec.run_dir) / "expert_load.npy", loads_LE.numpy())
+            if self.tracker.wandb_run:
+                rec["expert_load_heatmap"] = expert_load_heatmap(rel_LE, step)
+        self.tracker.log(rec, step=step)
+        print(f"pretrain: step {step}/{self.spec.pretrain.steps} loss {rec['loss']:.4f} lr {lr:.2e} "
+              f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def expert_load_heatmap(rel_LE: torch.Tensor, step: int):
+    """A W&B image of the expert loads [MoE layers, routed experts], each row divided by its mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import wandb
 
-    rel = (loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)).numpy()
+    rel = rel_LE.numpy()
     fig, ax = plt.subplots(figsize=(max(4, rel.shape[1] * 0.4), max(2, rel.shape[0] * 0.5)))
     im = ax.imshow(rel, cmap="viridis", aspect="auto")
     ax.set_xlabel("expert")
@@ -72,130 +255,6 @@ def expert_load_heatmap(loads, step: int):
     return img
 
 
-def train_loop(config: dict) -> None:
-    import ray.train
-
-    deepspeed = import_deepspeed()
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pcfg: PretrainConfig = config["pretrain"]
-    args: ModelArgs = config["model"]
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    bf16 = pcfg.precision == "bf16" or (pcfg.precision == "auto" and on_gpu)
-
-    torch.manual_seed(config["seed"])  # identical initial weights on every rank
-    model = Transformer(args)
-    if pcfg.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
-        from model.fp8 import apply_fp8
-
-        converted = apply_fp8(model)
-        if rank == 0:
-            print(f"pretrain: FP8 block-scaled GEMMs in {len(converted)} modules ({'Triton' if on_gpu else 'emulated on CPU'})", flush=True)
-    if pcfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if pcfg.expert_parallel > 1:
-        # consecutive ranks form an expert-parallel group; the weights stay whole (and identical on
-        # every rank), so DeepSpeed's data-parallel average is the exact global-batch gradient
-        ep = pcfg.expert_parallel
-        groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]  # every rank creates every group
-        apply_expert_parallel(model, groups[rank // ep], shard_weights=False)
-        if rank == 0:
-            print(f"pretrain: expert parallel {ep}: each worker computes {args.n_routed_experts // ep} of {args.n_routed_experts} routed experts per MoE layer", flush=True)
-    total_steps = pcfg.steps
-    flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
-    ds_cfg = deepspeed_config(
-        micro_batch_size=pcfg.micro_batch_size, grad_accum=pcfg.grad_accum, world_size=world,
-        zero_stage=pcfg.zero_stage, lr=pcfg.lr, betas=pcfg.betas, weight_decay=pcfg.weight_decay,
-        grad_clip=pcfg.grad_clip, bf16=bf16, offload_optimizer=pcfg.offload_optimizer,
-    )
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, warmup_steps=pcfg.warmup_steps, total_steps=total_steps, min_lr_ratio=pcfg.min_lr_ratio)
-        )
-
-    engine, _, _, scheduler = deepspeed.initialize(model=LossModule(model), model_parameters=model.parameters(), config=ds_cfg, lr_scheduler=schedule)
-
-    from data.loader import PackedLoader
-
-    loader = PackedLoader(
-        config["shard_dir"], seq_len=config["seq_len"], batch_size=pcfg.micro_batch_size * world,
-        bos_id=config["bos_id"], eos_id=config["eos_id"], seed=config["seed"], rank=rank, world_size=world,
-    )
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            meta = json.loads((Path(d) / "meta.json").read_text())
-            if meta["world_size"] != world:
-                raise RuntimeError(f"checkpoint {d} was written by {meta['world_size']} workers, not {world}: resuming on another world size is not supported")
-            engine.load_checkpoint(d, tag=DS_TAG)
-            state = torch.load(Path(d) / f"rank{rank}.pt", weights_only=False)
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
-            start_step = meta["step"]
-        if rank == 0:
-            print(f"pretrain: resumed from step {start_step}", flush=True)
-
-    tracker = None
-    if rank == 0:
-        from orchestrator.tracking import Tracker
-
-        tcfg: TrackingConfig = config["tracking"]
-        tracker = Tracker(Path(config["run_dir"]), tcfg, name=config["name"], config=config["config_dict"], job_type="pretrain")
-    peak = config.get("peak_flops")
-    tokens_per_step = pcfg.micro_batch_size * pcfg.grad_accum * world * config["seq_len"]
-    last_step = min(total_steps, pcfg.stop_after or total_steps)
-    for step in range(start_step + 1, last_step + 1):
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        for _ in range(pcfg.grad_accum):
-            batch = next(loader)
-            loss, metrics = engine(batch["tokens"].to(device), batch["targets"].to(device))
-            engine.backward(loss)
-            engine.step()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / pcfg.grad_accum
-        # auxiliary-loss-free balancing: loads over the whole data-parallel group
-        loads = model.expert_loads().to(device)
-        if world > 1:
-            dist.all_reduce(loads)
-        model.update_expert_bias(loads)
-        dt = time.perf_counter() - t0
-        avg = torch.tensor([sums.get("loss", 0.0), sums.get("ce_loss", 0.0), sums.get("mtp_loss", 0.0)], device=device)
-        if world > 1:
-            dist.all_reduce(avg)
-            avg /= world
-        if tracker is not None:
-            rel = loads.float().cpu() / loads.float().cpu().mean(dim=1, keepdim=True).clamp(min=1e-9)
-            rec = {
-                "loss": avg[0].item(), "ce_loss": avg[1].item(), "mtp_loss": avg[2].item(),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
-                "memory_gb": (torch.cuda.max_memory_allocated() if on_gpu else _rss()) / 1e9,
-            }
-            if peak:
-                rec["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)
-            for i, (r, b) in enumerate(zip(rel, model.expert_bias().cpu())):
-                rec[f"expert_load_max/layer{i}"] = r.max().item()
-                rec[f"expert_load_min/layer{i}"] = r.min().item()
-                rec[f"expert_bias_norm/layer{i}"] = b.norm().item()
-            if step % config["heatmap_every"] == 0 or step == total_steps:
-                rec["expert_load_heatmap"] = expert_load_heatmap(loads.float().cpu(), step) if tracker.wandb_run else None
-                np.save(Path(config["run_dir"]) / "expert_load.npy", loads.float().cpu().numpy())
-            tracker.log({k: v for k, v in rec.items() if v is not None}, step=step)
-            if step % 10 == 0 or step == total_steps:
-                print(f"pretrain: step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s", flush=True)
-        if step % pcfg.checkpoint_every == 0 or step == last_step:
-            report_checkpoint(engine, loader, step, rank, world, {"loss": avg[0].item(), "step": step})
-    if tracker is not None:
-        tracker.close()
-
-
 def _rss() -> float:
     import resource
 
@@ -203,11 +262,10 @@ def _rss() -> float:
 
 
 def report_checkpoint(engine, loader, step: int, rank: int, world: int, metrics: dict) -> None:
+    """Save this rank's part of the checkpoint after `step` and report it to Ray Train (every rank)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"ckpt-{step}-rank{rank}-") as d:
-        engine.save_checkpoint(d, tag=DS_TAG)
-        torch.save({"loader": loader.state_dict(), "rng": rng_state(), "step": step}, Path(d) / f"rank{rank}.pt")
-        if rank == 0:  # written last: its presence marks this rank's part complete
-            (Path(d) / "meta.json").write_text(json.dumps({"step": step, "world_size": world, "tag": DS_TAG}))
+        state = {"loader": loader.state_dict(), "rng": rng_state(), "step": step}
+        save_pretrain_part(engine, Path(d), step=step, rank=rank, world=world, worker_state=state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

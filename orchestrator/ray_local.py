@@ -11,10 +11,10 @@ import os
 from orchestrator.config import ClusterConfig
 
 # Ray Train's PlacementGroupCleaner asks the State API every second whether the train controller
-# is alive. The embedded Ray runs without the dashboard, which serves that API, so every check
-# failed with a warning: hundreds of "Failed to query Ray Train Controller actor state" lines in a
-# demo. Its job (freeing the placement groups of a controller that crashed) ends with the embedded
-# Ray anyway, so the embedded Ray's workers keep that logger to errors.
+# is alive. The embedded Ray runs without the dashboard that serves that API, so each check fails
+# with a warning ("Failed to query Ray Train Controller actor state", hundreds in a demo). Its job,
+# freeing the placement groups of a crashed controller, ends with the embedded Ray anyway, so the
+# embedded Ray's workers keep that logger to errors.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -34,8 +34,8 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     env = {"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "SPUTNIK_KERNELS", "TRITON_INTERPRET", "PYTHONPATH") if k in os.environ}}
     env["env_vars"]["RAY_TRAIN_V2_ENABLED"] = "1"
-    # Ray Train's print patch both logs a worker's print and tees it to a wrapped stdout, so every
-    # progress line reached the driver twice; plain print is forwarded once by log_to_driver.
+    # Ray Train's print patch both logs a worker's print and tees it to a wrapped stdout, so each
+    # progress line would reach the driver twice; without it, log_to_driver forwards it once.
     env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     if runtime_env:
         env.update(runtime_env)

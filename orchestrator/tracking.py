@@ -2,9 +2,9 @@
 
 `Tracker(run_dir, cfg.tracking, name=..., config=...)` appends one JSON object per logged step to
 `run_dir/metrics.jsonl` (always with `step` and `time`, seconds since the tracker started) and
-mirrors it to W&B. W&B runs offline unless the config says online, and its files live inside the
-run directory. The API key is read by wandb itself from the environment or netrc; nothing here
-prints or saves it.
+mirrors it to W&B; `should_log(step, last)` says which steps a loop logs (`tracking.log_every`).
+W&B runs offline unless the config says online, and its files live inside the run directory. The
+API key is read by wandb itself from the environment or netrc; nothing here prints or saves it.
 
 Test: `pytest tests/orchestrator/test_orch_tracking.py`.
 """
@@ -40,6 +40,10 @@ class Tracker:
         self.wandb_run = None
         if cfg.wandb_mode != "disabled":
             self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type)
+
+    def should_log(self, step: int, last: int) -> bool:
+        """Whether a loop ending at step `last` logs `step`: every `tracking.log_every` steps and the last."""
+        return step % self.cfg.log_every == 0 or step == last
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """One record: scalars go to metrics.jsonl and W&B; W&B media objects go to W&B only."""

@@ -36,16 +36,26 @@ class ScoredRollout:
     truncated: bool  # stopped by the token budget, not by a stop token
     version: int  # policy version that sampled it
     reasons: bool  # a non-empty think block before </think>
+    second_opinion: str | None = None  # code tasks: "agree" / "disagree" when a full score was re-checked
 
 
-def verify(completion: str, sample: Mapping) -> bool:
-    """The verdict of the task's verifier: its kind's accuracy reward scores 1."""
-    from rl.rewards.builtin import code_tests, math_accuracy
-
+def accuracy_reward(sample: Mapping) -> str:
+    """The name of the reward that decides whether `sample`'s task is solved."""
     kind = sample.get("kind") or "math"
     if kind not in ACCURACY_REWARD:
         raise ValueError(f"task {sample.get('id')!r}: unknown kind {kind!r} (known: {', '.join(ACCURACY_REWARD)})")
-    return (math_accuracy if kind == "math" else code_tests)(completion, sample) >= 1.0
+    return ACCURACY_REWARD[kind]
+
+
+def verify(completion: str, sample: Mapping, *, isolation: str = "full") -> bool:
+    """The verdict of the task's verifier: its kind's accuracy reward scores 1. (Reward workers
+    score through rl.evaluator.RewardEvaluator, which adds the second opinion on code.)"""
+    from rl.rewards.builtin import code_tests, math_accuracy
+
+    name = accuracy_reward(sample)
+    if name == "math_accuracy":
+        return math_accuracy(completion, sample) >= 1.0
+    return code_tests(completion, {**sample, "isolation": isolation}) >= 1.0
 
 
 def reasons(completion: str) -> bool:

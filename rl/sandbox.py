@@ -12,8 +12,13 @@ The verdict never comes from the untrusted side. Each call starts two fresh proc
   handle equal only to itself. So every `==`, `assert` and `except` of the tests runs in the
   harness, on trusted types: an always-true __eq__, patched builtins or AssertionError, sys.exit /
   os._exit, threads left running or "PASSED" printed early all act inside the program process and
-  cannot reach the comparison. Asserts are rewritten so that each executed one is counted and a
-  failing one does not stop the tests (`tests_passed / tests_total`); if none ran, nothing passed.
+  cannot reach the comparison. An exception the program raises reaches the tests as the built-in
+  type of that name, except StopIteration / StopAsyncIteration (and anything named so), which
+  arrive as RemoteError: inside `all(map(f, xs))` they would end the iteration and pass it. Only a
+  remote iterator's `next` may say "exhausted". Asserts are rewritten so that each executed one is
+  counted and a failing one does not stop the tests; unittest tests count one check each, whatever
+  the runner or `exit=` (`tests_passed / tests_total`). No executed check, no pass: empty or
+  comment-only tests, check() never called, unittest that found no test — all "error".
 * the harness writes its verdict to a pipe only it holds, with a random per-run token it read from
   its stdin; the parent accepts nothing else. The program process cannot reach that pipe, the
   harness or the tests: as root it runs in new network, pid, mount, IPC and UTS namespaces,
@@ -25,7 +30,10 @@ The verdict never comes from the untrusted side. Each call starts two fresh proc
 
 Both processes get their own session, a stripped environment, `python -I -S` (the standard library
 only) and rlimits on CPU time, address space (`memory_mb`), file size, open files, core dumps and —
-for the program's own uid, the only case where the kernel enforces it — processes. The parent
+for the program's own uid, the only case where the kernel enforces it — processes. rlimits are per
+process, so the program's whole process tree is bounded too (issue #17): by a per-run memory +
+pids cgroup (v2, or v1's memory and pids hierarchies) where root can create one, else by a seccomp
+filter that refuses fork (threads still start), so the tree is one process and RLIMIT_AS holds. The parent
 enforces the wall-clock limit: it SIGKILLs the program's pid-namespace init (the kernel then ends
 everything in the namespace, whatever sessions it made) and both process groups. stdout and stderr
 are read with a cap; a pipe is closed after `_DRAIN` bytes, so a flood ends in EPIPE.
@@ -36,18 +44,22 @@ load — syntax error, exception, exit —, exited during the tests, broke the p
 not compile, or none of their asserts ran); timeout; killed (the program or harness died of a
 signal: segfault, CPU limit).
 
-Threat model. Defended, with root and `unshare` (the "full" isolation): anything the program can do
-from inside its process as Python or native code — cheating the comparison, reading tests or
-answers from disk, the network (loopback too), fork storms, exhausting memory, CPU, output or disk,
-signalling the evaluator. Not defended: kernel exploits (there is no seccomp filter) and CPU
-contention within the time limit. Otherwise `TestResult.isolation` says "reduced": with user
-namespaces the program keeps the evaluator's uid and sees the file system; without `unshare` it
-also has the network and could signal the evaluator. Semantics to know: the program gets copies of
+Threat model. Defended, with root, `unshare` and a tree bound (the "full" isolation): anything the
+program can do from inside its process as Python or native code — cheating the comparison, reading
+tests or answers from disk, the network (loopback too), fork storms, exhausting memory (across all
+its processes), CPU, output or disk, signalling the evaluator. Not defended: kernel exploits (no
+syscall filter beyond fork in the seccomp fallback) and CPU contention within the time limit.
+Without them the isolation is "reduced": with user namespaces the program keeps the evaluator's
+uid and sees the file system; without `unshare` it also has the network and could signal the
+evaluator. Reduced isolation is never chosen silently: `run_tests` raises IsolationError, naming
+what the node lacks, unless called with `isolation="reduced"` (the `rewards.isolation` config key);
+`isolation()` says what this node gives. There, the harness at least makes itself non-dumpable. Semantics to know: the program gets copies of
 the arguments (in-place mutation is invisible to the tests); a value that is not plain data (numpy
 scalar, custom class) reaches the tests as a handle and fails `==`; a helper the tests take from
 the program (HumanEval/32's `poly`) is the program's to define.
 
-Test: `pytest tests/rl/test_sandbox_attacks.py tests/rl/test_sandbox_humaneval.py`.
+Test: `pytest tests/rl/test_sandbox_attacks.py tests/rl/test_sandbox_humaneval.py tests/rl/test_reward_gaming.py`.
+Benchmark: `python benchmarks/sandbox_isolation.py`.
 """
 
 from __future__ import annotations
@@ -85,6 +97,11 @@ _UID_BASE, _UID_RANGE = 1_700_000_000, 1 << 24  # per-run uid, so RLIMIT_NPROC i
 _TMPFS = "size=64m,nr_inodes=16384,mode=755"
 _JAIL_DIRS = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32")
 _JAIL_FILES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/etc/ld.so.cache")
+_PIDS = 64  # tasks (processes and threads) in one run's cgroup
+_SECCOMP_ARCH = {  # audit arch, syscall numbers (fork and vfork exist on x86_64 only)
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435}),
+}
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset})
 
 
@@ -101,8 +118,13 @@ class TestResult:
     stderr: str
     isolation: str  # "full: ..." or "reduced: ..."
     detail: str = ""  # one line: why it failed
-    tests_passed: int = 0  # asserts that held
-    tests_total: int = 0  # asserts executed, at least the number written in the tests
+    tests_passed: int = 0  # checks that held (asserts, unittest tests)
+    tests_total: int = 0  # checks executed, at least the number of asserts written in the tests
+    memory_peak_mb: float | None = None  # the program's whole process tree, where a cgroup measured it
+
+
+class IsolationError(RuntimeError):
+    """Full isolation is not available on this node and reduced isolation was not allowed."""
 
 
 @dataclass(frozen=True)
@@ -122,32 +144,90 @@ _MODES = (
 )
 
 
-def run_tests(program: str, tests: str, *, timeout_s: float = 10, memory_mb: int = 1024, entry_point: str | None = None) -> TestResult:
-    """Run `program`, then `tests` (Python with asserts) against it; see the module docstring.
+@dataclass(frozen=True)
+class _Setup:
+    """What this process can do, probed once: the strongest mode, the bound on the program's process
+    tree, and for anything short of full isolation, what the node lacks."""
+
+    mode: _Mode
+    bound: object  # _Cgroups | "seccomp" | None
+    lacks: str = ""  # what the node lacks for full isolation
+
+    @property
+    def full(self) -> bool:
+        return self.mode.jail and self.bound is not None
+
+    @property
+    def isolation(self) -> str:
+        tree = {None: "no bound on the memory of the process tree",
+                "seccomp": "no fork (seccomp), so memory_mb bounds the process tree"}.get(self.bound, f"process tree held to memory_mb by a cgroup ({getattr(self.bound, 'version', '')})")
+        text = f"{self.mode.isolation}; {tree}"
+        return text if self.full else "reduced: " + text.split(": ", 1)[1]
+
+
+def run_tests(program: str, tests: str, *, timeout_s: float = 10, memory_mb: int = 1024, entry_point: str | None = None,
+              isolation: str = "full") -> TestResult:
+    """Run `program`, then `tests` (Python with asserts or unittest) against it; see the module docstring.
 
     With `entry_point`, tests that define `check(candidate)` without calling it (HumanEval's
-    `test` field) get `check(<entry_point>)` appended. Thread-safe; each call takes two processes.
+    `test` field) get `check(<entry_point>)` appended. `isolation="full"` (the default) raises
+    IsolationError where this node cannot isolate fully; "reduced" accepts the best it can.
+    Thread-safe; each call takes two processes.
     """
     if timeout_s <= 0 or memory_mb < 64:
         raise ValueError(f"run_tests needs timeout_s > 0 and memory_mb >= 64 (got {timeout_s}, {memory_mb})")
     if entry_point is not None and not entry_point.isidentifier():
         raise ValueError(f"entry_point {entry_point!r} is not a Python identifier")
-    return _run(program, tests, _mode(), timeout_s, memory_mb, entry_point)
+    if isolation not in ("full", "reduced"):
+        raise ValueError(f"isolation must be 'full' or 'reduced' (got {isolation!r})")
+    setup = _setup()
+    if isolation == "full" and not setup.full:
+        raise IsolationError(f"the code sandbox needs full isolation, which this node lacks: {setup.lacks}")
+    return _run(program, tests, setup.mode, timeout_s, memory_mb, entry_point, setup.bound)
+
+
+def isolation() -> tuple[bool, str]:
+    """(True, description) where `run_tests` isolates fully on this node, else (False, what the
+    node lacks). Probed once per process (a few trivial programs)."""
+    setup = _setup()
+    return (True, setup.isolation) if setup.full else (False, setup.lacks or "full isolation")
 
 
 @functools.lru_cache(maxsize=1)
-def _mode() -> _Mode:
+def _setup() -> _Setup:
     """The strongest isolation that works here, probed once per process with a trivial program."""
+    lacks = []
     for mode in _MODES:
-        if (mode.jail and os.geteuid() != 0) or (mode.prefix and shutil.which(mode.prefix[0]) is None):
+        if mode.jail and os.geteuid() != 0:
+            lacks.append(f"root (the evaluator runs as uid {os.geteuid()}; the jail needs root to mount, chroot and change uid)")
             continue
-        probe = _run("x = 1", "assert x == 1", mode, 30, 256, None)
+        if mode.prefix and shutil.which(mode.prefix[0]) is None:
+            if mode.jail:
+                lacks.append("the `unshare` command (util-linux)")
+            continue
+        bound = _bound(mode)
+        probe = _run("x = 1", "assert x == 1", mode, 30, 256, None, bound)
         if probe.passed:
-            if mode.name != "jail":
-                log.warning("code sandbox isolation is %s", mode.isolation)
-            return mode
+            if mode.jail and bound is None:
+                lacks.append("a bound on the program's process tree (no writable memory cgroup, and seccomp is not supported on this CPU)")
+            setup = _Setup(mode, bound, "; ".join(lacks))
+            if not setup.full:
+                log.warning("code sandbox isolation is %s (lacks: %s)", setup.isolation, setup.lacks)
+            return setup
+        if mode.jail:
+            lacks.append(f"a working jail ({probe.status}: {probe.detail or probe.stderr[-200:]})".replace("\n", " "))
         log.info("code sandbox: mode %s does not work here (%s: %s)", mode.name, probe.status, probe.detail or probe.stderr[-300:])
     raise RuntimeError(f"the code sandbox cannot run even unisolated: {probe.status}: {probe.detail or probe.stderr[-300:]}")
+
+
+def _bound(mode: _Mode):
+    """How the program's whole process tree is held to memory_mb: a cgroup (needs root), else a
+    seccomp filter that forbids fork so the tree is one process, else nothing."""
+    if mode.jail:
+        cgroups = _Cgroups.find()
+        if cgroups is not None:
+            return cgroups
+    return "seccomp" if os.uname().machine in _SECCOMP_ARCH else None
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -164,17 +244,20 @@ def _child_bootstrap() -> str:
     return f"import runpy, sys; sys.path.insert(0, {root!r}); runpy.run_module({__name__!r}, run_name='__main__', alter_sys=True)"
 
 
-def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int, entry_point: str | None) -> TestResult:
+def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int, entry_point: str | None, bound=None) -> TestResult:
     start = time.monotonic()
     deadline = start + timeout_s
     token = secrets.token_hex(16)
     limits = {"cpu_s": math.ceil(timeout_s) + 1, "memory_mb": memory_mb}
     uid = _UID_BASE + secrets.randbelow(_UID_RANGE) if mode.jail else None
     work = tempfile.mkdtemp(prefix="sputnik-sandbox-")
+    cgroups: list[str] = []
     procs: list[subprocess.Popen] = []
     child_fds: list[int] = []
     streams: list[_Stream] = []
     try:
+        if isinstance(bound, _Cgroups):
+            cgroups += bound.create(memory_mb)
         prog_dir, harness_dir = os.path.join(work, "program"), os.path.join(work, "harness")
         os.mkdir(prog_dir)
         os.mkdir(harness_dir)
@@ -187,11 +270,12 @@ def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int
         out, err, verdict = (_Stream(open(fd, "rb", buffering=0)) for fd in (out_r, err_r, verdict_r))
         streams += [out, err, verdict]
         me = [sys.executable, "-I", "-S", "-c", _child_bootstrap()]
-        prog_cfg = {"role": "program", "jail": mode.jail, "uid": uid, "limits": limits, "fds": [req_r, resp_w, out_w, err_w]}
+        prog_cfg = {"role": "program", "jail": mode.jail, "uid": uid, "limits": limits, "fds": [req_r, resp_w, out_w, err_w],
+                    "cgroups": cgroups, "no_fork": bound == "seccomp"}
         procs.append(subprocess.Popen(
             [*mode.prefix, *me, json.dumps(prog_cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             pass_fds=(req_r, resp_w, out_w, err_w), cwd="/" if mode.jail else prog_dir, env=_env(prog_dir), start_new_session=True))
-        harness_cfg = {"role": "harness", "limits": limits, "fds": [resp_r, req_w, verdict_w]}
+        harness_cfg = {"role": "harness", "limits": limits, "fds": [resp_r, req_w, verdict_w], "protect": not mode.jail}
         procs.append(subprocess.Popen(
             [*me, json.dumps(harness_cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             pass_fds=(resp_r, req_w, verdict_w), cwd=harness_dir, env=_env(harness_dir), start_new_session=True))
@@ -216,10 +300,14 @@ def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int
         for s in streams:
             s.drain()
         status, detail = _status(timed_out, report, prog_rc, _text(startup.data), _text(harness_out.data), timeout_s)
+        peak_mb, ooms = _Cgroups.usage(cgroups)
+        if ooms and status != "passed":
+            detail += f" (the program's processes hit memory_mb = {memory_mb} {ooms} time(s))"
         return TestResult(
             passed=status == "passed", status=status, duration_s=time.monotonic() - start,
-            stdout=_text(out.data, out.seen), stderr=_text(err.data, err.seen), isolation=mode.isolation, detail=detail,
-            tests_passed=report.get("passed", 0) if report else 0, tests_total=report.get("total", 0) if report else 0)
+            stdout=_text(out.data, out.seen), stderr=_text(err.data, err.seen), isolation=_Setup(mode, bound).isolation,
+            detail=detail, tests_passed=report.get("passed", 0) if report else 0, tests_total=report.get("total", 0) if report else 0,
+            memory_peak_mb=peak_mb)
     finally:
         _kill(procs)
         for p in procs:
@@ -229,6 +317,7 @@ def _run(program: str, tests: str, mode: _Mode, timeout_s: float, memory_mb: int
             s.file.close()
         for fd in child_fds:
             os.close(fd)
+        _Cgroups.remove(cgroups)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -319,6 +408,164 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=2)
         except subprocess.TimeoutExpired:
             log.warning("sandbox process %d survived SIGKILL for 2 s", p.pid)
+
+
+class _Cgroups:
+    """Per-run cgroups that hold the program's whole process tree to memory_mb and _PIDS tasks
+    (issue #17: rlimits are per process, so a program that forks could hold processes x memory_mb).
+
+    cgroup v2: a child of the nearest cgroup (ours or an ancestor) that delegates the memory and pids
+    controllers to its children; v1: children of our memory and pids cgroups. The program process
+    joins them itself (it writes "0" to cgroup.procs before it chroots), so everything it starts is
+    inside. Needs root; cgroups left by a dead evaluator are removed on the next probe."""
+
+    def __init__(self, version: str, memory_dir: str, pids_dir: str | None):
+        self.version, self.memory_dir, self.pids_dir = version, memory_dir, pids_dir
+
+    @staticmethod
+    def find() -> _Cgroups | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            with open("/proc/self/cgroup") as f:
+                own = {c: path for _, ctls, path in (line.rstrip("\n").split(":", 2) for line in f) for c in ctls.split(",")}
+            with open("/proc/self/mountinfo") as f:
+                mounts = [line.split() for line in f]
+        except OSError:
+            return None
+        v1, v2 = {}, None
+        for m in mounts:
+            fstype = m[m.index("-") + 1]
+            if fstype == "cgroup2" and v2 is None:
+                v2 = (m[3], m[4])  # (root inside the hierarchy, mount point)
+            elif fstype == "cgroup":
+                for ctl in m[-1].split(","):
+                    v1.setdefault(ctl, (m[3], m[4]))
+
+        def located(root_mount, path):
+            root, mount = root_mount
+            rel = path[len(root):] if root != "/" and path.startswith(root) else path
+            return os.path.normpath(mount + "/" + rel.lstrip("/"))
+
+        found = None
+        if "memory" in v1 and "memory" in own:
+            pids = located(v1["pids"], own["pids"]) if "pids" in v1 and "pids" in own else None
+            found = _Cgroups("v1", located(v1["memory"], own["memory"]), pids)
+        elif v2 is not None and "" in own:
+            d, top = located(v2, own[""]), v2[1]
+            while True:  # the nearest cgroup whose children get the memory and pids controllers
+                try:
+                    with open(os.path.join(d, "cgroup.subtree_control")) as f:
+                        if {"memory", "pids"} <= set(f.read().split()):
+                            found = _Cgroups("v2", d, None)
+                            break
+                except OSError:
+                    pass
+                if os.path.normpath(d) == os.path.normpath(top):
+                    break
+                d = os.path.dirname(d)
+        if found is None:
+            return None
+        found._sweep()
+        try:
+            found.remove(found.create(64))
+        except OSError as e:
+            log.info("code sandbox: cannot use cgroups under %s (%s)", found.memory_dir, e)
+            return None
+        return found
+
+    def create(self, memory_mb: int) -> list[str]:
+        """Make this run's cgroups; returns their directories (the program joins each)."""
+        name = f"sputnik-sandbox-{os.getpid()}-{secrets.token_hex(6)}"
+        limit = str(memory_mb << 20)
+        made: list[str] = []
+        try:
+            d = os.path.join(self.memory_dir, name)
+            os.mkdir(d)
+            made.append(d)
+            if self.version == "v2":
+                _write(d, "memory.max", limit)
+                _write(d, "memory.swap.max", "0", missing_ok=True)
+                _write(d, "pids.max", str(_PIDS))
+            else:
+                _write(d, "memory.limit_in_bytes", limit)
+                _write(d, "memory.memsw.limit_in_bytes", limit, missing_ok=True)
+                if self.pids_dir is not None:
+                    d = os.path.join(self.pids_dir, name)
+                    os.mkdir(d)
+                    made.append(d)
+                    _write(d, "pids.max", str(_PIDS))
+        except OSError:
+            _Cgroups.remove(made)
+            raise
+        return made
+
+    @staticmethod
+    def usage(dirs: list[str]) -> tuple[float | None, int]:
+        """(peak memory in MiB of the run's process tree, times it hit the limit), where known."""
+        for d in dirs:
+            for peak_file, events in (("memory.peak", "memory.events"), ("memory.max_usage_in_bytes", "memory.oom_control")):
+                try:
+                    with open(os.path.join(d, peak_file)) as f:
+                        peak = int(f.read()) / (1 << 20)
+                    with open(os.path.join(d, events)) as f:
+                        ooms = dict(line.split() for line in f if line.strip()).get("oom_kill", "0")
+                    return peak, int(ooms)
+                except (OSError, ValueError):
+                    continue
+        return None, 0
+
+    @staticmethod
+    def remove(dirs: list[str]) -> None:
+        """Kill whatever is left in the cgroups and remove them (rmdir waits for the exits)."""
+        deadline = time.monotonic() + 5
+        for d in dirs:
+            while True:
+                try:
+                    if os.path.exists(os.path.join(d, "cgroup.kill")):  # v2, Linux 5.14+
+                        _write(d, "cgroup.kill", "1")
+                    with open(os.path.join(d, "cgroup.procs")) as f:
+                        for pid in f.read().split():
+                            try:
+                                os.kill(int(pid), signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:  # EBUSY while the killed processes finish exiting
+                    if time.monotonic() > deadline:
+                        log.warning("code sandbox: could not remove cgroup %s (%s); the next probe retries", d, e)
+                        break
+                    time.sleep(0.01)
+
+    def _sweep(self) -> None:
+        """Remove cgroups that an evaluator which has since died left behind."""
+        for base in filter(None, (self.memory_dir, self.pids_dir)):
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                parts = name.split("-")
+                if len(parts) != 4 or parts[:2] != ["sputnik", "sandbox"] or not parts[2].isdigit():
+                    continue
+                try:
+                    os.kill(int(parts[2]), 0)
+                except ProcessLookupError:
+                    _Cgroups.remove([os.path.join(base, name)])
+                except PermissionError:
+                    pass
+
+
+def _write(directory: str, name: str, value: str, *, missing_ok: bool = False) -> None:
+    try:
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def _parse_verdict(data: bytes, token: str) -> dict | None:
@@ -463,11 +710,44 @@ def _enter_jail(uid: int) -> None:
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no privileges regained through exec
 
 
+def _forbid_fork() -> None:
+    """A seccomp filter: fork, vfork and clone without CLONE_THREAD fail with EAGAIN (threads still
+    start; clone3, whose flags a filter cannot read, fails with ENOSYS and libc falls back to clone),
+    so the program's tree is this one process and RLIMIT_AS bounds all of its memory."""
+    import ctypes
+
+    arch, nr = _SECCOMP_ARCH[os.uname().machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    allow, errno = 0x7FFF0000, 0x00050000
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, errno | 38),  # another ABI (i386, x32): ENOSYS
+            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, errno | 38)]
+    for name in ("fork", "vfork"):
+        if name in nr:
+            prog += [(jeq, 0, 1, nr[name]), (ret, 0, 0, errno | 11)]  # EAGAIN, as at a process limit
+    prog += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, errno | 38),
+             (jeq, 0, 3, nr["clone"]), (ld, 0, 0, 16), (jset, 1, 0, 0x00010000), (ret, 0, 0, errno | 11),  # CLONE_THREAD
+             (ret, 0, 0, allow)]
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    filters = (Filter * len(prog))(*(Filter(*f) for f in prog))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(Program(len(prog), filters)), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter")  # PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP
+
+
 def _program_main(cfg: dict) -> None:
     source = sys.stdin.buffer.read()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)  # the program reads EOF, never the parent
     os.close(null)
+    for cgroup in cfg["cgroups"]:  # first, so that everything the program starts is inside
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write("0")
     home = "/tmp/work"
     if cfg["jail"]:
         _enter_jail(cfg["uid"])
@@ -478,6 +758,8 @@ def _program_main(cfg: dict) -> None:
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
+    if cfg["no_fork"]:
+        _forbid_fork()
     os.environ.update(HOME=home, TMPDIR=home)
     os.umask(0o077)
     read_fd, write_fd, out_fd, err_fd = cfg["fds"]
@@ -526,7 +808,10 @@ def _serve(channel: _Channel, namespace: dict) -> None:
                 stream.flush()
             channel.send(reply, persistent_id)
         except BaseException as e:  # noqa: BLE001  (SystemExit from a call is the program's answer)
-            channel.send(("raise", type(e).__name__, str(e)[:1000]))
+            if op == "next" and isinstance(e, StopIteration):  # the one place where it means "exhausted"
+                channel.send(("stop",))
+            else:
+                channel.send(("raise", type(e).__name__, str(e)[:1000]))
 
 
 # --- the harness process (trusted: runs the tests) -----------------------------------------------
@@ -591,6 +876,8 @@ class _Program:
             self.busy = False
         if type(reply) is tuple and len(reply) == 2 and reply[0] == "ok":
             return reply[1]
+        if reply == ("stop",) and op == "next":  # a remote iterator is exhausted; nothing else may say so
+            raise StopIteration
         if type(reply) is tuple and len(reply) == 3 and reply[0] == "raise" and type(reply[1]) is str and type(reply[2]) is str:
             raise _exception(reply[1], reply[2])
         self.lost = "the program process sent a malformed reply"
@@ -603,8 +890,11 @@ class _Program:
 
 
 def _exception(name: str, message: str) -> Exception:
+    """The tests see a built-in exception type by name (so `except ValueError` works), except the
+    ones that iteration treats as control flow: StopIteration raised by the program inside
+    `all(map(f, xs))` would end the loop early and pass it (issue #17)."""
     cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration, StopAsyncIteration)):
         try:
             return cls(message)
         except Exception:  # a built-in that needs other arguments (UnicodeDecodeError, ...)
@@ -664,18 +954,47 @@ class _TestGlobals(dict):
 
 
 class _Asserts:
-    """Counts executed asserts; called by the rewritten tests as `_sputnik_assert(ok, line)`."""
+    """Counts executed checks: asserts (the rewritten tests call `_sputnik_assert(ok, line)`) and
+    unittest tests (through `_count_unittest`)."""
 
     def __init__(self):
         self.passed = self.failed = 0
-        self.first_failure = 0
+        self.first_failure = ""
 
-    def __call__(self, ok: bool, line: int) -> None:
+    def __call__(self, ok: bool, where: int | str) -> None:
         if ok is True:
             self.passed += 1
         else:
             self.failed += 1
-            self.first_failure = self.first_failure or line
+            self.first_failure = self.first_failure or (f"tests.py line {where}" if isinstance(where, int) else where)
+
+
+def _count_unittest(checks: _Asserts) -> None:
+    """Count each unittest test that ran as a check (passed, or failed with its failures, errors
+    and subtests), whatever runner or `exit=` the tests use: `unittest.main(exit=False)` passing a
+    program that fails every test is how tests that run nothing looked like a pass (issue #17)."""
+    import unittest
+
+    result = unittest.TestResult
+    outcomes = {"addSuccess": True, "addExpectedFailure": True, "addFailure": False, "addError": False, "addUnexpectedSuccess": False}
+    for name, ok in outcomes.items():
+        def hook(self, test, *args, _orig=getattr(result, name), _ok=ok):
+            checks(_ok, f"unittest {test}")
+            return _orig(self, test, *args)
+        setattr(result, name, hook)
+
+    def add_sub_test(self, test, subtest, err, _orig=result.addSubTest):
+        if err is not None:  # a passing subtest's test reports its own success
+            checks(False, f"unittest {subtest}")
+        return _orig(self, test, subtest, err)
+    result.addSubTest = add_sub_test
+
+
+class _ModuleView:
+    """The tests' globals seen as a module: unittest.main() looks for TestCases in `__main__`."""
+
+    def __init__(self, namespace: dict):
+        self.__dict__ = namespace
 
 
 class _RewriteAsserts(ast.NodeTransformer):
@@ -719,11 +1038,18 @@ def _harness(job: dict, program: _Program) -> dict:
     if problem is not None:
         return {"status": "lost" if program.lost else "error", "detail": problem}
     asserts = _Asserts()
+    if "unittest" in job["tests"]:
+        _count_unittest(asserts)
+    namespace = _TestGlobals(program, asserts)
+    sys.modules["__main__"], sys.argv = _ModuleView(namespace), ["tests.py"]
     error = ""
     try:
-        exec(code, _TestGlobals(program, asserts))
+        exec(code, namespace)
     except _ChannelLost:
         pass
+    except SystemExit as e:  # only the tests' own code raises it here (unittest.main); the program's arrives as RemoteError
+        if e.code not in (None, 0, False) and not asserts.failed:
+            error = f"the tests exited with status {e.code!r}"
     except BaseException as e:  # noqa: BLE001  (an error in the tests or raised by the program)
         import traceback
 
@@ -736,15 +1062,20 @@ def _harness(job: dict, program: _Program) -> dict:
     if error:
         return {"status": "failed", "detail": error, **counts}
     if asserts.failed:
-        return {"status": "failed", "detail": f"{asserts.failed} assert(s) failed, first at tests.py line {asserts.first_failure}", **counts}
-    if n_asserts and not asserts.passed:  # e.g. HumanEval's check() defined but never called
-        return {"status": "error", "detail": "none of the tests' asserts ran (is check() called? pass entry_point)", **counts}
+        return {"status": "failed", "detail": f"{asserts.failed} check(s) failed, first at {asserts.first_failure}", **counts}
+    if not asserts.passed:  # no executed check, no pass (issue #17): empty or comment-only tests, check() never called
+        why = "none of the tests' asserts ran (is check() called? pass entry_point)" if n_asserts else "the tests contain no check (no assert, no unittest test)"
+        return {"status": "error", "detail": why, **counts}
     return {"status": "passed", "detail": "", **counts}
 
 
 def _harness_main(cfg: dict) -> None:
     job = json.loads(sys.stdin.buffer.read())
     _set_limits(cfg["limits"], nproc=None)
+    if cfg["protect"]:  # reduced isolation: a program of the same uid cannot read our memory or fds through /proc
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
     read_fd, write_fd, verdict_fd = cfg["fds"]
     report = _harness(job, _Program(_Channel(read_fd, write_fd)))
     report["token"] = job["token"]

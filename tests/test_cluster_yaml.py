@@ -133,3 +133,27 @@ def test_file_mounts_ship_this_checkout():
     config = load()
     assert (REPO / config["file_mounts"][REMOTE_REPO]).resolve() == REPO  # `ray up` from the repo root
     assert ".gitignore" in config["rsync_filter"]  # so .venv/ and runs/ stay behind
+
+
+def test_reward_nodes_run_ray_as_root_for_the_sandbox():
+    # issue #17: the sandbox isolates fully only as root; the evaluators refuse to start otherwise
+    config = load()
+    types = config["available_node_types"]
+    cpu = [t for name, t in types.items() if name != config["head_node_type"] and "GPU" not in t["resources"]]
+    assert cpu
+    marker = "/etc/sputnik/reward-node"
+    for t in cpu:
+        init = " ; ".join(t["initialization_commands"])
+        assert "unshare" in init and "memory" in init and f"touch {marker}" in init
+        assert "worker_setup_commands" not in t  # it would replace setup_commands (the installs) for the type
+    for t in types.values():
+        if "GPU" in t["resources"]:
+            assert marker not in " ".join(t.get("initialization_commands", []))  # learners and samplers stay unprivileged
+    start = " ".join(config["worker_start_ray_commands"])
+    assert f"[ -e {marker} ]" in start and 'sudo -n env PATH="$PATH"' in start
+    root_branch = start.split("then", 2)[2].split("else")[0]
+    assert "ray start --address=$RAY_HEAD_IP:6379" in root_branch and 'RAY_HEAD_IP="$RAY_HEAD_IP"' in root_branch
+    assert "ulimit -n 65536" in root_branch
+    assert "rewards.isolation" in CLUSTER_YAML.read_text()  # the comments name the opt-out
+    prepared = as_ray_up(config)  # still what `ray up` accepts
+    assert prepared["available_node_types"]["cpu_c7i"]["initialization_commands"]

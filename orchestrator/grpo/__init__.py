@@ -29,7 +29,7 @@ from pathlib import Path
 
 from orchestrator.config import RunConfig, to_dict
 from orchestrator.grpo.driver import Driver
-from orchestrator.grpo.inputs import load_tasks, resolve_init, validate
+from orchestrator.grpo.inputs import load_tasks, resolve_init, reward_config, validate
 from orchestrator.rundir import create_run_dir
 
 
@@ -53,7 +53,8 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
 
     validate(cfg)
     resolve_init(cfg)
-    load_tasks(cfg)  # a bad task table fails here, before any actor starts
+    load_tasks(cfg)  # a bad task table or reward fails here, before any actor starts
+    reward_config(cfg)
     run_dir = create_run_dir(cfg, out)
     print(f"grpo: run directory {run_dir}", flush=True)
     random.seed(cfg.seed)

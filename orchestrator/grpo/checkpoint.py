@@ -1,10 +1,7 @@
 """GRPO checkpoints: every learner's DeepSpeed state (policy, optimizer) plus the driver's state
 (step, policy version, data position), so that re-running with the same `--out` resumes the run
-as if it had not stopped.
-
-Layout (orchestrator/checkpoints.py reads it too, for `sputnik export`): the learners save with
-`engine.save_checkpoint(RUN/checkpoints/learners, tag)`, then the driver writes the marker
-`RUN/checkpoints/<tag>.json` last; a checkpoint without its marker is incomplete and ignored.
+as if it had not stopped. The layout (and what makes a checkpoint complete) is
+orchestrator/checkpoints.py's, which `sputnik export` reads too.
 
 Test: `pytest tests/orchestrator/test_orch_grpo.py -k resume`.
 """
@@ -16,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from orchestrator.checkpoints import find_checkpoints, grpo_learners_dir, grpo_marker, grpo_state
+
 
 @dataclasses.dataclass
 class DriverState:
@@ -25,27 +24,24 @@ class DriverState:
     tag: str = ""
 
 
-def step_tag(step: int) -> str:
-    return f"step{step:06d}"
-
-
 def save(ray, learners: list, run_dir: Path, state: DriverState, *, keep: int) -> None:
     """Save all learners, then the marker; keep the latest `keep` complete checkpoints."""
-    ckpt = Path(run_dir) / "checkpoints"
-    state.tag = step_tag(state.step)
-    ray.get([l.save.remote(str(ckpt / "learners"), state.tag, {"version": state.version, "step": state.step}) for l in learners])
-    tmp = ckpt / f".{state.tag}.json.tmp"
+    state.tag = f"step{state.step:06d}"
+    ray.get([l.save.remote(str(grpo_learners_dir(run_dir)), state.tag, {"version": state.version, "step": state.step}) for l in learners])
+    marker = grpo_marker(run_dir, state.tag)
+    tmp = marker.with_name(f".{marker.name}.tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(state)))
-    tmp.replace(ckpt / f"{state.tag}.json")  # the marker that makes the checkpoint complete
-    for old in sorted(ckpt.glob("step*.json"))[:-keep]:
-        shutil.rmtree(ckpt / "learners" / old.stem, ignore_errors=True)
-        old.unlink()
+    tmp.replace(marker)  # the marker makes the checkpoint complete
+    for old in [c for c in find_checkpoints(run_dir) if c.kind == "grpo"][:-keep]:
+        grpo_marker(run_dir, old.tag).unlink()  # incomplete first, then the learners' files
+        shutil.rmtree(old.path, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> DriverState | None:
-    done = sorted((Path(run_dir) / "checkpoints").glob("step*.json"))
-    return DriverState(**json.loads(done[-1].read_text())) if done else None
+    """The newest complete GRPO checkpoint's driver state (None: start from scratch)."""
+    done = [c for c in find_checkpoints(run_dir) if c.kind == "grpo"]
+    return DriverState(**grpo_state(done[-1])) if done else None
 
 
 def load(ray, learners: list, run_dir: Path, state: DriverState) -> None:
-    ray.get([l.load.remote(str(Path(run_dir) / "checkpoints" / "learners"), state.tag) for l in learners])
+    ray.get([l.load.remote(str(grpo_learners_dir(run_dir)), state.tag) for l in learners])

@@ -46,12 +46,9 @@ class Driver:
         import ray
 
         from data.tokenizer import load_tokenizer
-        from orchestrator.grpo.learner import PolicyLearner, ReferenceModel
-        from orchestrator.grpo.weight_sync import WeightSync, rendezvous_at
         from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
 
         self.cfg, self.run_dir, self.tracker, self.ray = cfg, Path(run_dir), tracker, ray
-        g = cfg.grpo
         self.hf_dir, self.tok_path = resolve_init(cfg)
         self.tok = load_tokenizer(self.tok_path)
         self.train_rows, self.heldout_rows = load_tasks(cfg)
@@ -60,6 +57,18 @@ class Driver:
         # every role instance gets its own bundle: learners packed, samplers and evaluators spread
         self.placement = RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=bool(cfg.cluster.address),
                                        timeout_s=cfg.cluster.placement_timeout_s)
+        try:
+            self._start_roles()
+        except BaseException:  # a role that cannot start: give its placement groups back
+            self.placement.close()
+            raise
+        self.step = 0
+
+    def _start_roles(self) -> None:
+        from orchestrator.grpo.learner import PolicyLearner, ReferenceModel
+        from orchestrator.grpo.weight_sync import WeightSync, rendezvous_at
+
+        ray, cfg, g = self.ray, self.cfg, self.cfg.grpo
         opts = self.placement.options
         self.rollouts = Rollouts(ray, self.placement, hf_dir=self.hf_dir, tok_path=self.tok_path, template=cfg.data.template,
                                  rewards=self.rewards, rollout_cfg=cfg.rollout, num_evaluators=g.num_evaluators, seed=cfg.seed)
@@ -72,7 +81,6 @@ class Driver:
             str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
             seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens) for i in range(g.learners)]
         self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g)
-        self.step = 0
 
     @property
     def version(self) -> int:

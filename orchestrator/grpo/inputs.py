@@ -82,10 +82,35 @@ def reward_config(cfg: RunConfig):
     from rl.rewards import RewardConfig, RewardSpec
 
     rc = TypeAdapter(RewardConfig).validate_python(cfg.rewards) if isinstance(cfg.rewards, dict) else copy.deepcopy(cfg.rewards)
+    for i, spec in enumerate(rc.rewards):
+        problem = reward_problem(spec.name)
+        if problem:
+            raise ConfigError(f"key 'rewards.rewards.{i}.name': {problem}")
     if cfg.grpo.overlong == "penalty" and not any(s.name == "overlong" for s in rc.rewards):
         n = cfg.rollout.max_new_tokens
         rc.rewards.append(RewardSpec("overlong", 1.0, {"max_len": n, "cache_len": max(1, n // 4)}))
     return rc
+
+
+def reward_problem(name: str) -> str | None:
+    """Why a reward name cannot be used (None if it can): unknown built-in, missing file or function.
+    Checked at config time, so that a typo is one error now instead of an error per sample later."""
+    import ast
+
+    from rl.rewards.registry import registered
+
+    path, sep, func = name.rpartition(":")
+    if not (sep and path.endswith(".py")):
+        return None if name in registered() else f"unknown reward {name!r} (built-in: {', '.join(registered())}; or path/to/file.py:function)"
+    if not Path(path).is_file():
+        return f"reward file {path} does not exist"
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError) as e:
+        return f"reward file {path} does not parse: {e}"
+    if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == func for n in tree.body):
+        return f"reward file {path} defines no function {func!r}"
+    return None
 
 
 def validate(cfg: RunConfig) -> None:

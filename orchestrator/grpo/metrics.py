@@ -31,7 +31,10 @@ def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, versio
         "truncated_frac": float(np.mean([x.truncated for x in recs])), "reasoning_frac": float(np.mean([x.reasons for x in recs])),
         "samples_in_loss": sum(a is not None for a in adv), "refill_rounds": batch.refill_rounds,
         "version_lag": float(np.mean([version - 1 - x.version for x in recs])),
-        "reward_errors": sum(errors.values()), **{f"reward_errors/{k}": v for k, v in errors.items()},
+        # a second opinion's disagreement is a verdict (the completion scored 0), not an error
+        "second_opinion/disagreements": sum(x.second_opinion == "disagree" for x in recs),
+        "reward_errors": sum(v for k, v in errors.items() if k != "second_opinion_disagreements"),
+        **{f"reward_errors/{k}": v for k, v in errors.items() if k != "second_opinion_disagreements"},
         "time/generate": float(sum(c.gen_seconds for c in batch.scored)), "time/score": float(sum(c.seconds for c in batch.scored)),
         "time/wait_rollouts": batch.wait_s, "time/step": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
         **extra,
@@ -41,9 +44,9 @@ def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, versio
 
 def rollout_table(first_chunk, records, adv, rewards, step: int, n: int = 8) -> tuple[str, list[str], list[list], int]:
     """(name, columns, rows, step) of the rollouts table: the first chunk's completions, to read."""
-    cols = ["step", "prompt", "completion", *(s.name for s in rewards.rewards), "advantage"]
-    rows = [[step, first_chunk.tasks[i]["prompt"], first_chunk.completions[i], *(records[i].rewards.get(s.name, 0.0) for s in rewards.rewards), adv[i]]
-            for i in range(min(n, len(first_chunk.completions)))]
+    cols = ["step", "prompt", "completion", *(s.name for s in rewards.rewards), "advantage", "second_opinion"]
+    rows = [[step, first_chunk.tasks[i]["prompt"], first_chunk.completions[i], *(records[i].rewards.get(s.name, 0.0) for s in rewards.rewards),
+             adv[i], records[i].second_opinion] for i in range(min(n, len(first_chunk.completions)))]
     return "rollouts", cols, rows, step
 
 

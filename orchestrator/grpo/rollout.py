@@ -158,56 +158,65 @@ class RolloutSampler:
 
 
 class RewardWorker:
-    """Scores rollout chunks; returns small typed records."""
+    """Scores rollout chunks; returns small typed records.
+
+    A completion is correct when its task kind's accuracy reward (rl.rollouts.ACCURACY_REWARD)
+    scores 1 as the evaluator computes it, second opinion included: from the configured rewards
+    when that reward is among them, else from a second evaluator holding only that reward (the
+    held-out evaluation of code tasks in an arithmetic run, say)."""
 
     def __init__(self, reward_cfg, *, max_len: int, threads: int = 1):
         from rl.evaluator import RewardEvaluator
 
         sys.unraisablehook = quiet_teardown_hook
         torch.set_num_threads(threads)
-        self.evaluator = RewardEvaluator(reward_cfg)
-        # the accuracy rewards already computed for training give the verdict without a second run
-        self.configured = {s.name for s in reward_cfg.rewards}
+        self.cfg = reward_cfg
+        self.evaluator = RewardEvaluator(reward_cfg)  # raises (one line) where the sandbox cannot isolate
+        self.verifiers: dict[str, RewardEvaluator] = {}
         self.max_len = max_len
-        self._errors_seen: dict[str, int] = {}
+
+    def _verdicts(self, name: str, samples: list[dict], results: list[dict]) -> list[tuple[bool, str | None]]:
+        """(correct, second opinion) per sample by the accuracy reward `name`."""
+        if any(s.name == name for s in self.cfg.rewards):
+            return [(r["rewards"].get(name, 0.0) >= 1.0, r.get("second_opinion")) for r in results]
+        if name not in self.verifiers:
+            from rl.evaluator import RewardEvaluator
+            from rl.rewards import RewardSpec
+
+            self.verifiers[name] = RewardEvaluator(dataclasses.replace(self.cfg, rewards=[RewardSpec(name, 1.0)]))
+        return [(r["reward"] >= 1.0, r.get("second_opinion")) for r in self.verifiers[name].score(samples)]
 
     def score(self, chunk: RolloutChunk) -> ScoredChunk:
-        from rl.rollouts import ACCURACY_REWARD, reasons, verify
+        from rl.rollouts import accuracy_reward, reasons
 
         t0 = time.perf_counter()
         samples = [{**task, "completion": text, "completion_tokens": len(ids), "max_len": self.max_len}
                    for task, text, ids in zip(chunk.tasks, chunk.completions, chunk.completion_ids)]
         results = self.evaluator.score(samples)
-        records = []
-        for i, r in enumerate(results):
-            task, text = chunk.tasks[i], chunk.completions[i]
-            acc = ACCURACY_REWARD.get(task.get("kind") or "math")
-            correct = r["rewards"].get(acc, 0.0) >= 1.0 if acc in self.configured else _safe_verify(verify, text, task)
-            records.append(ScoredRollout(
-                id=task["id"], group=chunk.groups[i], reward=float(r["reward"]), rewards=r["rewards"], errors=r["errors"],
-                correct=bool(correct), length=len(chunk.completion_ids[i]), truncated=bool(chunk.truncated[i]),
-                version=chunk.versions[i], reasons=reasons(text)))
+        verdicts: list = [None] * len(samples)
+        by_reward: dict[str, list[int]] = {}
+        for i, task in enumerate(chunk.tasks):
+            by_reward.setdefault(accuracy_reward(task), []).append(i)
+        for name, idx in by_reward.items():
+            for i, v in zip(idx, self._verdicts(name, [samples[i] for i in idx], [results[i] for i in idx])):
+                verdicts[i] = v
+        records = [ScoredRollout(
+            id=task["id"], group=chunk.groups[i], reward=float(r["reward"]), rewards=r["rewards"], errors=r["errors"],
+            correct=bool(verdicts[i][0]), length=len(chunk.completion_ids[i]), truncated=bool(chunk.truncated[i]),
+            version=chunk.versions[i], reasons=reasons(chunk.completions[i]), second_opinion=verdicts[i][1])
+            for i, (task, r) in enumerate(zip(chunk.tasks, results))]
+        errors = self.evaluator.error_counts_since_last_call()
+        for v in self.verifiers.values():
+            for k, n in v.error_counts_since_last_call().items():
+                errors[k] = errors.get(k, 0) + n
         return ScoredChunk(records=records, seconds=time.perf_counter() - t0, gen_seconds=chunk.seconds, tokens=chunk.tokens,
-                           reward_errors=self._new_errors())
-
-    def _new_errors(self) -> dict[str, int]:
-        """Reward errors since the previous call (the evaluator counts over its lifetime)."""
-        now = self.evaluator.error_counts()
-        new = {k: v - self._errors_seen.get(k, 0) for k, v in now.items() if v > self._errors_seen.get(k, 0)}
-        self._errors_seen = dict(now)
-        return new
+                           reward_errors=errors)
 
     def close(self) -> None:
-        """Stop the evaluator's thread pool before the actor is torn down (a pool still alive at
-        teardown can print a concurrent.futures traceback from the dying process)."""
-        self.evaluator.close()
-
-
-def _safe_verify(verify, text: str, task: dict) -> bool:
-    try:
-        return verify(text, task)
-    except Exception:  # a verifier that fails scores the completion as not solved, like a reward
-        return False
+        """Stop the evaluators' pools and reward processes before the actor is torn down (a pool still
+        alive at teardown can print a concurrent.futures traceback from the dying process)."""
+        for ev in [self.evaluator, *self.verifiers.values()]:
+            ev.close()
 
 
 class Rollouts:
@@ -225,6 +234,19 @@ class Rollouts:
                          for i in range(rollout_cfg.num_samplers)]
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
                         for i in range(num_evaluators)]
+        self._check_started()
+
+    def _check_started(self) -> None:
+        """A reward worker that refuses to start (a node that cannot isolate the code sandbox) is a
+        user-fixable error: its one line, as a ConfigError, before any step runs."""
+        from orchestrator.config import ConfigError
+
+        try:
+            self.ray.get([s.__ray_ready__.remote() for s in self.scorers])
+        except self.ray.exceptions.RayActorError as e:
+            cause = getattr(e, "cause", None) or e
+            lines = [l for l in str(cause).splitlines() if "Error:" in l] or [str(cause).splitlines()[-1]]
+            raise ConfigError(f"the reward workers could not start: {lines[-1].split('Error: ', 1)[-1]}") from None
 
     def launch(self, tasks: list[dict], *, seed_key: tuple[int, ...], group_size: int, temperature: float,
                weights=None, version: int = 0, first_group: int = 0) -> tuple[list, list]:

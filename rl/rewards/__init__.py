@@ -8,7 +8,7 @@ Test: `pytest tests/rl/`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -30,7 +30,14 @@ class RewardConfig:
         default_factory=lambda: [RewardSpec("math_accuracy", 1.0), RewardSpec("format", 0.1)]
     )
     max_workers: Annotated[int, Field(ge=1)] = 2  # concurrent samples per evaluator
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per sample, all rewards together
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per reward call of a reward file; per sample for the rest
+    # The code sandbox's isolation. "full" (root, unshare, a memory cgroup or seccomp): the reward
+    # evaluators refuse to start where the node lacks it. "reduced" is an explicit opt-in for
+    # trusted code on a laptop: the program then shares the evaluator's uid and file system.
+    isolation: Literal["full", "reduced"] = "full"
+    # Re-run each full-reward code completion against the task's reference solution (issue #17)
+    # and score 0 on a disagreement; only for tasks whose row has a reference (`answer`).
+    second_opinion: bool = True
 
 
 __all__ = ["RewardConfig", "RewardSpec"]

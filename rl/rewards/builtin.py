@@ -22,7 +22,7 @@ _FORMAT = re.compile(r"^\s*(<think>)?(?P<think>(?:(?!<think>|</think>|<answer>|<
 
 @reward("math_accuracy")
 def math_accuracy(completion: str, sample: Mapping) -> float:
-    return math_reward(completion, str(sample["answer"]), percent=sample.get("percent", "strip"))
+    return math_reward(completion, str(sample["answer"]), percent=sample.get("percent", "strip"), prompt=sample.get("prompt") or None)
 
 
 @reward("format")
@@ -58,8 +58,9 @@ def overlong(completion: str, sample: Mapping) -> float:
 def code_tests(completion: str, sample: Mapping) -> float:
     """1 when the program in the completion passes sample["tests"] in the sandbox (rl/sandbox.py).
 
-    Options: `fraction` (score the fraction of asserts that held), `timeout_s`, `memory_mb`."""
+    Options: `fraction` (score the fraction of checks that held), `timeout_s`, `memory_mb`,
+    `isolation` ("full" or "reduced"; the evaluator sets it from `rewards.isolation`)."""
     return code_reward(
         completion, str(sample["tests"]), entry_point=sample.get("entry_point") or None,
         fraction=bool(sample.get("fraction", False)), timeout_s=float(sample.get("timeout_s", 10)),
-        memory_mb=int(sample.get("memory_mb", 1024)))
+        memory_mb=int(sample.get("memory_mb", 1024)), isolation=str(sample.get("isolation", "full")))

@@ -3,8 +3,10 @@
 The program is taken from the completion only: the last <answer>...</answer> (a ```python fence
 inside it is unwrapped), else the last ```python fenced block, else the text after the last
 </think> (the whole completion when there is none). The reward is 1.0 when every test passes and
-0.0 otherwise, or with `fraction=True` the fraction of executed asserts that held (0 on timeout,
-crash or a program that does not load). The verdict comes from rl/sandbox.py, never from the program.
+0.0 otherwise, or with `fraction=True` the fraction of executed checks that held (0 on timeout,
+crash, a program that does not load, or tests that run no check). The verdict comes from
+rl/sandbox.py, never from the program. The RewardEvaluator adds a second opinion on full rewards
+(rl/rewards/second_opinion.py).
 
 Test: `pytest tests/rl/test_code_reward.py`.
 """
@@ -32,12 +34,14 @@ def extract_program(completion: str) -> str:
 
 
 def code_reward(completion: str, tests: str, *, entry_point: str | None = None, fraction: bool = False,
-                timeout_s: float = 10, memory_mb: int = 1024) -> float:
-    """1.0 when the completion's program passes every test, else 0.0 (or the fraction passed)."""
+                timeout_s: float = 10, memory_mb: int = 1024, isolation: str = "full") -> float:
+    """1.0 when the completion's program passes every test, else 0.0 (or the fraction passed).
+
+    Raises IsolationError where the sandbox cannot isolate fully, unless isolation="reduced"."""
     program = extract_program(completion)
     if not program.strip():
         return 0.0
-    result = run_tests(program, tests, timeout_s=timeout_s, memory_mb=memory_mb, entry_point=entry_point)
+    result = run_tests(program, tests, timeout_s=timeout_s, memory_mb=memory_mb, entry_point=entry_point, isolation=isolation)
     if result.passed:
         return 1.0
     if fraction and result.status == "failed" and result.tests_total:

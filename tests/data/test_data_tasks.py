@@ -104,3 +104,26 @@ def test_read_gsm8k_math_and_errors(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(b'{"question": "\xe9", "answer": "#### 1"}\n')
     with pytest.raises(TaskFileError, match="row 0 is not UTF-8"):
         read_tasks(tmp_path / "latin.jsonl")
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"id": "c1", "kind": "code", "prompt": "p", "tests": "", "entry_point": "f"}, r"row 1 \(id 'c1'\) is a code task without tests"),
+    ({"id": "c2", "kind": "code", "prompt": "p", "tests": "# assert f(1) == 1\n"}, r"row 1 \(id 'c2'\) has tests that .* check nothing"),
+    ({"id": "c3", "kind": "code", "prompt": "p", "tests": "f(1)\nprint('ok')\n"}, r"row 1 \(id 'c3'\) has tests that .* check nothing"),
+    ({"id": "c4", "kind": "code", "prompt": "p", "tests": "assert f(1) =="}, r"row 1 \(id 'c4'\) has tests that do not parse"),
+    ({"id": "m1", "kind": "math", "prompt": "2+2?", "answer": " "}, r"row 1 \(id 'm1'\) is a math task without an answer"),
+    ({"id": "x1", "kind": "poetry", "prompt": "p", "answer": "a"}, r"row 1 \(id 'x1'\) has kind 'poetry'"),
+], ids=["code-no-tests", "code-comment-tests", "code-no-assert", "code-syntax", "math-no-answer", "bad-kind"])
+def test_rows_that_could_only_be_scored_by_accident_are_refused(tmp_path, row, match):
+    good = {"id": "ok", "kind": "code", "prompt": "p", "tests": "assert f(1) == 1\n", "entry_point": "f"}
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(TaskFileError, match=match):
+        read_tasks(path)
+    unittest_row = {**good, "tests": "import unittest\nclass T(unittest.TestCase):\n    def test_f(self):\n        self.assertEqual(f(1), 1)\n"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(unittest_row) + "\n")
+    assert read_tasks(path).num_rows == 2
+    parquet = tmp_path / "tasks.parquet"
+    pq.write_table(pa.Table.from_pylist([good, {**good, **row}]), parquet)
+    with pytest.raises(TaskFileError, match=match.replace("row 1", "row 1")):
+        read_tasks(parquet)

@@ -1,4 +1,5 @@
-"""The `sputnik` command line, run as a real subprocess: help, config errors, unavailable commands."""
+"""The `sputnik` command line, run as a real subprocess: help, config errors and other user errors
+(exit status 2, one line), run directories."""
 
 import os
 import subprocess
@@ -57,6 +58,12 @@ def test_bad_config_file_exits_2_naming_file(tmp_path):
     r = sputnik("grpo", "--config", str(bad))
     assert r.returncode == 2
     assert str(bad) in r.stderr and "'rollout.temperature'" in r.stderr
+
+
+def test_export_from_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_path):
+    r = sputnik("export", "--from", str(tmp_path), "--to", str(tmp_path / "hf"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"sputnik export: config error: --from {tmp_path}: not a run directory (no config.yaml)"]
 
 
 def test_run_dir_holds_resolved_config(tmp_path):

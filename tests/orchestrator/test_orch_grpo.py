@@ -277,6 +277,20 @@ def test_grpo_without_init_is_a_config_error(tmp_path):
     assert "grpo.init" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("reward, message", [("math_acuracy", "unknown reward 'math_acuracy'"),
+                                             ("{dir}/missing.py:f", "missing.py does not exist"),
+                                             ("{dir}/r.py:nope", "defines no function 'nope'")])
+def test_a_bad_reward_is_refused_before_ray_starts(policy_dir, tmp_path, reward, message):
+    (tmp_path / "r.py").write_text("def score(completion, sample):\n    return 1.0\n")
+    root, _ = policy_dir
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "grpo", f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}",
+                        f'rewards.rewards=[{{"name": "{reward.format(dir=tmp_path)}"}}]', "--out", str(tmp_path / "x")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "rewards.rewards.0.name" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Ray" not in r.stdout + r.stderr
+
+
 def test_quiet_teardown_hook_hides_only_the_intended_exit():
     # An exception Python cannot raise (here from __del__) goes to sys.unraisablehook: the role
     # actors' hook drops the SystemExit of Ray's SIGTERM teardown and still reports anything else.

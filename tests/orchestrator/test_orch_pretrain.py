@@ -1,6 +1,7 @@
 """Pretraining on Ray Train + DeepSpeed (real Ray, real DeepSpeed, gloo on CPU), run through the CLI.
 
-Exact resume, ZeRO-2/3 with 2 workers (and expert parallel 2) against 1 worker, recovery from a killed worker, export.
+Exact resume, ZeRO-2/3 with 2 workers (and expert parallel 2) against 1 worker, recovery from a killed worker,
+`tracking.log_every`, export of a chosen step.
 """
 
 import json
@@ -122,6 +123,30 @@ def test_recovers_from_a_killed_worker(tmp_path, cache):
     a, b = losses(tmp_path / "clean"), losses(tmp_path / "killed")
     assert abs(a[24] - b[24]) <= 1e-6 * abs(a[24])
     assert "resumed from step" in "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_log_every_sets_the_logged_steps_and_export_takes_any_kept_step(tmp_path, cache):
+    """tracking.log_every=3 over 7 steps: records and progress lines at steps 3, 6 and the last, 7.
+    The run keeps its last 2 checkpoints (6, 7); `sputnik export --step 6` exports the older one,
+    `--step 3` names the kept steps."""
+    run = tmp_path / "run"
+    r = sputnik("pretrain", *SMALL, "pretrain.steps=7", "pretrain.checkpoint_every=3", "pretrain.workers=1",
+                "tracking.log_every=3", "--out", str(run), cache=cache)
+    assert sorted(losses(run)) == [3, 6, 7]
+    out = r.stdout + r.stderr
+    assert all(f"step {s}/7 loss" in out for s in (3, 6, 7)) and "step 1/7 loss" not in out
+    r = sputnik("export", "--from", str(run), "--step", "6", "--to", str(tmp_path / "step6"), cache=cache)
+    assert "step 6 of pretrain run" in r.stdout
+    from safetensors.torch import load_file
+
+    step6, final = load_file(tmp_path / "step6" / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert step6.keys() == final.keys() and any(not step6[k].equal(final[k]) for k in final)
+    env = {**os.environ, "SPUTNIK_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "export", "--from", str(run), "--step", "3", "--to", str(tmp_path / "x")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "(have: 6, 7)" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_bad_config_fails_before_workers_start(tmp_path, cache):

@@ -1,4 +1,5 @@
-"""Tracker: metrics.jsonl records, summary.json, and a real offline W&B run inside the run directory."""
+"""Tracker: metrics.jsonl records, which steps a loop logs, summary.json, and a real offline W&B run
+inside the run directory."""
 
 import json
 import math
@@ -60,3 +61,11 @@ def test_step_is_recorded_in_every_mode(tmp_path, mode):
     with Tracker(tmp_path, TrackingConfig(wandb_mode=mode), name="s") as tr:
         tr.log({"x": 1}, step=7)
     assert read_jsonl(tmp_path / "metrics.jsonl")[0]["step"] == 7
+
+
+def test_should_log_every_log_every_steps_and_the_last(tmp_path):
+    with Tracker(tmp_path, TrackingConfig(wandb_mode="disabled", log_every=3), name="s") as tr:
+        assert [s for s in range(1, 9) if tr.should_log(s, last=8)] == [3, 6, 8]
+        assert [s for s in range(5, 10) if tr.should_log(s, last=9)] == [6, 9]  # a resumed loop
+    with Tracker(tmp_path, TrackingConfig(wandb_mode="disabled"), name="s") as tr:
+        assert all(tr.should_log(s, last=4) for s in range(1, 5))

@@ -66,17 +66,18 @@ def test_percentages_configurable(verifier):
 def test_huge_inputs_score_zero_within_the_limit():
     v = MathVerifier(timeout_s=2)
     try:
-        for pred in ["2^{2^{2^{2^{2^{2^{2}}}}}}", "(" * 3000 + "1" + ")" * 3000, "9" * 5000]:
+        # a reference that is not a plain number, so every answer goes to the worker process
+        for pred in ["2^{2^{2^{2^{2^{2^{2}}}}}}", "(" * 3000 + "\\sqrt{2}" + ")" * 3000, "9" * 5000]:
             t = time.time()
-            assert math_reward(ans(pred), "1", verifier=v) == 0.0
+            assert math_reward(ans(pred), "\\sqrt{2}", verifier=v) == 0.0
             assert time.time() - t < 2 + 3  # the limit, plus a worker restart
-        assert math_reward(ans("2"), "2", verifier=v) == 1.0  # still healthy afterwards
+        assert math_reward(ans("\\sqrt{8}"), "2\\sqrt{2}", verifier=v) == 1.0  # still healthy afterwards
     finally:
         v.close()
 
 
 def test_safe_from_threads(verifier):
     with cf.ThreadPoolExecutor(4) as pool:
-        # sqrt forms are not plain numbers, so every call goes through the worker process
-        got = list(pool.map(lambda i: math_reward(ans(f"\\sqrt{{{i * i}}}"), str(i), verifier=verifier), range(1, 9)))
+        # i*sqrt(2) against sqrt(2 i^2): not plain numbers, so every call goes through the worker process
+        got = list(pool.map(lambda i: math_reward(ans(f"\\sqrt{{{2 * i * i}}}"), f"{i}\\sqrt{{2}}", verifier=verifier), range(1, 9)))
     assert got == [1.0] * 8

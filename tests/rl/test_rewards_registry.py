@@ -92,10 +92,28 @@ def test_evaluator_scores_math_concurrently_with_timings():
 
 
 def test_slow_reward_times_out(tmp_path):
+    # the call is killed with its worker process (a hung reward is in tests/rl/test_reward_gaming.py)
     f = tmp_path / "slow.py"
     write(f, "import time\ndef score(c, s):\n    time.sleep(5)\n    return 1.0\n")
     ev = RewardEvaluator(RewardConfig(rewards=[RewardSpec(f"{f}:score")], timeout_s=0.5, max_workers=2))
     t = time.time()
     out = ev.score([{"completion": "a"}, {"completion": "b"}])
     assert time.time() - t < 2 and [o["reward"] for o in out] == [0.0, 0.0] and ev.timeouts == 2
+    assert all("timed out" in o["errors"][f"{f}:score"] for o in out)
     ev.close()
+
+
+def test_error_counts_per_call_and_lifetime(tmp_path):
+    f = tmp_path / "flaky.py"
+    write(f, "def score(completion, sample):\n    if completion == 'bad':\n        raise ValueError('no')\n    return 1.0\n")
+    ev = RewardEvaluator(RewardConfig(rewards=[RewardSpec(f"{f}:score")], max_workers=2))
+    try:
+        assert ev.error_counts_since_last_call() == {}
+        ev.score([{"completion": "bad"}, {"completion": "ok"}, {"completion": "bad"}])
+        assert ev.error_counts_since_last_call() == {f"{f}:score": 2}
+        ev.score([{"completion": "bad"}])
+        assert ev.error_counts_since_last_call() == {f"{f}:score": 1}
+        assert ev.error_counts_since_last_call() == {}
+        assert ev.error_counts() == {f"{f}:score": 3}  # the lifetime total
+    finally:
+        ev.close()

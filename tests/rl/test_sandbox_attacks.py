@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from rl.sandbox import _MODES, _UID_BASE, _UID_RANGE, _run, run_tests
+from rl.sandbox import _MODES, _UID_BASE, _UID_RANGE, _bound, _run, run_tests
 
 TIMEOUT = 2.0
 MEMORY_MB = 256  # small, so that filling it takes well under TIMEOUT
@@ -300,8 +300,9 @@ def test_every_isolation_mode_decides_the_same(mode):
     if (mode.jail and os.geteuid() != 0) or (mode.prefix and subprocess.run([*mode.prefix, "true"]).returncode != 0):
         pytest.skip(f"isolation mode {mode.name} is not permitted here")
     square = "def square(x):\n    return x * x\n"
-    assert _run(square, TESTS, mode, 30, 512, None).status == "passed"
-    assert _run(WRONG, TESTS, mode, 30, 512, None).status == "failed"
-    result = _run("while True:\n    pass\n", TESTS, mode, 1, 512, None)
+    bound = _bound(mode)  # the cgroup (or the seccomp filter) that bounds the process tree
+    assert _run(square, TESTS, mode, 30, 512, None, bound).status == "passed"
+    assert _run(WRONG, TESTS, mode, 30, 512, None, bound).status == "failed"
+    result = _run("while True:\n    pass\n", TESTS, mode, 1, 512, None, bound)
     assert result.status == "timeout" and result.duration_s < 3
     assert result.isolation.startswith("full" if mode.jail else "reduced")

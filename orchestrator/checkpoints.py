@@ -1,0 +1,178 @@
+"""Checkpoint layouts of pretraining and GRPO runs: when a checkpoint is complete, which ones a run
+has, the full fp32 model state in one, and the model config it was trained with.
+
+Pretraining (orchestrator/pretrain_worker.py; Ray Train merges the workers' parts into one
+`checkpoint_*` folder under RUN/checkpoints/train/):
+    <ckpt>/ds/             DeepSpeed `engine.save_checkpoint(<ckpt>, tag="ds")` of every rank
+    <ckpt>/rank{r}.pt      rank r's loader position and RNG state
+    <ckpt>/meta.json       {"step", "world_size", "tag"}, written last by rank 0
+GRPO (orchestrator/grpo/checkpoint.py):
+    RUN/checkpoints/learners/<tag>/   DeepSpeed `engine.save_checkpoint(RUN/checkpoints/learners, tag)`
+    RUN/checkpoints/<tag>.json        {"step", "version", "data_position", "tag"}, written last
+A checkpoint counts only when its marker (meta.json, <tag>.json), DeepSpeed's model states and, for
+pretraining, every rank's part are there: a save cut short by a crash is ignored. Both engines wrap
+the Transformer as `.model`, so their state-dict keys are "model." + the Transformer's.
+
+Test: `pytest tests/orchestrator/test_orch_checkpoints.py tests/orchestrator/test_orch_pretrain.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from model import ModelArgs
+from orchestrator.config import ConfigError, load_config
+
+DS_TAG = "ds"  # pretraining's DeepSpeed tag: one checkpoint per Ray Train checkpoint folder
+META = "meta.json"
+MODEL_PREFIX = "model."  # the engines' wrapper modules hold the Transformer as `.model`
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint: DeepSpeed's `save_checkpoint(ds_dir, tag=tag)` taken after `step`."""
+
+    step: int
+    kind: Literal["pretrain", "grpo"]
+    ds_dir: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.ds_dir / self.tag
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining parts: every rank writes its own into a directory that Ray Train then merges
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"rank{rank}.pt"
+
+
+def save_pretrain_part(engine, path: Path, *, step: int, rank: int, world: int, worker_state: dict) -> None:
+    """This rank's part of a pretraining checkpoint in `path` (call on every rank)."""
+    engine.save_checkpoint(str(path), tag=DS_TAG)
+    torch.save(worker_state, rank_file(path, rank))
+    if rank == 0:  # written last: its presence marks rank 0's part complete
+        (Path(path) / META).write_text(json.dumps({"step": step, "world_size": world, "tag": DS_TAG}))
+
+
+def load_pretrain_part(engine, path: Path, *, rank: int, world: int) -> tuple[int, dict]:
+    """Restore `engine` from a pretraining checkpoint; returns (step, this rank's worker state)."""
+    meta = json.loads((Path(path) / META).read_text())
+    if meta["world_size"] != world:
+        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} workers, not {world}: "
+                           f"resuming on another world size is not supported")
+    engine.load_checkpoint(str(path), tag=meta["tag"])
+    return meta["step"], torch.load(rank_file(path, rank), weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding complete checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _has_model_states(tag_dir: Path) -> bool:
+    return tag_dir.is_dir() and any(tag_dir.glob("*model_states.pt"))
+
+
+def _pretrain_checkpoint(folder: Path) -> Checkpoint | None:
+    meta = _read_json(folder / META)
+    if meta is None:
+        return None
+    tag = meta.get("tag", DS_TAG)
+    ranks_ok = all(rank_file(folder, r).is_file() for r in range(meta.get("world_size", 1)))
+    return Checkpoint(meta["step"], "pretrain", folder, tag) if ranks_ok and _has_model_states(folder / tag) else None
+
+
+def grpo_learners_dir(run_dir: Path) -> Path:
+    """Where GRPO learners save: `engine.save_checkpoint(grpo_learners_dir(run), tag)`."""
+    return Path(run_dir) / "checkpoints" / "learners"
+
+
+def grpo_marker(run_dir: Path, tag: str) -> Path:
+    """The JSON marker of GRPO checkpoint `tag`, written last: its presence completes the checkpoint."""
+    return Path(run_dir) / "checkpoints" / f"{tag}.json"
+
+
+def grpo_state(ckpt: Checkpoint) -> dict:
+    """The driver state saved with a GRPO checkpoint (step, version, data_position, tag)."""
+    return json.loads(grpo_marker(ckpt.ds_dir.parent.parent, ckpt.tag).read_text())
+
+
+def _grpo_checkpoint(marker: Path) -> Checkpoint | None:
+    state = _read_json(marker)
+    if state is None:
+        return None
+    ds_dir, tag = marker.parent / "learners", state.get("tag") or marker.stem
+    return Checkpoint(state["step"], "grpo", ds_dir, tag) if _has_model_states(ds_dir / tag) else None
+
+
+def find_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """The complete checkpoints of a pretraining or GRPO run directory, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [_pretrain_checkpoint(m.parent) for m in root.glob(f"**/{META}")]
+    found += [_grpo_checkpoint(m) for m in root.glob("step*.json")]
+    return sorted((c for c in found if c is not None), key=lambda c: c.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The Transformer's full state dict (fp32 master weights, buffers) gathered from all ranks."""
+    if any(ckpt.path.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 weights are partitioned over the ranks
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it detects
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.ds_dir), tag=ckpt.tag)
+    else:  # ZeRO 0: the module is saved whole, optimizer included
+        sd = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _hf_config(source: Path) -> Path | None:
+    """config.json of the HF model a model source stands for: an HF directory, or a run whose
+    summary.json names its export (pretraining and GRPO runs export to `hf/`)."""
+    if (source / "config.json").is_file():
+        return source / "config.json"
+    summary = _read_json(source / "summary.json") or {}
+    hf = Path(summary.get("hf_export", source / "hf"))
+    return hf / "config.json" if (hf / "config.json").is_file() else None
+
+
+def model_args(run_dir: Path, ckpt: Checkpoint) -> ModelArgs:
+    """The ModelArgs `ckpt`'s weights have. A GRPO policy has the shape of its `grpo.init` model,
+    whatever the `model:` section of the GRPO config says; the run's own export is the fallback
+    when the init model has moved."""
+    from model.hf import from_hf_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if ckpt.kind == "pretrain":
+        return cfg.model
+    sources = [Path(cfg.grpo.init)] if cfg.grpo.init else []
+    for config_json in (_hf_config(s) for s in [*sources, run_dir]):
+        if config_json is not None:
+            return from_hf_config(json.loads(config_json.read_text()))
+    raise ConfigError(f"--from {run_dir}: the GRPO run's init model ({cfg.grpo.init}) has no config.json "
+                      f"(an HF directory, or a run with an `hf/` export), so its model shape is unknown; "
+                      f"run export from the directory the GRPO run was started in")
