@@ -18,16 +18,16 @@ NonNeg = Annotated[int, Field(ge=0)]
 
 @dataclasses.dataclass
 class DataConfig:
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # tokenizer (byte-level BPE trained on the corpus, digits split one per token)
     vocab_size: Annotated[int, Field(ge=300)] = 512  # must not exceed the model vocab
     template: Literal["r1", "plain"] = "r1"  # prompt template for tasks and synthetic documents
     # synthetic math corpus: rendered prompt + completion, a fraction with worked reasoning
     math_docs: NonNeg = 40000
-    reasoning_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    reasoning_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3  # share of corpus solutions worked step by step inside <think>
     digits: Annotated[int, Field(ge=1, le=12)] = 3  # operand size (difficulty)
-    families: list[Literal["add", "sub", "chain", "word"]] = dataclasses.field(default_factory=lambda: ["add"])
+    families: list[Literal["add", "sub", "chain", "word"]] = dataclasses.field(default_factory=lambda: ["add"])  # arithmetic task families in the corpus and the generators
     heldout_percent: Annotated[int, Field(ge=0, le=50)] = 10  # prompts hashed into the held-out split
     # other sources
     code_docs: NonNeg = 0  # synthetic programming-task documents (prompt + solution)
@@ -38,4 +38,4 @@ class DataConfig:
     shard_docs: Pos = 10000  # documents per Parquet shard
     num_workers: Pos = 1  # tokenisation processes (each already uses the tokenizers library's threads)
     seq_len: Pos = 128  # tokens per packed training sequence
-    seed: NonNeg = 0
+    seed: NonNeg = 0  # seed of the synthetic corpus

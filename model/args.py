@@ -25,49 +25,49 @@ NonNeg = Annotated[int, Field(ge=0)]
 
 @dataclasses.dataclass
 class ModelArgs:
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # sizes
-    vocab: Pos = 4096
-    dim: Pos = 128
+    vocab: Pos = 4096  # vocabulary size (at least the tokenizer's)
+    dim: Pos = 128  # hidden size D
     inter_dim: Pos = 384  # dense FFN hidden size (first n_dense_layers)
     moe_inter_dim: Pos = 64  # hidden size of each routed / shared expert
-    n_layers: Pos = 3
-    n_dense_layers: NonNeg = 1
-    n_heads: Pos = 4
-    max_seq_len: Pos = 512
-    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+    n_layers: Pos = 3  # transformer blocks (first n_dense_layers dense, the rest MoE)
+    n_dense_layers: NonNeg = 1  # leading blocks with a dense FFN instead of the MoE
+    n_heads: Pos = 4  # attention heads
+    max_seq_len: Pos = 512  # longest sequence (RoPE table, caches)
+    norm_eps: Annotated[float, Field(gt=0)] = 1e-6  # RMSNorm epsilon
     # MLA (DeepSeek-V2 section 2.1): low-rank q and kv, decoupled RoPE key
     q_lora_rank: Optional[NonNeg] = 0  # 0 / None: no query compression (V2-Lite)
-    kv_lora_rank: Pos = 64
-    qk_nope_head_dim: Pos = 32
-    qk_rope_head_dim: Annotated[int, Field(ge=2, multiple_of=2)] = 16
-    v_head_dim: Pos = 32
+    kv_lora_rank: Pos = 64  # MLA: compressed key/value latent size (the cache holds this per token)
+    qk_nope_head_dim: Pos = 32  # MLA: per-head query/key size without RoPE
+    qk_rope_head_dim: Annotated[int, Field(ge=2, multiple_of=2)] = 16  # MLA: per-head decoupled RoPE size (one shared key)
+    v_head_dim: Pos = 32  # MLA: per-head value size
     # RoPE with YaRN context extension (rope_factor 1 = plain RoPE)
     rope_theta: Annotated[float, Field(gt=0)] = 10000.0
-    rope_factor: Annotated[float, Field(ge=1)] = 1.0
-    original_seq_len: Pos = 4096
-    beta_fast: Annotated[float, Field(gt=0)] = 32.0
-    beta_slow: Annotated[float, Field(gt=0)] = 1.0
-    mscale: Annotated[float, Field(ge=0)] = 1.0
+    rope_factor: Annotated[float, Field(ge=1)] = 1.0  # YaRN context extension factor (1: none)
+    original_seq_len: Pos = 4096  # YaRN: the pretraining context length
+    beta_fast: Annotated[float, Field(gt=0)] = 32.0  # YaRN ramp: fast boundary
+    beta_slow: Annotated[float, Field(gt=0)] = 1.0  # YaRN ramp: slow boundary
+    mscale: Annotated[float, Field(ge=0)] = 1.0  # YaRN attention scale factor
     # DeepSeekMoE (V3 section 2.1.2)
     n_routed_experts: Pos = 8
-    n_shared_experts: NonNeg = 1
-    n_activated_experts: Pos = 2
-    n_expert_groups: Pos = 2
-    n_limited_groups: Pos = 1
-    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
-    route_scale: Annotated[float, Field(gt=0)] = 1.0
-    norm_topk: bool = True
+    n_shared_experts: NonNeg = 1  # experts every token uses
+    n_activated_experts: Pos = 2  # routed experts per token (top-k)
+    n_expert_groups: Pos = 2  # expert groups for group-limited routing
+    n_limited_groups: Pos = 1  # groups each token may route to
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # gate scores: sigmoid (V3) or softmax (V2)
+    route_scale: Annotated[float, Field(gt=0)] = 1.0  # scale of the routed experts' weights
+    norm_topk: bool = True  # normalise the top-k gate weights to sum 1
     # auxiliary-loss-free balancing (V3 section 2.1.2) and the small sequence-wise loss
     bias_update_speed: Annotated[float, Field(ge=0)] = 1e-3
-    seq_aux_loss_alpha: Annotated[float, Field(ge=0)] = 0.0
+    seq_aux_loss_alpha: Annotated[float, Field(ge=0)] = 0.0  # weight of the sequence-wise balance loss (V3: very small)
     # multi-token prediction (V3 section 2.2)
     mtp_depth: NonNeg = 1
-    mtp_loss_weight: Annotated[float, Field(ge=0)] = 0.3
+    mtp_loss_weight: Annotated[float, Field(ge=0)] = 0.3  # weight of the multi-token-prediction loss (lambda)
     # initialisation
-    init_std: Annotated[float, Field(gt=0)] = 0.02
-    tie_embeddings: bool = False
+    init_std: Annotated[float, Field(gt=0)] = 0.02  # standard deviation of the initial weights
+    tie_embeddings: bool = False  # share the embedding and output head weights
     # execution choices: the same results up to rounding, only speed differs; not architecture, so
     # model.hf leaves them out of config.json. Each has a benchmark timing both settings.
     # MLA pads v to the q/k head dim, so SDPA can take its fused kernels (benchmarks/model_attention.py).

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from orchestrator.config import CONFIG_DIR, ConfigError, load_config
+from orchestrator.signals import Stopped, stop_on_sigterm
 
 EXIT_CONFIG = 2
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "eval": ("score a checkpoint on a task table (pass@1, pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
     "export": ("export a pretraining or GRPO checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run"),
     "plan": ("print the placement plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run"),
+    "config": ("print every config key: value, default, type, range, description", None, "orchestrator.config_doc:run"),
 }
 
 
@@ -36,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, default_cfg, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", default=str(CONFIG_DIR / default_cfg), help=f"run config YAML (default: configs/{default_cfg})")
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="Every key, its default and what it does: `sputnik config [--config FILE]`.")
+        if default_cfg is None:
+            p.add_argument("--config", default=None, help="run config YAML (default: the built-in defaults)")
+        else:
+            p.add_argument("--config", default=str(CONFIG_DIR / default_cfg), help=f"run config YAML (default: configs/{default_cfg})")
         p.add_argument("--out", default=None, help="run directory (default: runs/<name>-<timestamp>/)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides, e.g. grpo.group_size=8")
         if name == "export":
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     module_name, func_name = COMMANDS[args.command][2].split(":")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -64,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sputnik {args.command}: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print(f"sputnik {args.command}: interrupted; finished checkpoints and metrics are kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
+        print(f"sputnik {args.command}: {how}; finished checkpoints and metrics are kept; run again with the same --out to resume.",
+              file=sys.stderr)
+        return 143 if isinstance(e, Stopped) else 130
 
 
 if __name__ == "__main__":

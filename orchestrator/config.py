@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/NaN in a config only ever poisons a run
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -47,9 +47,9 @@ class TrackingConfig:
 
     __pydantic_config__ = _STRICT
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline unless asked
-    project: str = "sputnik"
-    entity: Optional[str] = None
-    tags: list[str] = dataclasses.field(default_factory=list)
+    project: str = "sputnik"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user; None: your default)
+    tags: list[str] = dataclasses.field(default_factory=list)  # W&B run tags
     log_every: PositiveInt = 1  # steps between metric records and progress lines; the last step is always logged
     heatmap_every: PositiveInt = 50  # steps between expert-load heatmaps / rollout tables
 
@@ -66,10 +66,13 @@ class ClusterConfig:
     # Each role instance is one placement-group bundle (orchestrator/placement.py); GPUs None = auto:
     # one per learner and per sampler on a cluster with GPUs, none otherwise.
     cpus_per_learner: PositiveFloat = 0.5
-    gpus_per_learner: Optional[NonNegFloat] = None
-    cpus_per_sampler: PositiveFloat = 0.5
-    gpus_per_sampler: Optional[NonNegFloat] = None
-    cpus_per_evaluator: PositiveFloat = 0.25
+    gpus_per_learner: Optional[NonNegFloat] = None  # GPUs per learner and pretraining worker (None: 1 on a GPU cluster, else 0)
+    cpus_per_sampler: PositiveFloat = 0.5  # CPUs per rollout sampler bundle
+    gpus_per_sampler: Optional[NonNegFloat] = None  # GPUs per rollout sampler (None: 1 on a GPU cluster, else 0)
+    cpus_per_evaluator: PositiveFloat = 0.25  # CPUs per reward evaluator bundle
+    # a cluster that adds nodes on demand (`ray up` with max_workers above min_workers): roles that do
+    # not fit now wait up to placement_timeout_s; on a fixed cluster they fail at once with the reason
+    autoscaling: bool = False
     placement_timeout_s: PositiveFloat = 600.0  # how long a cluster that can grow may take to hold the roles
 
 
@@ -78,28 +81,28 @@ class PretrainConfig:
     """Ray Train + DeepSpeed pretraining (issue 7)."""
 
     __pydantic_config__ = _STRICT
-    workers: PositiveInt = 2
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    workers: PositiveInt = 2  # DeepSpeed data-parallel workers (one per GPU on a cluster)
+    zero_stage: Literal[0, 1, 2, 3] = 2  # DeepSpeed ZeRO stage: 1 optimizer, 2 + gradients, 3 + weights sharded
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     fp8: bool = False  # FP8 block-scaled linears (Triton on GPU, emulated on CPU)
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO stages 1-3)
     micro_batch_size: PositiveInt = 8  # sequences per worker per micro-step
-    grad_accum: PositiveInt = 1
+    grad_accum: PositiveInt = 1  # micro-batches per optimizer step
     steps: PositiveInt = 200  # length of the LR schedule
     stop_after: Optional[PositiveInt] = None  # end early at this step (resume later continues the schedule)
-    lr: PositiveFloat = 3e-3
+    lr: PositiveFloat = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: Fraction = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: NonNegInt = 20
-    weight_decay: NonNegFloat = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: NonNegFloat = 1.0
-    activation_checkpointing: bool = False
+    warmup_steps: NonNegInt = 20  # linear warmup from 0 to lr
+    weight_decay: NonNegFloat = 0.1  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
+    grad_clip: NonNegFloat = 1.0  # clip the global gradient norm to this (0: off)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
     # ranks per expert-parallel group: each computes n_routed_experts / expert_parallel experts for the
     # group's tokens (all-to-all); weights stay whole for ZeRO (model/parallel.py, shard_weights=False)
     expert_parallel: PositiveInt = 1
-    checkpoint_every: PositiveInt = 50
-    keep_checkpoints: PositiveInt = 2
-    max_failures: NonNegInt = 0
+    checkpoint_every: PositiveInt = 50  # steps between checkpoints (and the last step)
+    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
+    max_failures: NonNegInt = 0  # worker failures Ray Train recovers from by restarting at the last checkpoint
 
 
 @dataclasses.dataclass
@@ -107,10 +110,10 @@ class RolloutConfig:
     """Sampling settings of the RolloutSampler actors."""
 
     __pydantic_config__ = _STRICT
-    num_samplers: PositiveInt = 1
-    max_new_tokens: PositiveInt = 128
-    temperature: NonNegFloat = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    num_samplers: PositiveInt = 1  # RolloutSampler actors, each with a copy of the policy
+    max_new_tokens: PositiveInt = 128  # generation budget per completion
+    temperature: NonNegFloat = 1.0  # sampling temperature (0: greedy)
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
 
 
 @dataclasses.dataclass
@@ -122,44 +125,44 @@ class GRPOConfig:
     tokenizer: Optional[str] = None  # tokenizer.json; default: the one the init run was trained with
     tasks: str = "arithmetic"  # "arithmetic" (data.digits/families), "code" (synthetic programs) or a task table path
     train_size: PositiveInt = 4000  # train-split prompts drawn from the arithmetic generator
-    steps: PositiveInt = 50
-    prompts_per_step: PositiveInt = 16
-    group_size: Annotated[int, Field(ge=2)] = 8
-    learners: PositiveInt = 1
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    epochs: PositiveInt = 1
+    steps: PositiveInt = 50  # GRPO updates (policy versions)
+    prompts_per_step: PositiveInt = 16  # prompts per step; each gets group_size completions
+    group_size: Annotated[int, Field(ge=2)] = 8  # completions per prompt (G): advantages are relative within the group
+    learners: PositiveInt = 1  # PolicyLearner ranks (one DeepSpeed group)
+    zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage of the learners
+    epochs: PositiveInt = 1  # passes over each step's samples
     minibatch_size: PositiveInt = 64  # completions per optimizer step
-    lr: PositiveFloat = 1e-4
+    lr: PositiveFloat = 1e-4  # learning rate (AdamW, constant)
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW
-    weight_decay: NonNegFloat = 0.0
-    grad_clip: NonNegFloat = 1.0
+    weight_decay: NonNegFloat = 0.0  # AdamW decoupled weight decay
+    grad_clip: NonNegFloat = 1.0  # clip the global gradient norm to this (0: off)
     advantage_scale: Literal["std", "none"] = "std"  # "none": Dr. GRPO's centred rewards
     # how per-token losses become one number: "token" = mean over the minibatch's tokens (DAPO),
     # "sequence" = mean per completion then over completions (GRPO), "constant" = sum divided by
     # completions x rollout.max_new_tokens (Dr. GRPO: no length normalisation)
     aggregation: Literal["token", "sequence", "constant"] = "token"
-    clip_low: Fraction = 0.2
-    clip_high: Fraction = 0.28
+    clip_low: Fraction = 0.2  # PPO clip below: ratio >= 1 - clip_low
+    clip_high: Fraction = 0.28  # PPO clip above: ratio <= 1 + clip_high (DAPO clip-higher)
     kl_beta: NonNegFloat = 0.0  # 0 skips the reference model entirely
     entropy_coef: NonNegFloat = 0.0  # entropy bonus per token (> 0 computes full logits in the update)
-    reference: Literal["colocated", "actor"] = "colocated"
-    dynamic_sampling: bool = False
-    max_refill_rounds: NonNegInt = 2
-    overlong: Literal["none", "filter", "penalty"] = "none"
+    reference: Literal["colocated", "actor"] = "colocated"  # where the frozen reference for the KL lives: a copy in each learner, or one actor of its own
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and refill from the train split
+    max_refill_rounds: NonNegInt = 2  # refills per step with dynamic sampling
+    overlong: Literal["none", "filter", "penalty"] = "none"  # truncated completions: kept, left out of the loss (filter) or penalised (DAPO soft penalty)
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
     # how new weights reach the samplers: one object in the object store that each sampler fetches,
     # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
     # auto = collective when the learners have GPUs (orchestrator/grpo/weight_sync.py)
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     sync_timeout_s: PositiveFloat = 300.0  # a broadcast that takes longer falls back to the object store
-    num_evaluators: PositiveInt = 1
-    eval_every: PositiveInt = 10
-    heldout_size: PositiveInt = 64
+    num_evaluators: PositiveInt = 1  # RewardWorker actors
+    eval_every: PositiveInt = 10  # steps between held-out evaluations (and the last step)
+    heldout_size: PositiveInt = 64  # held-out tasks evaluated
     # held-out evaluation: greedy accuracy, and pass@1 of this many samples per task at
     # rollout.temperature (0 = greedy only)
     heldout_samples: NonNegInt = 4
-    checkpoint_every: PositiveInt = 25
-    keep_checkpoints: PositiveInt = 2
+    checkpoint_every: PositiveInt = 25  # steps between checkpoints (and the last step)
+    keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     table_every: PositiveInt = 10  # a W&B Table of sample rollouts every K steps
     stop_after: Optional[PositiveInt] = None  # stop (with a checkpoint) after this step; for tests
 
@@ -171,7 +174,7 @@ class DemoConfig:
 
     __pydantic_config__ = _STRICT
     code_steps: NonNegInt = 0  # 0 skips the programming stage (needs data.code_docs > 0)
-    code_heldout_size: PositiveInt = 64
+    code_heldout_size: PositiveInt = 64  # held-out programming tasks evaluated
 
 
 @dataclasses.dataclass
@@ -182,7 +185,7 @@ class EvalConfig:
     checkpoint: Optional[str] = None  # a run directory, a checkpoint directory or an HF directory
     tasks: Optional[str] = None  # a task table (jsonl/parquet) or a generator name
     samples_per_task: NonNegInt = 0  # n in pass@k, sampled at rollout.temperature; 0 = greedy only (always measured)
-    k: list[PositiveInt] = dataclasses.field(default_factory=lambda: [1])
+    k: list[PositiveInt] = dataclasses.field(default_factory=lambda: [1])  # the k of each pass@k reported (each at most samples_per_task)
     limit: Optional[PositiveInt] = None  # score only the first N tasks
 
 
@@ -191,8 +194,8 @@ class RunConfig:
     """The root: everything one `sputnik` command needs."""
 
     __pydantic_config__ = _STRICT
-    name: str = "run"
-    seed: NonNegInt = 0
+    name: str = "run"  # run name: the default run directory is runs/<name>-<timestamp>/
+    seed: NonNegInt = 0  # seeds data order, sampling and initialisation
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     rewards: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -229,7 +232,9 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -308,7 +313,7 @@ def format_validation_error(err: pydantic.ValidationError, schema: Any, source_o
     """The first problem of a pydantic error as one line: '<source>: key 'a.b' <problem>'."""
     e = err.errors()[0]
     full_loc = tuple(e["loc"])
-    loc = tuple(p for p in full_loc if isinstance(p, str))
+    loc = tuple(str(p) for p in full_loc if isinstance(p, (str, int)))
     key = ".".join(loc) or "(root)"
     if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         allowed = _field_names(_type_at(schema, full_loc[:-1]))
@@ -352,6 +357,9 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] =
         if key != "model.preset":
             _set_dotted(raw, key, value, f"command-line override '{key}={value}'")
 
+    if "rewards" in raw:
+        raw["rewards"] = _reward_shorthand(raw["rewards"])
+
     def source_of(key: str) -> str:
         for k in over:
             if key == k or key.startswith(k + ".") or k.startswith(key + "."):
@@ -366,6 +374,17 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] =
         value = validate_section(schema, getattr(cfg, section), source_of(section), section)
         setattr(cfg, section, value)
     return cfg
+
+
+def _reward_shorthand(section: Any) -> Any:
+    """The `rewards:` section also as a list of rewards, or as {name: weight}: both become the full
+    form {rewards: [{name, weight, options}], ...} (configs/rewards_example.yaml)."""
+    if isinstance(section, list):
+        return {"rewards": section}
+    fields = {"rewards", "max_workers", "timeout_s", "isolation", "second_opinion"}
+    if isinstance(section, dict) and section and not set(section) & fields and all(isinstance(v, (int, float)) for v in section.values()):
+        return {"rewards": [{"name": k, "weight": v} for k, v in section.items()]}
+    return section
 
 
 def component_schemas() -> dict[str, Any]:

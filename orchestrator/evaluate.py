@@ -106,7 +106,7 @@ class CheckpointEvaluator:
         from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
 
         self.cfg = cfg
-        self.placement = RolePlacement(ray, roles_for(cfg, "eval", cluster_gpus(ray)), autoscaling=bool(cfg.cluster.address),
+        self.placement = RolePlacement(ray, roles_for(cfg, "eval", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
                                        timeout_s=cfg.cluster.placement_timeout_s)
         try:
             self.rollouts = Rollouts(ray, self.placement, hf_dir=hf_dir, tok_path=tok_path, template=cfg.data.template,

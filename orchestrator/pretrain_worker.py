@@ -97,6 +97,8 @@ def train_loop(loop_config: dict) -> None:
 
     last_step = min(p.steps, p.stop_after or p.steps)
     log = StepLog(spec, world, flops_per_token, last_step) if rank == 0 else None
+    if log is not None:
+        log.tracker.drop_after(start_step)  # steps logged after the checkpoint we resumed from run again
     for step in range(start_step + 1, last_step + 1):
         t0 = time.perf_counter()
         losses, loads_LE = train_step(engine, model, loader, p.grad_accum, device, world)

@@ -39,8 +39,11 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
     env["env_vars"].setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     if runtime_env:
         env.update(runtime_env)
-    if cfg.address:
-        ray.init(address=cfg.address, runtime_env=env, log_to_driver=True)
+    # Under `ray job submit` RAY_ADDRESS names the job's cluster: use it unless the config names one
+    # (starting a second, local Ray inside a job fails on the job's runtime_env).
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         env["worker_process_setup_hook"] = "orchestrator.ray_local.quiet_embedded_worker"
         ray.init(
@@ -51,4 +54,7 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
             runtime_env=env,
             log_to_driver=True,
         )
+    from orchestrator.signals import stop_on_sigterm
+
+    stop_on_sigterm()  # after ray.init, which replaced it with a handler that aborts
     return ray

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from orchestrator.config import RunConfig, save_config
+from orchestrator.config import ConfigError, RunConfig, save_config
 
 
 def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
@@ -24,6 +24,9 @@ def default_run_dir(name: str, root: Path = Path("runs")) -> Path:
 def create_run_dir(cfg: RunConfig, out: str | Path | None) -> Path:
     """Make the run directory and save the resolved config in it before anything starts."""
     run_dir = Path(out) if out else default_run_dir(cfg.name)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: the run directory cannot be written ({e.strerror or e})") from None
     return run_dir

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -40,6 +41,17 @@ class Tracker:
         self.wandb_run = None
         if cfg.wandb_mode != "disabled":
             self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type)
+
+    def drop_after(self, step: int) -> int:
+        """Forget records past `step` (a run resumed from its checkpoint at `step` logs them again):
+        metrics.jsonl keeps one record per step. Returns how many were dropped."""
+        path = self.run_dir / "metrics.jsonl"
+        self._file.close()
+        lines = path.read_text().splitlines() if path.exists() else []
+        keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+        path.write_text("".join(l + "\n" for l in keep))
+        self._file = open(path, "a", buffering=1)
+        return len(lines) - len(keep)
 
     def should_log(self, step: int, last: int) -> bool:
         """Whether a loop ending at step `last` logs `step`: every `tracking.log_every` steps and the last."""
@@ -107,10 +119,16 @@ def _scalar(v: Any) -> float | int | str | bool | None:
 def _start_wandb(run_dir: Path, cfg: TrackingConfig, *, name, config, job_type):
     import wandb
 
-    # Offline unless the user asked for online; never prompt for a login.
+    # Offline unless the user asked for online; never prompt for a login. A run directory keeps
+    # its W&B run id, so a resumed run continues the same W&B run.
     os.environ.setdefault("WANDB_SILENT", "true")
     settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    id_file = run_dir / "wandb-run-id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
     return wandb.init(
+        id=run_id,
+        resume="allow",
         project=cfg.project,
         entity=cfg.entity,
         name=name,

@@ -55,7 +55,7 @@ class Driver:
         self.stream = TaskStream(self.train_rows, cfg.seed)
         self.rewards = reward_config(cfg)
         # every role instance gets its own bundle: learners packed, samplers and evaluators spread
-        self.placement = RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=bool(cfg.cluster.address),
+        self.placement = RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
                                        timeout_s=cfg.cluster.placement_timeout_s)
         try:
             self._start_roles()
@@ -183,6 +183,7 @@ class Driver:
 
         g, t = self.cfg.grpo, self.cfg.tracking
         start = self.resume()
+        self.tracker.drop_after(start if start else -1)  # what a stopped run logged after its checkpoint runs again
         last = min(g.steps, g.stop_after or g.steps)
         before = self.evaluate(step=0) if start == 0 else None
         if before is not None:

@@ -17,7 +17,7 @@ from rl.rewards import builtin  # noqa: F401  (registers math_accuracy, code_tes
 
 @dataclasses.dataclass
 class RewardSpec:
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str  # registry name or path/to/file.py:function
     weight: float = 1.0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to the reward in `sample`
@@ -25,8 +25,8 @@ class RewardSpec:
 
 @dataclasses.dataclass
 class RewardConfig:
-    __pydantic_config__ = ConfigDict(extra="forbid")
-    rewards: list[RewardSpec] = dataclasses.field(
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+    rewards: list[RewardSpec] = dataclasses.field(  # rewards summed with weights: [{name: math_accuracy, weight: 1.0, options: {}}, ...] (configs/rewards_example.yaml)
         default_factory=lambda: [RewardSpec("math_accuracy", 1.0), RewardSpec("format", 0.1)]
     )
     max_workers: Annotated[int, Field(ge=1)] = 2  # concurrent samples per evaluator

@@ -22,19 +22,20 @@ def sputnik(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_lists_the_six_subcommands():
+def test_help_lists_the_subcommands():
     r = sputnik("--help")
     assert r.returncode == 0
-    for name in ("demo", "pretrain", "grpo", "eval", "export", "plan"):
+    for name in ("demo", "pretrain", "grpo", "eval", "export", "plan", "config"):
         assert name in r.stdout
-    assert set(COMMANDS) == {"demo", "pretrain", "grpo", "eval", "export", "plan"}
+    assert set(COMMANDS) == {"demo", "pretrain", "grpo", "eval", "export", "plan", "config"}
 
 
-@pytest.mark.parametrize("name", ["demo", "pretrain", "grpo", "eval", "export", "plan"])
+@pytest.mark.parametrize("name", ["demo", "pretrain", "grpo", "eval", "export", "plan", "config"])
 def test_each_subcommand_has_help_with_config_and_out(name):
     r = sputnik(name, "--help")
     assert r.returncode == 0, r.stderr
     assert "--config" in r.stdout and "--out" in r.stdout and "key.sub=value" in r.stdout
+    assert "sputnik config" in r.stdout  # where every key is explained
 
 
 def test_unknown_key_on_command_line_exits_2_with_one_line():

@@ -1,6 +1,7 @@
 """Config loading: YAML + dotted overrides into typed dataclasses, and every error path."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,53 @@ def test_component_sections_validated_with_their_dataclasses():
     assert isinstance(cfg.data, DataConfig) and isinstance(cfg.rewards, RewardConfig)
     with pytest.raises(ConfigError) as e:
         load_config(None, ["rewards.rewards=[{name: format, wieght: 1}]"])
-    assert "'rewards.rewards.wieght'" in one_line(e) and "allowed: name, weight, options" in str(e.value)
+    assert "'rewards.rewards.0.wieght'" in one_line(e) and "allowed: name, weight, options" in str(e.value)
     with pytest.raises(ConfigError, match=r"key 'model': n_limited_groups \(9\) must not exceed n_expert_groups"):
         load_config(None, ["model.n_limited_groups=9"])
+
+
+@pytest.mark.parametrize("override, key", [("grpo.lr=.inf", "grpo.lr"), ("pretrain.lr=.nan", "pretrain.lr"),
+                                           ('rewards.rewards=[{"name": "format", "weight": .nan}]', "rewards.rewards.0.weight")])
+def test_non_finite_numbers_are_refused(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        load_config(None, [override])
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not UTF-8"):
+        load_config(bad)
+
+
+def test_rewards_shorthands_mean_the_full_form(tmp_path):
+    full = load_config(CONFIG_DIR / "rewards_example.yaml").rewards
+    assert [(s.name, s.weight) for s in full.rewards] == [("math_accuracy", 1.0), ("format", 0.1)]
+    for text in ("rewards: [{name: math_accuracy}, {name: format, weight: 0.1}]\n", "rewards: {math_accuracy: 1.0, format: 0.1}\n"):
+        (tmp_path / "r.yaml").write_text(text)
+        got = load_config(tmp_path / "r.yaml").rewards
+        assert [(s.name, s.weight) for s in got.rewards] == [("math_accuracy", 1.0), ("format", 0.1)]
+
+
+def test_sputnik_config_lists_every_key_with_its_default_and_description():
+    import subprocess
+    import sys
+
+    from orchestrator.config_doc import describe
+
+    rows = describe(load_config(None, ["grpo.group_size=16"]))
+    by_key = {r["key"]: r for r in rows}
+    g = by_key["grpo.group_size"]
+    assert (g["value"], g["default"], g["type"], g["range"]) == (16, 8, "int", ">= 2")
+    assert by_key["grpo.aggregation"]["range"] == "token | sequence | constant"
+    assert all(r["description"] for r in rows), [r["key"] for r in rows if not r["description"]]
+
+    cfg = load_config(None)  # every leaf field of the sections, independently of describe()
+    want = set()
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        want |= {f"{f.name}.{x.name}" for x in dataclasses.fields(sub)} if dataclasses.is_dataclass(sub) else {f.name}
+    assert set(by_key) == want
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "config", "rollout.top_p=0.9"], capture_output=True, text=True, timeout=120,
+                       cwd=CONFIG_DIR.parent)
+    assert r.returncode == 0 and any(l.split()[:2] == ["rollout.top_p", "0.9"] for l in r.stdout.splitlines())

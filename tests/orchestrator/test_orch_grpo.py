@@ -310,3 +310,39 @@ def test_quiet_teardown_hook_hides_only_the_intended_exit():
     assert r.returncode == 0 and "still running" in r.stdout
     assert "SystemExit" not in r.stderr
     assert "ValueError: a real bug" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_flushes_the_run_and_a_resubmission_resumes_it(policy_dir, tmp_path):
+    """What `ray job stop` does (SIGTERM) after step 2: exit 143 with one line, the metrics of the
+    finished steps and the offline W&B run kept; the same command again resumes from the step-2
+    checkpoint, continues the same W&B run, and metrics.jsonl ends with one record per step."""
+    root, _ = policy_dir
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "grpo", f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}",
+           "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.heldout_size=4", "grpo.train_size=64", "rollout.max_new_tokens=24",
+           "tracking.wandb_mode=offline", "cluster.num_cpus=2", "grpo.steps=6", "grpo.checkpoint_every=2", "grpo.eval_every=100",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("grpo: step 3/6"):
+                p.send_signal(signal.SIGTERM)
+                break
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and "stopped (SIGTERM)" in err, err[-2000:]
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:4] == [0, 1, 2, 3]
+    run_id = (out / "wandb-run-id").read_text().strip()
+    first = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert first and first[0].stat().st_size > 1000
+    r = sputnik(*cmd[3:])
+    assert "resumed from step" in r.stdout + r.stderr
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and set(range(1, 7)) <= set(steps)
+    assert (out / "wandb-run-id").read_text().strip() == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) >= 2  # the same W&B run, continued

@@ -69,3 +69,20 @@ def test_should_log_every_log_every_steps_and_the_last(tmp_path):
         assert [s for s in range(5, 10) if tr.should_log(s, last=9)] == [6, 9]  # a resumed loop
     with Tracker(tmp_path, TrackingConfig(wandb_mode="disabled"), name="s") as tr:
         assert all(tr.should_log(s, last=4) for s in range(1, 5))
+
+
+def test_a_resumed_run_keeps_its_wandb_run_and_one_record_per_step(tmp_path):
+    """A second Tracker on the same run directory continues the same W&B run (the id is kept in the
+    run directory), and drop_after(step) removes what a stopped run logged past its checkpoint."""
+    cfg = TrackingConfig(wandb_mode="offline")
+    with Tracker(tmp_path, cfg, name="t") as t:
+        for step in (1, 2, 3):
+            t.log({"loss": float(step)}, step=step)
+        first = t.wandb_run.id
+    with Tracker(tmp_path, cfg, name="t") as t:
+        assert t.wandb_run.id == first
+        assert t.drop_after(1) == 2
+        for step in (2, 3):
+            t.log({"loss": 10.0 + step}, step=step)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 12.0), (3, 13.0)]
