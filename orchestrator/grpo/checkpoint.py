@@ -37,11 +37,15 @@ def save(ray, learners: list, run_dir: Path, state: DriverState, *, keep: int) -
         shutil.rmtree(old.path, ignore_errors=True)
 
 
-def latest(run_dir: Path) -> DriverState | None:
-    """The newest complete GRPO checkpoint's driver state (None: start from scratch)."""
-    done = [c for c in find_checkpoints(run_dir) if c.kind == "grpo"]
-    return DriverState(**grpo_state(done[-1])) if done else None
-
-
-def load(ray, learners: list, run_dir: Path, state: DriverState) -> None:
-    ray.get([l.load.remote(str(grpo_learners_dir(run_dir)), state.tag) for l in learners])
+def resume(ray, learners: list, run_dir: Path) -> DriverState | None:
+    """Load the newest complete GRPO checkpoint that loads into every learner; one that does not (a
+    truncated file) is skipped with a line saying which and why. None: nothing to resume from."""
+    for ckpt in reversed([c for c in find_checkpoints(run_dir) if c.kind == "grpo"]):
+        state = DriverState(**grpo_state(ckpt))
+        try:
+            ray.get([l.load.remote(str(grpo_learners_dir(run_dir)), state.tag) for l in learners])
+            return state
+        except Exception as e:  # a damaged checkpoint: fall back to the one before it
+            cause = str(getattr(e, "cause", None) or e).strip().splitlines()
+            print(f"grpo: checkpoint {ckpt.path} does not load, skipped ({cause[-1][:300] if cause else type(e).__name__})", flush=True)
+    return None

@@ -166,10 +166,9 @@ class Driver:
         checkpoint.save(self.ray, self.learners, self.run_dir, state, keep=self.cfg.grpo.keep_checkpoints)
 
     def resume(self) -> int:
-        state = checkpoint.latest(self.run_dir)
+        state = checkpoint.resume(self.ray, self.learners, self.run_dir)
         if state is None:
             return 0
-        checkpoint.load(self.ray, self.learners, self.run_dir, state)
         self.stream.position = state.data_position
         self.weights.sync(state.version)
         print(f"grpo: resumed from step {state.step} (policy version {state.version})", flush=True)

@@ -259,9 +259,12 @@ def test_resume_repeats_the_uninterrupted_run(policy_dir, tmp_path):
               "grpo.group_size=4", "grpo.heldout_size=4", "grpo.train_size=64", "rollout.max_new_tokens=24",
               "tracking.wandb_mode=disabled", "cluster.num_cpus=2", "grpo.steps=4", "grpo.checkpoint_every=2", "grpo.lr=1e-2"]
     sputnik(*common, "--out", str(tmp_path / "straight"))
-    sputnik(*common, "grpo.stop_after=2", "--out", str(tmp_path / "resumed"))
+    sputnik(*common, "grpo.stop_after=3", "--out", str(tmp_path / "resumed"))  # checkpoints at steps 2 and 3
+    damaged = next((tmp_path / "resumed" / "checkpoints" / "learners" / "step000003").glob("*model_states.pt"))
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # a save cut short: step 3 does not load
     r = sputnik(*common, "--out", str(tmp_path / "resumed"))
-    assert "resumed from step 2" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "step000003 does not load, skipped" in out and "resumed from step 2" in out
     for key in ("reward_mean", "response_length_mean", "loss"):
         a, b = per_step(tmp_path / "straight", key), per_step(tmp_path / "resumed", key)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4]
