@@ -67,15 +67,15 @@ def main():
 
         recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
         rows[mode] = {k: float(np.mean([r[k] for r in recs])) for k in
-                      ("time/step", "time/generate", "time/score", "time/wait_rollouts", "time/learn", "time/sync", "tokens_per_s", "version_lag")}
+                      ("timing/step", "timing/generate", "timing/score", "timing/wait_rollouts", "timing/learn", "timing/sync", "rollout/tokens_per_s", "rollout/version_lag")}
         ray.shutdown()
     keys = list(rows["sync"])
     print(f"{'':22s}" + "".join(f"{k:>12s}" for k in runs))
     for k in keys:
         print(f"{k:22s}" + "".join(f"{rows[m][k]:12.3f}" for m in runs))
-    print(f"async / sync tokens/s: {rows['async']['tokens_per_s'] / rows['sync']['tokens_per_s']:.2f}x; "
-          f"step time ratio sync/async {rows['sync']['time/step'] / rows['async']['time/step']:.2f}x; "
-          f"weight sync time object store / broadcast {rows['sync']['time/sync'] / rows['sync+bcast']['time/sync']:.2f}x")
+    print(f"async / sync tokens/s: {rows['async']['rollout/tokens_per_s'] / rows['sync']['rollout/tokens_per_s']:.2f}x; "
+          f"step time ratio sync/async {rows['sync']['timing/step'] / rows['async']['timing/step']:.2f}x; "
+          f"weight sync time object store / broadcast {rows['sync']['timing/sync'] / rows['sync+bcast']['timing/sync']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def run(out: Path, workers: int, steps: int, global_batch: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows[steps // 4 :])
+    return statistics.median(r["perf/tokens_per_s"] for r in rows[steps // 4 :])
 
 
 def main():

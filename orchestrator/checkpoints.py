@@ -159,6 +159,32 @@ def _hf_config(source: Path) -> Path | None:
     return hf / "config.json" if (hf / "config.json").is_file() else None
 
 
+def find_tokenizer(source: Path) -> Path | None:
+    """The tokenizer.json of a model source, without extra keys: inside an HF directory (beside its
+    tokenizer_config.json), or for a run directory its `hf/` export's, the one its summary.json
+    names, the one its GRPO config used (`grpo.tokenizer`, else its `grpo.init`'s), or for a
+    pretraining run the one its corpus cache holds. None when there is none."""
+    source = Path(source)
+    if (source / "config.json").is_file():
+        return source / "tokenizer.json" if (source / "tokenizer.json").is_file() else None
+    summary = _read_json(source / "summary.json") or {}
+    hf = Path(summary.get("hf_export", source / "hf"))
+    candidates = [hf / "tokenizer.json", Path(summary["tokenizer"]) if summary.get("tokenizer") else None]
+    if (source / "config.yaml").is_file():
+        cfg = load_config(source / "config.yaml")
+        if cfg.grpo.tokenizer:
+            t = Path(cfg.grpo.tokenizer)
+            candidates.append(t / "tokenizer.json" if t.is_dir() else t)
+        if cfg.grpo.init and Path(cfg.grpo.init).resolve() != source.resolve():
+            candidates.append(find_tokenizer(Path(cfg.grpo.init)))
+        if not grpo_learners_dir(source).exists():  # a pretraining run: the tokenizer of its corpus (data/prepare.py)
+            from data.prepare import corpus_fingerprint
+            from orchestrator.pretrain import cache_root
+
+            candidates.append(cache_root() / f"data-{corpus_fingerprint(cfg.data)}" / "tokenizer.json")
+    return next((c for c in candidates if c is not None and c.is_file()), None)
+
+
 def model_args(run_dir: Path, ckpt: Checkpoint) -> ModelArgs:
     """The ModelArgs `ckpt`'s weights have. A GRPO policy has the shape of its `grpo.init` model,
     whatever the `model:` section of the GRPO config says; the run's own export is the fallback

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from", dest="from_dir", required=True, help="pretraining or GRPO run directory")
             p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
             p.add_argument("--to", dest="to_dir", required=True, help="output directory for the HF checkpoint")
+            p.add_argument("--mtp", choices=("separate", "inline", "none"), default=None,
+                           help="MTP layers: in a file of their own (default; transformers loads without warnings), "
+                                "inline as on the hub, or left out")
+            p.add_argument("--fp8", action="store_true", help="store the linear weights as DeepSeek's FP8 (e4m3 + weight_scale_inv)")
+            p.add_argument("--max-shard-size", dest="max_shard_size", default=None, help="largest shard, e.g. 5GB (the default) or 500MB")
         if name == "plan":
             p.add_argument("--nodes", type=int, default=1, help="number of worker nodes")
             p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs on each node")

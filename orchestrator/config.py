@@ -50,6 +50,7 @@ class TrackingConfig:
     project: str = "sputnik"  # W&B project
     entity: Optional[str] = None  # W&B entity (team or user; None: your default)
     tags: list[str] = dataclasses.field(default_factory=list)  # W&B run tags
+    group: Optional[str] = None  # W&B group; None: the run's name, or the group of the run GRPO/eval starts from
     log_every: PositiveInt = 1  # steps between metric records and progress lines; the last step is always logged
     heatmap_every: PositiveInt = 50  # steps between expert-load heatmaps / rollout tables
 

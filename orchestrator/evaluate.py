@@ -8,7 +8,8 @@ rollout temperature, the unbiased pass@k (Chen et al. 2021), plus how often the 
 how accurate it is when it does and when it answers directly.
 
 `sputnik eval`: `eval.checkpoint` is a `sputnik pretrain` or `sputnik grpo` run directory (its HF
-export and tokenizer), or an HF DeepseekV3 directory (then set `grpo.tokenizer`). `eval.tasks` is
+export and tokenizer), or an HF DeepseekV3 directory with its tokenizer inside (any Hugging Face
+tokenizer: prompts use its chat template; `grpo.tokenizer` overrides). `eval.tasks` is
 "arithmetic" or "code" (the held-out split of the generator, `grpo.heldout_size` tasks) or a task
 table (jsonl/parquet). Writes `results.parquet` (one row per task), `summary.md` and `summary.json`.
 
@@ -49,9 +50,10 @@ class HeldoutResult:
         """pass@1 of the sampled policy (None when there were no samples)."""
         return self.pass_at.get(1)
 
-    def metrics(self, prefix: str = "heldout/") -> dict:
-        m = {f"{prefix}accuracy": self.greedy, f"{prefix}reasoning_frac": self.reasoning_fraction, f"{prefix}length_mean": self.length_mean,
-             f"time/{prefix.strip('/')}": self.seconds}
+    def metrics(self, prefix: str = "eval/") -> dict:
+        """eval/accuracy (greedy), eval/pass@k (sampled), eval/reasoning_frac, eval/response_length, timing/eval."""
+        m = {f"{prefix}accuracy": self.greedy, f"{prefix}reasoning_frac": self.reasoning_fraction, f"{prefix}response_length": self.length_mean,
+             f"timing/{prefix.strip('/')}": self.seconds}
         m.update({f"{prefix}pass@{k}": v for k, v in self.pass_at.items()})
         return m
 
@@ -136,7 +138,7 @@ def run(cfg: RunConfig, cli_args) -> int:
 
     from orchestrator.grpo.inputs import load_tasks, resolve_init
     from orchestrator.ray_local import init_ray
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker, wandb_group
 
     e = cfg.eval
     if not e.checkpoint:
@@ -154,13 +156,14 @@ def run(cfg: RunConfig, cli_args) -> int:
     print(f"eval: run directory {run_dir}", flush=True)
     init_ray(cfg.cluster)
     ks = list(e.k) if n else []
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="eval") as tracker, CheckpointEvaluator(cfg, hf_dir, tok_path) as ev:
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="eval", group=wandb_group(e.checkpoint)) as tracker, \
+            CheckpointEvaluator(cfg, hf_dir, tok_path) as ev:
         res = ev.evaluate(tasks, samples=n, ks=ks)
         pq.write_table(pa.Table.from_pylist(res.rows), run_dir / "results.parquet")
         figures = {"greedy_accuracy": res.greedy, **{f"pass@{k}": v for k, v in res.pass_at.items()},
                    "tasks": res.tasks, "samples_per_task": n, "checkpoint": str(hf_dir), "task_source": cfg.grpo.tasks}
         tracker.summary(figures)
-        tracker.log(res.metrics(prefix="eval/"), step=0)
+        tracker.log(res.metrics(), step=0)
     temp = cfg.rollout.temperature
     lines = [f"# Evaluation of {hf_dir}", "", f"{res.tasks} tasks from {cfg.grpo.tasks}; greedy"
              + (f", and {n} sample(s) per task at temperature {temp}." if n else "."), "", "| metric | value |", "|---|---|",

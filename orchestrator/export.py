@@ -1,32 +1,54 @@
 """`sputnik export --from RUN [--step N] --to DIR`: one checkpoint of a pretraining or GRPO run as a
-Hugging Face DeepseekV3 directory (config.json + model.safetensors) that
-`transformers.DeepseekV3ForCausalLM.from_pretrained` loads.
+Hugging Face DeepseekV3 directory that `transformers.AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load without warnings: config.json with the special token ids,
+generation_config.json, safetensors (sharded above 5 GB, MTP modules in `mtp*.safetensors`; see
+model/hf/save.py) and the run's tokenizer files. `write_hf` is the one writer of such directories:
+the pretraining and GRPO drivers' final `hf/` exports go through it too, so a run's `hf/` alone
+is a complete model source.
+
+Options (the Python API of `export_checkpoint` / `write_hf`, and the CLI flags where
+orchestrator/cli.py defines them: --mtp separate|inline|none, --fp8, --max-shard-size).
 
 The checkpoint layouts and the model config of each kind of run are in orchestrator/checkpoints.py.
 
-Test: `pytest tests/orchestrator/test_orch_checkpoints.py`.
+Test: `pytest tests/orchestrator/test_orch_checkpoints.py tests/orchestrator/test_orch_hf_sources.py`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 from model import ModelArgs, Transformer
-from orchestrator.checkpoints import Checkpoint, find_checkpoints, load_model_state, model_args
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.checkpoints import Checkpoint, find_checkpoints, find_tokenizer, load_model_state, model_args
+from orchestrator.config import ConfigError, RunConfig, load_config
 
 
-def export_checkpoint(ckpt: Checkpoint, args: ModelArgs, out: Path) -> None:
-    """Write `ckpt`'s weights, as a model of shape `args`, to the HF directory `out`."""
+def write_hf(model: Transformer, out: Path, tokenizer: Path | None, *, template: str = "r1", **options) -> None:
+    """`model` and the tokenizer at `tokenizer` (ours or a Hugging Face one) as an HF directory;
+    `options` go to model.hf.save_hf_pretrained (mtp, fp8, dtype, max_shard_size)."""
+    from data.tokenizer import load_tokenizer
     from model.hf import save_hf_pretrained
 
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is None:
+        print(f"export: no tokenizer found for {out}; writing the model only (AutoTokenizer will not load it)", file=sys.stderr)
+    save_hf_pretrained(model, out, special_ids=tok.special_ids() if tok else None, **options)
+    if tok is not None:
+        tok.save_pretrained(out, template=template, model_max_length=model.args.max_seq_len)
+
+
+def export_checkpoint(ckpt: Checkpoint, args: ModelArgs, out: Path, *, tokenizer: Path | None = None, template: str = "r1",
+                      **options) -> None:
+    """Write `ckpt`'s weights, as a model of shape `args`, with `tokenizer`, to the HF directory `out`."""
     model = Transformer(args)
     missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
     missing = [k for k in missing if not k.endswith(".load")]  # per-step expert token counts, not weights
     if missing or unexpected:
         raise ConfigError(f"{ckpt.path}: checkpoint does not match the model config "
                           f"({(missing or unexpected)[0]!r} {'missing' if missing else 'unexpected'})")
-    save_hf_pretrained(model, out)
+    write_hf(model, out, tokenizer, template=template, **options)
 
 
 def select(run_dir: Path, step: int | None) -> Checkpoint:
@@ -48,6 +70,13 @@ def select(run_dir: Path, step: int | None) -> Checkpoint:
 def run(cfg: RunConfig, cli_args) -> int:
     run_dir = Path(cli_args.from_dir)
     ckpt = select(run_dir, cli_args.step)
-    export_checkpoint(ckpt, model_args(run_dir, ckpt), Path(cli_args.to_dir))
-    print(f"export: step {ckpt.step} of {ckpt.kind} run {run_dir} written to {cli_args.to_dir} (Hugging Face DeepseekV3 format)")
+    options = {k: getattr(cli_args, k) for k in ("mtp", "fp8", "max_shard_size") if getattr(cli_args, k, None) is not None}
+    run_cfg = load_config(run_dir / "config.yaml")
+    tokenizer = find_tokenizer(run_dir)
+    try:
+        export_checkpoint(ckpt, model_args(run_dir, ckpt), Path(cli_args.to_dir), tokenizer=tokenizer, template=run_cfg.data.template, **options)
+    except ValueError as e:  # a bad option value (mtp, max_shard_size)
+        raise ConfigError(str(e)) from None
+    print(f"export: step {ckpt.step} of {ckpt.kind} run {run_dir} written to {cli_args.to_dir} (Hugging Face DeepseekV3 format"
+          + (f", tokenizer from {tokenizer})" if tokenizer else ", no tokenizer found)"))
     return 0

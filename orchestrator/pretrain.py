@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,7 +28,10 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, ".cache/sputnik")).resolve()
+    """The corpus cache: $SPUTNIK_CACHE, else ~/.cache/sputnik (never relative to the working
+    directory, which under `ray job submit --working-dir` is a temporary copy Ray deletes)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sputnik"
+    return Path(os.environ.get(CACHE_ENV) or default).resolve()
 
 
 def validate(cfg: RunConfig) -> None:
@@ -69,14 +73,18 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
         corpus = prepare_corpus(cfg.data, cache_root())
     except (FileNotFoundError, ValueError) as e:  # bad user files: one line naming the file
         raise ConfigError(str(e)) from None
-    tok = load_tokenizer(corpus.tokenizer_path)
+    # the run keeps its own copy of the tokenizer: later commands read it from the run directory
+    tok_path = run_dir / "tokenizer.json"
+    shutil.copyfile(corpus.tokenizer_path, tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size > cfg.model.vocab:
         raise ConfigError(f"key 'model.vocab' ({cfg.model.vocab}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
     result = fit(cfg, run_dir, corpus.shard_dir, tok)
     final = export_latest(run_dir, cfg.model)
     from orchestrator.tracking import Tracker
 
-    figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(corpus.tokenizer_path)}
+    figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(tok_path),
+               "corpus_cache": str(corpus.shard_dir)}
     with Tracker(run_dir, dataclasses.replace(cfg.tracking, wandb_mode="disabled"), name=cfg.name) as tracker:
         tracker.summary(figures)
     print(f"pretrain: done; final loss {figures['final_loss']}; HF model in {final}", flush=True)
@@ -124,13 +132,15 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
 
 
 def export_latest(run_dir: Path, args: ModelArgs) -> Path:
-    """Export the run's latest checkpoint to `run_dir/hf`."""
-    from orchestrator.checkpoints import find_checkpoints
+    """Export the run's latest checkpoint, with the tokenizer of its corpus, to `run_dir/hf`."""
+    from orchestrator.checkpoints import find_checkpoints, find_tokenizer
+    from orchestrator.config import load_config
     from orchestrator.export import export_checkpoint
 
     ckpts = find_checkpoints(run_dir)
     if not ckpts:
         raise RuntimeError(f"{run_dir}: the run left no complete checkpoint to export")
     out = run_dir / "hf"
-    export_checkpoint(ckpts[-1], args, out)
+    template = load_config(run_dir / "config.yaml").data.template
+    export_checkpoint(ckpts[-1], args, out, tokenizer=find_tokenizer(run_dir), template=template)
     return out

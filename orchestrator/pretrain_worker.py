@@ -216,22 +216,31 @@ class StepLog:
         if not (heatmap or self.tracker.should_log(step, self.last_step)):
             return
         on_gpu = torch.cuda.is_available()
-        rec = {**losses, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_step / dt, "step_time_s": dt,
-               "memory_gb": (torch.cuda.max_memory_allocated() if on_gpu else _rss()) / 1e9}
+        # namespaces as in the GRPO runs: train/, perf/, timing/, moe/ (the MTP layer is the last row)
+        rec = {**{f"train/{k}": v for k, v in losses.items()}, "train/lr": lr, "train/grad_norm": grad_norm,
+               "perf/tokens_per_s": self.tokens_per_step / dt, "timing/step": dt,
+               "perf/memory_gb": (torch.cuda.max_memory_allocated() if on_gpu else _rss()) / 1e9}
         if self.peak:
-            rec["mfu"] = self.flops_per_step / dt / self.peak
+            rec["perf/mfu"] = self.flops_per_step / dt / self.peak
         rel_LE = loads_LE / loads_LE.mean(dim=1, keepdim=True).clamp(min=1e-9)
-        for i, (r, b) in enumerate(zip(rel_LE, bias_LE)):
-            rec[f"expert_load_max/layer{i}"] = r.max().item()
-            rec[f"expert_load_min/layer{i}"] = r.min().item()
-            rec[f"expert_bias_norm/layer{i}"] = b.norm().item()
+        names = self.layer_names(len(rel_LE))
+        for name, r, b in zip(names, rel_LE, bias_LE):
+            rec[f"moe/expert_load_max/{name}"] = r.max().item()
+            rec[f"moe/expert_load_min/{name}"] = r.min().item()
+            rec[f"moe/expert_bias_norm/{name}"] = b.norm().item()
         if heatmap:
             np.save(Path(self.spec.run_dir) / "expert_load.npy", loads_LE.numpy())
             if self.tracker.wandb_run:
-                rec["expert_load_heatmap"] = expert_load_heatmap(rel_LE, step)
+                rec["moe/expert_load_heatmap"] = expert_load_heatmap(rel_LE, step)
         self.tracker.log(rec, step=step)
-        print(f"pretrain: step {step}/{self.spec.pretrain.steps} loss {rec['loss']:.4f} lr {lr:.2e} "
-              f"{rec['tokens_per_s']:.0f} tok/s", flush=True)
+        print(f"pretrain: step {step}/{self.spec.pretrain.steps} loss {losses['loss']:.4f} lr {lr:.2e} "
+              f"{rec['perf/tokens_per_s']:.0f} tok/s", flush=True)
+
+    def layer_names(self, n: int) -> list[str]:
+        """Rows of the expert loads: the main MoE layers by index, then the MTP modules' MoE layers."""
+        m = self.spec.model
+        n_mtp = min(n, m.mtp_depth if m.n_layers > m.n_dense_layers else 0)  # MTP blocks use the MoE unless all are dense
+        return [f"layer{i}" for i in range(n - n_mtp)] + [f"mtp{i}" for i in range(n_mtp)]
 
     def close(self) -> None:
         self.tracker.close()

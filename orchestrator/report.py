@@ -47,11 +47,11 @@ def plot_rewards(p: Plots, stages: list[tuple[str, list[dict]]]) -> None:
     """Reward, train accuracy and reasoning fraction per GRPO step, one panel per stage."""
     fig, axes = p.figure(ncols=len(stages))
     for ax, (title, recs) in zip(axes[0], stages):
-        steps = [r for r in recs if "reward_mean" in r]
+        steps = [r for r in recs if "reward/mean" in r]
         x = [r["step"] for r in steps]
-        ax.plot(x, [r["reward_mean"] for r in steps], label="reward (mean)")
-        ax.plot(x, [r.get("accuracy", 0) for r in steps], label="train accuracy")
-        ax.plot(x, [r.get("reasoning_frac", 0) for r in steps], label="reasoning fraction", ls="--")
+        ax.plot(x, [r["reward/mean"] for r in steps], label="reward (mean)")
+        ax.plot(x, [r.get("rollout/accuracy", 0) for r in steps], label="train accuracy")
+        ax.plot(x, [r.get("rollout/reasoning_frac", 0) for r in steps], label="reasoning fraction", ls="--")
         ax.set(xlabel="GRPO step", title=title, ylim=(0, 1.05))
         ax.legend()
     p.save(fig, "reward")
@@ -61,14 +61,14 @@ def plot_length_and_heldout(p: Plots, recs: list[dict]) -> None:
     """Mean response length per step, and held-out accuracy where it was measured."""
     fig, axes = p.figure(ncols=2)
     ax1, ax2 = axes[0]
-    steps = [r for r in recs if "response_length_mean" in r]
-    ax1.plot([r["step"] for r in steps], [r["response_length_mean"] for r in steps])
+    steps = [r for r in recs if "rollout/response_length/mean" in r]
+    ax1.plot([r["step"] for r in steps], [r["rollout/response_length/mean"] for r in steps])
     ax1.set(xlabel="GRPO step", ylabel="tokens", title="Mean response length")
-    held = [r for r in recs if "heldout/accuracy" in r]
-    ax2.plot([r["step"] for r in held], [r["heldout/accuracy"] for r in held], marker="o", label="greedy")
-    sampled = [r for r in held if "heldout/pass@1" in r]
+    held = [r for r in recs if "eval/accuracy" in r]
+    ax2.plot([r["step"] for r in held], [r["eval/accuracy"] for r in held], marker="o", label="greedy")
+    sampled = [r for r in held if "eval/pass@1" in r]
     if sampled:
-        ax2.plot([r["step"] for r in sampled], [r["heldout/pass@1"] for r in sampled], marker="o", label="pass@1 sampled")
+        ax2.plot([r["step"] for r in sampled], [r["eval/pass@1"] for r in sampled], marker="o", label="pass@1 sampled")
     ax2.set(xlabel="GRPO step", ylim=(0, 1.05), title="Held-out accuracy")
     ax2.legend()
     p.save(fig, "heldout")
@@ -82,7 +82,7 @@ def plot_time(p: Plots, parts: dict[str, float]) -> None:
 
 
 def grpo_time_parts(stages: list[list[dict]]) -> dict[str, float]:
-    return {f"grpo {key}": float(sum(r.get(f"time/{key}", 0) for recs in stages for r in recs)) for key in ("generate", "score", "learn", "sync")}
+    return {f"grpo {key}": float(sum(r.get(f"timing/{key}", 0) for recs in stages for r in recs)) for key in ("generate", "score", "learn", "sync")}
 
 
 def write_grpo_report(run_dir: Path) -> Path:
@@ -94,7 +94,7 @@ def write_grpo_report(run_dir: Path) -> Path:
     plot_rewards(p, [("GRPO rollouts", recs)])
     plot_length_and_heldout(p, recs)
     plot_time(p, grpo_time_parts([recs]))
-    steps = [r for r in recs if "reward_mean" in r]
+    steps = [r for r in recs if "reward/mean" in r]
     lines = ["# GRPO run report", "", f"Run directory `{run_dir}`; {summary.get('grpo_steps', len(steps))} steps, policy version "
              f"{summary.get('policy_version', '?')}.", "", "## Held-out accuracy", "", "| | greedy | pass@1 sampled |", "|---|---|---|"]
     for when in ("before", "after"):
@@ -103,10 +103,10 @@ def write_grpo_report(run_dir: Path) -> Path:
             lines.append(f"| {when} GRPO | {g:.3f} | {'n/a' if s is None else f'{s:.3f}'} |")
     if steps:
         a, b = steps[0], steps[-1]
-        lines += ["", "## Training", "", f"- reward {a['reward_mean']:.3f} (step {a['step']}) -> {b['reward_mean']:.3f} (step {b['step']}); "
-                  f"train accuracy {a.get('accuracy', 0):.3f} -> {b.get('accuracy', 0):.3f}; mean response length "
-                  f"{a['response_length_mean']:.1f} -> {b['response_length_mean']:.1f} tokens.",
-                  f"- time: {sum(r.get('time/step', 0) for r in steps):.0f} s in steps; " + ", ".join(
+        lines += ["", "## Training", "", f"- reward {a['reward/mean']:.3f} (step {a['step']}) -> {b['reward/mean']:.3f} (step {b['step']}); "
+                  f"train accuracy {a.get('rollout/accuracy', 0):.3f} -> {b.get('rollout/accuracy', 0):.3f}; mean response length "
+                  f"{a['rollout/response_length/mean']:.1f} -> {b['rollout/response_length/mean']:.1f} tokens.",
+                  f"- time: {sum(r.get('timing/step', 0) for r in steps):.0f} s in steps; " + ", ".join(
                       f"{k} {v:.0f} s" for k, v in grpo_time_parts([recs]).items()) + "."]
     lines += ["", "## Plots", "", *p.markdown(), ""]
     held = read_jsonl(run_dir / "heldout.jsonl")
@@ -131,8 +131,8 @@ def demo_plots(top: Path, pre_dir: Path, grpo_dirs: list[Path], summary: dict) -
     pre = read_jsonl(pre_dir / "metrics.jsonl")
     fig, ax = p.figure()
     ax = ax[0][0]
-    ax.plot([r["step"] for r in pre], [r["loss"] for r in pre], label="loss (main + MTP)")
-    ax.plot([r["step"] for r in pre if "ce_loss" in r], [r["ce_loss"] for r in pre if "ce_loss" in r], label="next-token CE")
+    ax.plot([r["step"] for r in pre], [r["train/loss"] for r in pre], label="loss (main + MTP)")
+    ax.plot([r["step"] for r in pre], [r["train/ce_loss"] for r in pre], label="next-token CE")
     ax.set(xlabel="pretraining step", ylabel="loss", title="Pretraining loss")
     ax.legend()
     p.save(fig, "loss")

@@ -32,6 +32,7 @@ class Tracker:
         name: str,
         config: Mapping[str, Any] | None = None,
         job_type: str | None = None,
+        group: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,8 @@ class Tracker:
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb_run = None
         if cfg.wandb_mode != "disabled":
-            self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type)
+            self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type,
+                                          group=cfg.group or group or name)
 
     def drop_after(self, step: int) -> int:
         """Forget records past `step` (a run resumed from its checkpoint at `step` logs them again):
@@ -81,6 +83,13 @@ class Tracker:
 
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=int(step))
 
+    def histograms(self, values: Mapping[str, list[float]], step: int) -> None:
+        """Distributions (response lengths, rewards) as W&B histograms; nothing without W&B."""
+        if self.wandb_run is not None and values:
+            import wandb
+
+            self.wandb_run.log({k: wandb.Histogram(list(v)) for k, v in values.items() if len(v)}, step=int(step))
+
     def summary(self, figures: Mapping[str, Any]) -> None:
         """Final figures: `summary.json` in the run directory (merged with earlier ones) and W&B."""
         path = self.run_dir / "summary.json"
@@ -116,19 +125,32 @@ def _scalar(v: Any) -> float | int | str | bool | None:
     return None
 
 
-def _start_wandb(run_dir: Path, cfg: TrackingConfig, *, name, config, job_type):
+def wandb_group(run_dir: Path) -> str | None:
+    """The W&B group of a run directory, or of the run holding it (`RUN/hf`): a GRPO or eval run
+    joins the group of the run it starts from. None when there is none."""
+    if not run_dir:
+        return None
+    for d in (Path(run_dir), Path(run_dir).parent):
+        if (d / "wandb-group").is_file():
+            return (d / "wandb-group").read_text().strip()
+    return None
+
+
+def _start_wandb(run_dir: Path, cfg: TrackingConfig, *, name, config, job_type, group):
     import wandb
 
     # Offline unless the user asked for online; never prompt for a login. A run directory keeps
     # its W&B run id, so a resumed run continues the same W&B run.
     os.environ.setdefault("WANDB_SILENT", "true")
-    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    settings = wandb.Settings(silent=True, console="off")  # system metrics (CPU, memory, GPU) stay on
     id_file = run_dir / "wandb-run-id"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
+    (run_dir / "wandb-group").write_text(group + "\n")
     return wandb.init(
         id=run_id,
         resume="allow",
+        group=group,
         project=cfg.project,
         entity=cfg.entity,
         name=name,

@@ -34,13 +34,14 @@ from orchestrator.rundir import create_run_dir
 
 
 def export_policy(driver: Driver, out: Path) -> Path:
-    """The current policy (the weights the samplers hold) as an HF directory."""
-    from model.hf import from_hf_pretrained, save_hf_pretrained
+    """The current policy (the weights the samplers hold) and its tokenizer as an HF directory."""
+    from model.hf import from_hf_pretrained
+    from orchestrator.export import write_hf
 
     model = from_hf_pretrained(driver.hf_dir)
     if driver.weights.weights_ref is not None:
         model.load_state_dict(driver.ray.get(driver.weights.weights_ref))
-    save_hf_pretrained(model, out)
+    write_hf(model, out, driver.tok_path, template=driver.cfg.data.template)
     return out
 
 
@@ -49,7 +50,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     from orchestrator.placement import check_shared_storage
     from orchestrator.ray_local import init_ray
     from orchestrator.report import write_grpo_report
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker, wandb_group
 
     validate(cfg)
     resolve_init(cfg)
@@ -60,7 +61,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     random.seed(cfg.seed)
     ray = init_ray(cfg.cluster)
     check_shared_storage(ray, run_dir)
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo") as tracker, \
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo", group=wandb_group(cfg.grpo.init)) as tracker, \
             Driver(cfg, run_dir, tracker) as driver:
         result = driver.run()
         figures = {"grpo_steps": driver.step, "policy_version": driver.version, "tokenizer": str(driver.tok_path)}

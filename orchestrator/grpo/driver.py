@@ -145,8 +145,8 @@ class Driver:
         t_learn = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.weights.sync(self.version + 1)
-        m0 = {k: v for k, v in metrics[0].items() if k not in ("samples", "learn_seconds")}
-        return {**m0, "time/learn": t_learn, "time/sync": time.perf_counter() - t0, **self.weights.metrics()}
+        m0 = {f"train/{k}": v for k, v in metrics[0].items() if k not in ("samples", "learn_seconds")}
+        return {**m0, "timing/learn": t_learn, "timing/sync": time.perf_counter() - t0, **self.weights.metrics()}
 
     # --- evaluation and checkpoints ------------------------------------------------------------
 
@@ -211,6 +211,8 @@ class Driver:
                 line.show(step, metrics, out=sys.stdout)
             if step % g.table_every == 0 or step == 1:
                 self.tracker.table(*rollout_table(self.ray.get(batch.gen[0]), batch.records, adv, self.rewards, step))
+                self.tracker.histograms({"rollout/response_length": [x.length for x in batch.records],
+                                         "reward/distribution": [x.reward for x in batch.records]}, step=step)
             if step % g.checkpoint_every == 0 or step == last:
                 self.save(step)
             self.step = step

@@ -13,8 +13,10 @@ import numpy as np
 
 
 def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, version: int, seconds: float) -> dict[str, Any]:
-    """The step's record: rewards (total and per reward), accuracy, lengths, how many samples
-    entered the loss, version lag, reward errors of this step (all workers), and the time split."""
+    """The step's record, in the namespaces users know from TRL and verl: reward/ (total and per
+    reward, mean and std; errors and second-opinion disagreements of this step over all workers),
+    rollout/ (accuracy, lengths, truncation, reasoning, version lag, what entered the loss),
+    timing/ (seconds of this step's parts). `extra` holds train/ and weight_sync/ from the learners."""
     recs = batch.records
     r = np.array([x.reward for x in recs])
     lengths = np.array([x.length for x in recs])
@@ -23,30 +25,38 @@ def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, versio
     for chunk in batch.scored:
         for name, n in chunk.reward_errors.items():
             errors[name] = errors.get(name, 0) + n
-    m: dict[str, Any] = {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "accuracy": float(np.mean([x.correct for x in recs]))}
+    disagreements = errors.pop("second_opinion_disagreements", 0)  # a verdict (scored 0), not an error
+    m: dict[str, Any] = {"reward/mean": float(r.mean()), "reward/std": float(r.std())}
     for spec in rewards.rewards:
-        m[f"reward/{spec.name}"] = float(np.mean([x.rewards.get(spec.name, 0.0) for x in recs]))
+        values = np.array([x.rewards.get(spec.name, 0.0) for x in recs])
+        m[f"reward/{short_name(spec.name)}/mean"], m[f"reward/{short_name(spec.name)}/std"] = float(values.mean()), float(values.std())
     m.update({
-        "response_length_mean": float(lengths.mean()), "response_length_max": int(lengths.max()),
-        "truncated_frac": float(np.mean([x.truncated for x in recs])), "reasoning_frac": float(np.mean([x.reasons for x in recs])),
-        "samples_in_loss": sum(a is not None for a in adv), "refill_rounds": batch.refill_rounds,
-        "version_lag": float(np.mean([version - 1 - x.version for x in recs])),
-        # a second opinion's disagreement is a verdict (the completion scored 0), not an error
-        "second_opinion/disagreements": sum(x.second_opinion == "disagree" for x in recs),
-        "reward_errors": sum(v for k, v in errors.items() if k != "second_opinion_disagreements"),
-        **{f"reward_errors/{k}": v for k, v in errors.items() if k != "second_opinion_disagreements"},
-        "time/generate": float(sum(c.gen_seconds for c in batch.scored)), "time/score": float(sum(c.seconds for c in batch.scored)),
-        "time/wait_rollouts": batch.wait_s, "time/step": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
+        "reward/errors": sum(errors.values()), **{f"reward/errors/{short_name(k)}": v for k, v in errors.items()},
+        "reward/second_opinion_disagreements": max(disagreements, sum(x.second_opinion == "disagree" for x in recs)),
+        "rollout/accuracy": float(np.mean([x.correct for x in recs])),
+        "rollout/response_length/mean": float(lengths.mean()), "rollout/response_length/max": int(lengths.max()),
+        "rollout/truncated_frac": float(np.mean([x.truncated for x in recs])), "rollout/reasoning_frac": float(np.mean([x.reasons for x in recs])),
+        "rollout/samples_in_loss": sum(a is not None for a in adv), "rollout/refill_rounds": batch.refill_rounds,
+        "rollout/version_lag": float(np.mean([version - 1 - x.version for x in recs])), "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
+        "timing/generate": float(sum(c.gen_seconds for c in batch.scored)), "timing/score": float(sum(c.seconds for c in batch.scored)),
+        "timing/wait_rollouts": batch.wait_s, "timing/step": seconds,
         **extra,
     })
     return m
 
 
+def short_name(reward: str) -> str:
+    """A reward's name in metrics: a file reward `path/to/file.py:function` is `function`."""
+    return reward.rpartition(":")[2] if reward.rpartition(":")[0].endswith(".py") else reward
+
+
 def rollout_table(first_chunk, records, adv, rewards, step: int, n: int = 8) -> tuple[str, list[str], list[list], int]:
     """(name, columns, rows, step) of the rollouts table: the first chunk's completions, to read."""
-    cols = ["step", "prompt", "completion", *(s.name for s in rewards.rewards), "advantage", "second_opinion"]
-    rows = [[step, first_chunk.tasks[i]["prompt"], first_chunk.completions[i], *(records[i].rewards.get(s.name, 0.0) for s in rewards.rewards),
-             adv[i], records[i].second_opinion] for i in range(min(n, len(first_chunk.completions)))]
+    cols = ["step", "prompt", "completion", "reference", "reward", *(short_name(s.name) for s in rewards.rewards), "length",
+            "advantage", "second_opinion"]
+    rows = [[step, first_chunk.tasks[i]["prompt"], first_chunk.completions[i], first_chunk.tasks[i].get("answer"), records[i].reward,
+             *(records[i].rewards.get(s.name, 0.0) for s in rewards.rewards), records[i].length, adv[i], records[i].second_opinion]
+            for i in range(min(n, len(first_chunk.completions)))]
     return "rollouts", cols, rows, step
 
 
@@ -59,9 +69,9 @@ class ProgressLine:
     def show(self, step: int, m: dict, out: TextIO) -> None:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(1, step - self.start) * (self.total - step)
-        held = f" held-out {m['heldout/accuracy']:.3f}" if "heldout/accuracy" in m else ""
-        print(f"{self.name}: step {step}/{self.total} reward {m['reward_mean']:.3f} accuracy {m['accuracy']:.3f}{held} "
-              f"length {m['response_length_mean']:.1f} {m['tokens_per_s']:.0f} tok/s elapsed {_hms(elapsed)} eta {_hms(eta)}",
+        held = f" held-out {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""
+        print(f"{self.name}: step {step}/{self.total} reward {m['reward/mean']:.3f} accuracy {m['rollout/accuracy']:.3f}{held} "
+              f"length {m['rollout/response_length/mean']:.1f} {m['rollout/tokens_per_s']:.0f} tok/s elapsed {_hms(elapsed)} eta {_hms(eta)}",
               file=out, flush=True)
 
 

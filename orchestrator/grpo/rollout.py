@@ -137,7 +137,6 @@ class RolloutSampler:
         """G completions for each task with the policy at `version`; `weights` is `[ObjectRef]` of
         that state (wrapped in a list so that Ray does not fetch it: only a sampler that does not
         hold `version`, after a restart or a missed sync, reads it from the object store)."""
-        from data.templates import render_prompt
         from model.generate import generate
 
         if weights is not None and version != self.version:
@@ -145,9 +144,9 @@ class RolloutSampler:
 
             self.load_weights(ray.get(weights[0]), version)
         t0 = time.perf_counter()
-        prompts = [[self.tok.bos_id] + self.tok.encode(render_prompt(t["prompt"], self.template)) for t in tasks]
+        prompts = [self.tok.prompt_ids(t["prompt"], self.template) for t in tasks]  # ours: BOS + template; HF: its chat template
         batch = [p for p in prompts for _ in range(group_size)]
-        stops = [self.tok.answer_end_id, self.tok.eos_id]
+        stops = self.tok.stop_ids
         outs = generate(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id)
         return RolloutChunk(

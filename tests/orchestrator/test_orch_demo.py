@@ -7,8 +7,8 @@ the synthetic corpus (two-digit addition and "write f(x) returning x plus a plus
 solutions worked), then 20 GRPO steps on the arithmetic train split and 10 on the programming
 train split (scored in the sandbox), then pass@1 at temperature 1 (4 samples per task) on 128
 arithmetic and 64 programming held-out prompts that appear neither in pretraining nor in GRPO
-training. Measured (seed 0): arithmetic 0.514 -> 0.852, code 0.523 -> 0.883 (greedy 0.602 -> 0.914
-and 0.828 -> 0.953); seed 1 in BENCHMARKS.md, "Demo". The standard error of one pass@1 on 128
+training. Measured (seed 0, 2026-12-04): arithmetic 0.551 -> 0.914, code 0.551 -> 0.945 (greedy
+0.859 -> 0.984 and 0.875 -> 1.000); other runs and seed 1 in BENCHMARKS.md, "Demo". The standard error of one pass@1 on 128
 tasks is at most 0.044 (on 64, 0.063; less with 4 samples each), so the asserted rise of 0.2 is
 more than two standard errors of the difference even for the code tasks.
 """
@@ -53,18 +53,18 @@ def test_demo_grpo_raises_heldout_accuracy_and_reuses_corpus(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in report
     for part in ("pretrain", "grpo", "grpo-code"):  # offline W&B runs inside the run directory
         assert list((run / part / "wandb").glob("offline-run-*")), part
-    losses = [json.loads(l)["loss"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(l)["train/loss"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 600 and losses[-1] < losses[0]
     grpo_steps = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in grpo_steps if "reward_mean" in r] == list(range(1, 21))
+    assert [r["step"] for r in grpo_steps if "reward/mean" in r] == list(range(1, 21))
     # the programming stage: sandboxed code_tests rewards, held-out pass@1 on the code tasks raised
     # (measured 0.523 -> 0.883, seed 0; most of it in the arithmetic stage, whose lesson carries over)
     assert summary["heldout_tasks"]["code"] == 64
     code_before, code_after = summary["heldout_accuracy_before"]["code"], summary["heldout_accuracy_after"]["code"]
     assert code_after - code_before >= 0.2, (code_before, code_after)
     code_steps = [json.loads(l) for l in (run / "grpo-code" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in code_steps if "reward_mean" in r] == list(range(1, 11))
-    assert all("reward/code_tests" in r for r in code_steps if "reward_mean" in r)
+    assert [r["step"] for r in code_steps if "reward/mean" in r] == list(range(1, 11))
+    assert all("reward/code_tests/mean" in r for r in code_steps if "reward/mean" in r)
     assert "## Stage by stage" in report and "after code GRPO: arithmetic" in report
     out = first.stdout + first.stderr
     assert "training a" in out and "after GRPO" in out

@@ -146,8 +146,8 @@ def test_reference_actor_gives_the_kl_of_the_colocated_reference(policy_dir, ray
         d.close()
         tracker.close()
     (c1, c2), (_, a2) = out["colocated"], out["actor"]
-    assert c1["kl"] == pytest.approx(0.0, abs=1e-7) and c2["kl"] > 1e-6
-    for key in ("kl", "loss"):
+    assert c1["train/kl"] == pytest.approx(0.0, abs=1e-7) and c2["train/kl"] > 1e-6
+    for key in ("train/kl", "train/loss"):
         assert a2[key] == pytest.approx(c2[key], rel=1e-5, abs=1e-8), key
 
 
@@ -207,12 +207,12 @@ def test_async_mode_samples_one_version_behind(policy_dir, ray_session, tmp_path
     result = d.run()
     d.close()
     tracker.close()
-    lag = per_step(tmp_path, "version_lag")
+    lag = per_step(tmp_path, "rollout/version_lag")
     assert lag == {1: 0.0, 2: 1.0, 3: 1.0}
     assert d.version == 3 and result["after"] is not None
     assert (tmp_path / "checkpoints" / "step000003.json").is_file()
     rows = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
-    assert rows and {"prompt", "completion", "math_accuracy", "advantage"} <= set(rows[0])
+    assert rows and {"prompt", "completion", "reference", "reward", "math_accuracy", "length", "advantage"} <= set(rows[0])
 
 
 @pytest.mark.ray
@@ -228,7 +228,7 @@ def test_log_every_and_reward_errors_of_the_step(policy_dir, ray_session, tmp_pa
     d.run()
     d.close()
     tracker.close()
-    errors = per_step(tmp_path / "run", "reward_errors")
+    errors = per_step(tmp_path / "run", "reward/errors")
     per_completion = cfg.grpo.prompts_per_step * cfg.grpo.group_size
     assert errors == {2: per_completion, 3: per_completion}
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("grpo: step ")]
@@ -265,7 +265,7 @@ def test_resume_repeats_the_uninterrupted_run(policy_dir, tmp_path):
     r = sputnik(*common, "--out", str(tmp_path / "resumed"))
     out = r.stdout + r.stderr
     assert "step000003 does not load, skipped" in out and "resumed from step 2" in out
-    for key in ("reward_mean", "response_length_mean", "loss"):
+    for key in ("reward/mean", "rollout/response_length/mean", "train/loss"):
         a, b = per_step(tmp_path / "straight", key), per_step(tmp_path / "resumed", key)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4]
         for step in a:

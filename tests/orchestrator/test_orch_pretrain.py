@@ -37,7 +37,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
+        out[rec["step"]] = rec["train/loss"]
     return out
 
 
@@ -135,6 +135,10 @@ def test_log_every_sets_the_logged_steps_and_export_takes_any_kept_step(tmp_path
     r = sputnik("pretrain", *SMALL, "pretrain.steps=7", "pretrain.checkpoint_every=3", "pretrain.workers=1",
                 "tracking.log_every=3", "--out", str(run), cache=cache)
     assert sorted(losses(run)) == [3, 6, 7]
+    # everything a later command needs is in the run directory, the tokenizer included
+    summary = json.loads((run / "summary.json").read_text())
+    assert Path(summary["tokenizer"]).resolve() == (run / "tokenizer.json").resolve()
+    assert (run / "tokenizer.json").read_bytes() == next(Path(cache).rglob("tokenizer.json")).read_bytes()
     out = r.stdout + r.stderr
     assert all(f"step {s}/7 loss" in out for s in (3, 6, 7)) and "step 1/7 loss" not in out
     r = sputnik("export", "--from", str(run), "--step", "6", "--to", str(tmp_path / "step6"), cache=cache)

@@ -86,3 +86,16 @@ def test_a_resumed_run_keeps_its_wandb_run_and_one_record_per_step(tmp_path):
             t.log({"loss": 10.0 + step}, step=step)
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 12.0), (3, 13.0)]
+
+
+def test_a_grpo_run_joins_the_wandb_group_of_the_run_it_starts_from(tmp_path):
+    from orchestrator.tracking import wandb_group
+
+    cfg = TrackingConfig(wandb_mode="offline")
+    with Tracker(tmp_path / "pre", cfg, name="pretrain-x"):
+        pass
+    assert wandb_group(tmp_path / "pre") == wandb_group(tmp_path / "pre" / "hf") == "pretrain-x"
+    with Tracker(tmp_path / "grpo", cfg, name="grpo-y", group=wandb_group(tmp_path / "pre" / "hf")) as t:
+        assert t.wandb_run.group == "pretrain-x"
+        t.histograms({"rollout/response_length": [3, 5, 8]}, step=1)
+    assert wandb_group(tmp_path / "nowhere") is None

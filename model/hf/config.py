@@ -1,4 +1,5 @@
-"""Hugging Face interop: read and write `transformers` DeepseekV3 checkpoint directories.
+"""The mapping between our Transformer and a `transformers` DeepseekV3 checkpoint: config.json
+fields <-> ModelArgs, and every tensor name <-> our state-dict key.
 
 Layout as on the hub: config.json + safetensors with per-expert keys
 (`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`), the balancing bias as
@@ -6,25 +7,31 @@ Layout as on the hub: config.json + safetensors with per-expert keys
 own copies of the embedding (`embed_tokens`) and head (`shared_head.head`). RoPE is interleaved
 (`rope_interleave: true`), the layout our complex-number RoPE uses, so no permutation is needed.
 
-Test: `pytest tests/model/test_model_hf.py` (logit parity with transformers both ways).
+The FP8 tensors of DeepSeek-V3's released checkpoints are the linear weights (`FP8_LINEARS`), each
+with a float32 `<name>_scale_inv` per 128x128 block.
+
+Test: `pytest tests/model/test_model_hf.py tests/model/test_model_hf_hub.py`.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from pathlib import Path
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from model.args import ModelArgs
-from model.rope import precompute_freqs_cis
 from model.transformer import Transformer
 
+# HF module names whose `.weight` DeepSeek-V3 stores in FP8 e4m3 (attention, dense MLP, shared and
+# routed experts, MTP eh_proj); embeddings, heads, norms and the router stay bf16.
+FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj", "eh_proj")
+SCALE_SUFFIX = "_scale_inv"  # `<name>.weight_scale_inv`: the factor that multiplies q back
 
-def to_hf_config(args: ModelArgs) -> dict:
+
+def is_fp8_linear(hf_name: str) -> bool:
+    parts = hf_name.split(".")
+    return parts[-1] == "weight" and len(parts) > 1 and parts[-2] in FP8_LINEARS
+
+
+def to_hf_config(args: ModelArgs, *, mtp: bool = True, special_ids: dict | None = None) -> dict:
+    """config.json for `args`; `mtp=False` declares no MTP layers; `special_ids` adds bos/eos/pad_token_id."""
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_factor > 1:
         rope = {
@@ -45,8 +52,9 @@ def to_hf_config(args: ModelArgs) -> dict:
         "topk_group": args.n_limited_groups, "routed_scaling_factor": args.route_scale,
         "norm_topk_prob": args.norm_topk, "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps, "rope_parameters": rope, "rope_interleave": True,
-        "num_nextn_predict_layers": args.mtp_depth, "tie_word_embeddings": args.tie_embeddings,
+        "num_nextn_predict_layers": args.mtp_depth if mtp else 0, "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu", "initializer_range": args.init_std, "torch_dtype": "float32",
+        **{k: v for k, v in (special_ids or {}).items() if v is not None},
     }
 
 
@@ -129,62 +137,6 @@ def key_map(model: Transformer) -> dict[str, tuple[str, bool]]:
     return m
 
 
-def save_hf_pretrained(model: Transformer, path: str | Path) -> None:
-    """Write config.json + model.safetensors that DeepseekV3ForCausalLM.from_pretrained loads."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = {}
-    for hf, (ours, transpose) in key_map(model).items():
-        name, _, expert = ours.partition("#")
-        t = sd[name][int(expert)] if expert else sd[name]
-        out[hf] = (t.t() if transpose else t).contiguous().clone()
-    (path / "config.json").write_text(json.dumps(to_hf_config(model.args), indent=2))
-    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no *.safetensors files")
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
-    return tensors
-
-
-def from_hf_pretrained(path: str | Path) -> Transformer:
-    """Build our Transformer from a transformers DeepseekV3 checkpoint directory."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face checkpoint directory)")
-    args = from_hf_config(json.loads(cfg_file.read_text()))
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device="cpu")
-    model.freqs_cis = precompute_freqs_cis(args)
-    model.reset_parameters()  # what the checkpoint does not hold (e.g. absent MTP layers) starts freshly initialised
-    tensors = _read_tensors(path)
-    sd = model.state_dict()
-    mtp_prefix = tuple(f"model.layers.{args.n_layers + k}." for k in range(args.mtp_depth))
-    has_mtp = any(k.startswith(mtp_prefix) for k in tensors) if mtp_prefix else False
-    for hf, (ours, transpose) in key_map(model).items():
-        if hf not in tensors:
-            if hf.startswith(mtp_prefix) and (not has_mtp or hf.endswith(("shared_head.head.weight", "embed_tokens.weight"))):
-                continue  # transformers does not save MTP layers; their shared embedding/head copies are optional
-            raise ValueError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-        name, _, expert = ours.partition("#")
-        t = tensors[hf].t() if transpose else tensors[hf]
-        target = sd[name][int(expert)] if expert else sd[name]
-        if t.shape != target.shape:
-            raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(t.to(target.dtype))
-    if args.mtp_depth and not has_mtp:
-        warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=2)
-    for m in model.moe_layers():
-        m.load.zero_()
-    return model
+def mtp_prefixes(args: ModelArgs) -> tuple[str, ...]:
+    """Name prefixes of the MTP modules' tensors (layers n_layers .. n_layers + mtp_depth - 1)."""
+    return tuple(f"model.layers.{args.n_layers + k}." for k in range(args.mtp_depth))

@@ -1,0 +1,153 @@
+"""Export our Transformer as a Hugging Face DeepseekV3 checkpoint directory.
+
+What `transformers.AutoModelForCausalLM.from_pretrained` loads without a warning, and what
+engines reading DeepSeek-V3's layout serve:
+- config.json (with bos/eos/pad_token_id when given) and generation_config.json;
+- the main model's tensors in `model.safetensors`, or in shards `model-0000i-of-0000n.safetensors`
+  listed by `model.safetensors.index.json` when they exceed `max_shard_size` (default 5 GB, as
+  transformers does);
+- the MTP modules (`mtp=`): "separate" (default) puts them, as DeepSeek names them (layer
+  n_layers + k), in `mtp.safetensors` (sharded the same way) beside the model files: transformers
+  has no MTP module and reports MTP tensors in its files as unexpected (it ignores only the 671B
+  model's layer 61), while `model.hf.from_hf_pretrained` reads them back. "inline" puts them in the
+  main files as DeepSeek's hub checkpoints do (for engines that run MTP speculative decoding);
+  "none" leaves them out and declares `num_nextn_predict_layers: 0`;
+- `fp8=True`: the linear weights in e4m3 with a float32 `weight_scale_inv` per 128x128 block and
+  config `quantization_config`, DeepSeek-V3's layout (scale = block amax / 448).
+Tokenizer files are the tokenizer's business (`data.tokenizer.Tokenizer.save_pretrained`).
+
+Memory: tensors are gathered shard by shard, so the peak is the model plus one shard.
+
+Test: `pytest tests/model/test_model_hf.py tests/model/test_model_hf_hub.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+
+from model.hf.config import SCALE_SUFFIX, is_fp8_linear, key_map, mtp_prefixes, to_hf_config
+from model.hf.load import MTP_STEM
+from model.transformer import Transformer
+
+FP8_BLOCK = 128
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB" (transformers' units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size (e.g. 5GB, 500MB, or a number of bytes)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def _write_set(path: Path, stem: str, names: list[str], tensor, nbytes, max_bytes: int) -> None:
+    """Tensors `names` as `<stem>.safetensors`, or shards + `<stem>.safetensors.index.json`.
+    `tensor(name)` makes one tensor when its shard is written; `nbytes(name)` is its size."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:  # greedy, in model order, as transformers shards
+        if shards[-1] and size + nbytes(n) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes(n)
+    if not names:
+        return
+    files = ([f"{stem}.safetensors"] if len(shards) == 1
+             else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, keys in zip(files, shards):
+        save_file({k: tensor(k) for k in keys}, str(path / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes(n) for n in names)},
+                 "weight_map": {k: fname for fname, keys in zip(files, shards) for k in keys}}
+        (path / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_hf_pretrained(model: Transformer, path: str | Path, *, special_ids: dict[str, int | list[int] | None] | None = None,
+                       mtp: Literal["separate", "inline", "none"] = "separate", fp8: bool = False,
+                       dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
+    """Write `model` to the HF directory `path` (see the module docstring for the options).
+    `special_ids`: {"bos_token_id", "eos_token_id", "pad_token_id"} for config.json, plus an optional
+    "stop_token_ids" list, generation_config.json's eos_token_id (default: the eos id)."""
+    if mtp not in ("separate", "inline", "none"):
+        raise ValueError(f"mtp={mtp!r}: use 'separate', 'inline' or 'none'")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]:
+        old.unlink()  # a previous export's shards would not match the new index
+    ids = dict(special_ids or {})
+    stops = ids.pop("stop_token_ids", None)
+    args = model.args
+    names = key_map(model)
+    if args.tie_embeddings:
+        names.pop("lm_head.weight")
+    prefixes = mtp_prefixes(args)
+    in_mtp = (lambda k: k.startswith(prefixes)) if prefixes else (lambda k: False)
+    sd = model.state_dict()
+
+    def weight(hf: str) -> torch.Tensor:
+        ours, transpose = names[hf]
+        name, _, expert = ours.partition("#")
+        t = sd[name][int(expert)] if expert else sd[name]
+        return (t.t() if transpose else t).detach().cpu()
+
+    def tensor(k: str) -> torch.Tensor:
+        if k.endswith(SCALE_SUFFIX):
+            return quantized(k[: -len(SCALE_SUFFIX)])[1]
+        if fp8 and is_fp8_linear(k):
+            return quantized(k)[0]
+        t = weight(k)  # copied: a shard must not share storage with the model (or the MTP's embedding copy with it)
+        return t.to(dtype if t.is_floating_point() and not k.endswith("e_score_correction_bias") else t.dtype, copy=True).contiguous()
+
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def quantized(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if k not in cache:  # the weight and its scale are written to the same shard, one after the other
+            from sputnik_kernels.fp8 import fp8_quantize_weight_reference
+
+            cache.clear()
+            cache[k] = tuple(x.contiguous() for x in fp8_quantize_weight_reference(weight(k).float(), FP8_BLOCK))
+        return cache[k]
+
+    def nbytes(k: str) -> int:
+        if k.endswith(SCALE_SUFFIX):
+            N, K = weight(k[: -len(SCALE_SUFFIX)]).shape
+            return 4 * -(-N // FP8_BLOCK) * -(-K // FP8_BLOCK)
+        t = weight(k)
+        if fp8 and is_fp8_linear(k):
+            return t.numel()
+        return t.numel() * (torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size())
+
+    ordered = []
+    for k in names:
+        ordered.append(k)
+        if fp8 and is_fp8_linear(k):
+            ordered.append(k + SCALE_SUFFIX)
+    main = [k for k in ordered if not in_mtp(k) or mtp == "inline"]
+    extra = [k for k in ordered if in_mtp(k) and mtp == "separate"]
+    max_bytes = parse_size(max_shard_size)
+    _write_set(path, "model", main, tensor, nbytes, max_bytes)
+    _write_set(path, MTP_STEM, extra, tensor, nbytes, max_bytes)
+
+    config = to_hf_config(args, mtp=mtp != "none", special_ids=ids)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if fp8:
+        config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {k: v for k, v in ids.items() if v is not None}
+    if stops:
+        gen["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    (path / "generation_config.json").write_text(json.dumps({"_from_model_config": False, **gen}, indent=2))
