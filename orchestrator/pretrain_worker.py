@@ -12,7 +12,9 @@ Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import random
 import tempfile
 import time
@@ -93,7 +95,7 @@ def train_loop(loop_config: dict) -> None:
     engine, scheduler = build_engine(model, p, world, bf16=bf16)
     loader = PackedLoader(spec.shard_dir, seq_len=spec.seq_len, batch_size=p.micro_batch_size * world, bos_id=spec.bos_id,
                           eos_id=spec.eos_id, seed=spec.seed, rank=rank, world_size=world)
-    start_step = resume(engine, loader, rank, world)
+    start_step = resume(engine, loader, rank, world, Path(spec.run_dir))
 
     last_step = min(p.steps, p.stop_after or p.steps)
     log = StepLog(spec, world, flops_per_token, last_step) if rank == 0 else None
@@ -156,19 +158,29 @@ def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: boo
     return engine, scheduler
 
 
-def resume(engine, loader, rank: int, world: int) -> int:
-    """Restore engine, loader and RNG from Ray Train's latest checkpoint; the step it was taken after (0: none)."""
+def resume(engine, loader, rank: int, world: int, run_dir: Path) -> int:
+    """Restore engine, loader and RNG from the newest checkpoint; the step it was taken after (0: none).
+
+    That is Ray Train's latest registered checkpoint, or a newer complete one in the run directory:
+    a worker killed after every rank had written its part but before Ray registered the report
+    would otherwise restart from an older checkpoint, or from step 0."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as d:
-        step, state = load_pretrain_part(engine, Path(d), rank=rank, world=world)
+    from orchestrator.checkpoints import META, find_checkpoints
+
+    registered = ray.train.get_checkpoint()
+    with registered.as_directory() if registered is not None else contextlib.nullcontext() as d:
+        reg_step = json.loads((Path(d) / META).read_text())["step"] if d is not None else 0
+        on_disk = [c for c in find_checkpoints(run_dir) if c.kind == "pretrain" and c.step > reg_step]
+        path = on_disk[-1].ds_dir if on_disk else (Path(d) if d is not None else None)
+        if path is None:
+            return 0
+        step, state = load_pretrain_part(engine, path, rank=rank, world=world)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     if rank == 0:
-        print(f"pretrain: resumed from step {step}", flush=True)
+        how = "the run directory (newer than Ray Train's last registered one)" if on_disk else "Ray Train's last checkpoint"
+        print(f"pretrain: resumed from step {step}, from {how}", flush=True)
     return step
 
 

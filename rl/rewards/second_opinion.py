@@ -26,12 +26,14 @@ Test: `pytest tests/rl/test_second_opinion.py`.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import logging
 import math
 import random
 import string
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -86,6 +88,7 @@ _sputnik_second_opinion(ENTRY_NAME)
 class Opinion:
     verdict: str  # "agree" | "disagree" | "none" (no reference, or its suite does not hold)
     detail: str = ""
+    cached: bool = False  # the verdict of an identical program on the same suite, not run again
 
 
 def reference_program(sample: Mapping) -> str | None:
@@ -190,20 +193,35 @@ def second_suite(sample: Mapping, *, n_inputs: int = 8, differential: bool = Tru
 class SecondOpinion:
     """Re-runs full-reward code completions against `second_suite`; thread-safe, caches the suite per task."""
 
+    # verdicts of programs already checked, newest last: a GRPO group often holds the same program
+    # several times (the think text differs, the program does not), and the suite is fixed per task
+    CACHE_SIZE = 4096
+
     def __init__(self, *, timeout_s: float = 10, memory_mb: int = 1024, isolation: str = "full", n_inputs: int = 8):
         self.timeout_s, self.memory_mb, self.isolation, self.n_inputs = timeout_s, memory_mb, isolation, n_inputs
         self._suites: dict[str, str | None] = {}
+        self._verdicts: OrderedDict[str, Opinion] = OrderedDict()
         self._lock = threading.Lock()
 
     def check(self, completion: str, sample: Mapping) -> Opinion:
         suite = self._suite(sample)
         if suite is None:
             return Opinion("none")
-        result = run_tests(extract_program(completion), suite, entry_point=sample["entry_point"], timeout_s=self.timeout_s,
+        program = extract_program(completion)
+        key = hashlib.sha256("\0".join((suite, program, str(sample["entry_point"]))).encode()).hexdigest()
+        with self._lock:
+            if key in self._verdicts:
+                self._verdicts.move_to_end(key)
+                return dataclasses.replace(self._verdicts[key], cached=True)
+        result = run_tests(program, suite, entry_point=sample["entry_point"], timeout_s=self.timeout_s,
                            memory_mb=self.memory_mb, isolation=self.isolation)
-        if result.passed:
-            return Opinion("agree")
-        return Opinion("disagree", f"{result.status}: {result.detail}"[:300])
+        opinion = Opinion("agree") if result.passed else Opinion("disagree", f"{result.status}: {result.detail}"[:300])
+        if result.status != "timeout":  # a timeout may be the machine's load, not the program: not remembered
+            with self._lock:
+                self._verdicts[key] = opinion
+                while len(self._verdicts) > self.CACHE_SIZE:
+                    self._verdicts.popitem(last=False)
+        return opinion
 
     def _suite(self, sample: Mapping) -> str | None:
         key = hashlib.sha256("\0".join(str(sample.get(k) or "") for k in ("prompt", "answer", "tests", "entry_point")).encode()).hexdigest()

@@ -53,8 +53,11 @@ def test_exact_resume(tmp_path, cache):
     sputnik(*common, "--out", str(tmp_path / "straight"), cache=cache)
     sputnik(*common, "pretrain.stop_after=8", "--out", str(tmp_path / "resumed"), cache=cache)
     assert max(losses(tmp_path / "resumed")) == 8
+    # Ray Train forgets its registration of the step-8 checkpoint (as when a worker dies between
+    # writing its part and Ray registering the report): the complete checkpoint on disk is used
+    (tmp_path / "resumed" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json").unlink()
     r = sputnik(*common, "--out", str(tmp_path / "resumed"), cache=cache)
-    assert "resumed from step 8" in r.stdout + r.stderr
+    assert "resumed from step 8, from the run directory" in r.stdout + r.stderr
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in a:

@@ -21,7 +21,7 @@ from rl.rewards import RewardConfig, RewardSpec
 from rl.rewards.builtin import math_accuracy
 from rl.rewards.code import code_reward
 from rl.rewards.math import MathVerifier, math_reward
-from rl.sandbox import _MODES, _UID_BASE, _UID_RANGE, _Cgroups, _run, isolation, run_tests
+from rl.sandbox import _MODES, _Cgroups, _run, isolation, run_tests
 
 REPO = Path(__file__).resolve().parents[2]
 SQUARE = "def square(x):\n    return x * x\n"
@@ -51,18 +51,6 @@ def _children() -> set[int]:
     return out
 
 
-def _sandbox_uid_processes() -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            uid = os.stat(f"/proc/{pid}").st_uid
-        except FileNotFoundError:
-            continue
-        if _UID_BASE <= uid < _UID_BASE + _UID_RANGE:
-            pids.append(int(pid))
-    return pids
-
-
 def _our_cgroups() -> set[str]:
     cg = _Cgroups.find()
     dirs = [cg.memory_dir, cg.pids_dir] if cg is not None else []
@@ -70,15 +58,15 @@ def _our_cgroups() -> set[str]:
 
 
 @pytest.fixture
-def healthy():
+def healthy(sandbox_pids):
     """Asserts after the test that nothing it started is left behind."""
     children, tmp = _children(), set(os.listdir("/tmp"))
     yield
     deadline = time.monotonic() + 5  # a killed worker may take a moment to be reaped
-    while (_children() - children or _sandbox_uid_processes()) and time.monotonic() < deadline:
+    while (_children() - children or sandbox_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _children() <= children, "processes left behind"
-    assert _sandbox_uid_processes() == []
+    assert sandbox_pids() == []
     assert not {n for n in set(os.listdir("/tmp")) - tmp if n.startswith("sputnik")}, "temporary directories left behind"
     assert not _our_cgroups(), "cgroups left behind"
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from rl.sandbox import _MODES, _UID_BASE, _UID_RANGE, _bound, _run, run_tests
+from rl.sandbox import _MODES, _bound, _run, run_tests
 
 TIMEOUT = 2.0
 MEMORY_MB = 256  # small, so that filling it takes well under TIMEOUT
@@ -118,21 +118,8 @@ ATTACKS = {
 }
 
 
-def _sandbox_processes() -> list[int]:
-    """Pids of processes running as a sandbox uid."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            uid = os.stat(f"/proc/{pid}").st_uid
-        except FileNotFoundError:
-            continue
-        if _UID_BASE <= uid < _UID_BASE + _UID_RANGE:
-            pids.append(int(pid))
-    return pids
-
-
 @pytest.fixture(scope="module")
-def attacks(tmp_path_factory):
+def attacks(tmp_path_factory, sandbox_pids):
     probe = run_tests("x = 1", "assert x == 1")
     if not probe.isolation.startswith("full"):
         # kill(-1), fork storms and file deletion would hit the machine itself without isolation
@@ -163,7 +150,7 @@ def attacks(tmp_path_factory):
         connected = False
     listener.close()
     return {"results": results, "outside": outside, "marker": marker, "connected": connected,
-            "leftover": _sandbox_processes(),  # checked at once: run_tests returns after the namespace is gone
+            "leftover": sandbox_pids(),  # checked at once: run_tests returns after the namespace is gone
             "new_workdirs": set(glob.glob("/tmp/sputnik-sandbox-*")) - workdirs_before}
 
 

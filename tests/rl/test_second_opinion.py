@@ -113,3 +113,20 @@ def test_humaneval_all_164_canonical_agree(tasks):
     assert not bad, bad
     with_opinion = sum(o["second_opinion"] == "agree" for o in out)
     assert with_opinion >= 160, with_opinion  # every task with a usable reference got a second opinion
+
+
+def test_the_same_program_is_judged_once_per_suite(tasks):
+    """Completions whose programs are identical (only the think text differs) reuse the verdict;
+    a different program, or the same program on another task, is run."""
+    from rl.rewards.second_opinion import SecondOpinion
+
+    so = SecondOpinion(timeout_s=3)
+    cheat, honest = CHEATS["HumanEval/38"], HONEST["HumanEval/38"]
+    first = so.check("I think</think> <answer>\n" + cheat + "</answer>", tasks["HumanEval/38"])
+    again = so.check("other words</think> <answer>\n" + cheat + "</answer>", tasks["HumanEval/38"])
+    assert (first.verdict, first.cached) == ("disagree", False) and (again.verdict, again.cached) == ("disagree", True)
+    good = so.check(completion(honest), tasks["HumanEval/38"])
+    assert (good.verdict, good.cached) == ("agree", False)
+    assert so.check(completion(honest), tasks["HumanEval/38"]).cached
+    other_task = so.check(completion(HONEST["HumanEval/50"]), tasks["HumanEval/50"])
+    assert (other_task.verdict, other_task.cached) == ("agree", False)
