@@ -382,7 +382,9 @@ def _reward_shorthand(section: Any) -> Any:
     form {rewards: [{name, weight, options}], ...} (configs/rewards_example.yaml)."""
     if isinstance(section, list):
         return {"rewards": section}
-    fields = {"rewards", "max_workers", "timeout_s", "isolation", "second_opinion"}
+    from rl.rewards import RewardConfig
+
+    fields = {f.name for f in dataclasses.fields(RewardConfig)}
     if isinstance(section, dict) and section and not set(section) & fields and all(isinstance(v, (int, float)) for v in section.values()):
         return {"rewards": [{"name": k, "weight": v} for k, v in section.items()]}
     return section

@@ -2,10 +2,10 @@
 
 One evaluator serves the demo, GRPO's periodic held-out evaluation and `sputnik eval`: the tasks
 go through the rollout samplers and reward workers (orchestrator/grpo/rollout.py), and a
-completion is correct when the task's verifier accepts it (`rl.rollouts.verify`: the same reward
-training uses for that task kind). It reports greedy accuracy and, with n samples per task at the
-rollout temperature, the unbiased pass@k (Chen et al. 2021), plus how often the policy reasons and
-how accurate it is when it does and when it answers directly.
+completion is correct when its task kind's accuracy reward (`rl.rollouts.accuracy_reward`: the
+same reward training uses, second opinion included) scores it 1. It reports greedy accuracy and,
+with n samples per task at the rollout temperature, the unbiased pass@k (Chen et al. 2021), plus
+how often the policy reasons and how accurate it is when it does and when it answers directly.
 
 `sputnik eval`: `eval.checkpoint` is a `sputnik pretrain` or `sputnik grpo` run directory (its HF
 export and tokenizer), or an HF DeepseekV3 directory with its tokenizer inside (any Hugging Face

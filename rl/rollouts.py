@@ -2,9 +2,9 @@
 
 `ScoredRollout` is what a reward worker returns for one completion and what the GRPO driver, the
 held-out evaluator and the metrics read: small (no token ids), typed, one per completion.
-`verify(completion, sample)` is the pass/fail verdict of a task: the same reward the training run
-uses for that task kind (`math_accuracy` for math, `code_tests` for code), so a held-out accuracy
-and a training accuracy can never disagree about the same completion.
+`accuracy_reward(sample)` names the reward whose full score means "solved" for the task's kind
+(`math_accuracy` for math, `code_tests` for code): the reward workers take the verdict from it, so a
+held-out accuracy and a training accuracy can never disagree about the same completion.
 
 Test: `pytest tests/rl/test_rollouts.py`.
 """
@@ -31,7 +31,7 @@ class ScoredRollout:
     reward: float  # weighted total of the configured rewards
     rewards: dict[str, float]  # each configured reward's value
     errors: dict[str, str]  # reward name -> error message, for rewards that failed (scored 0)
-    correct: bool  # the task's verifier accepted it (see `verify`)
+    correct: bool  # the task's accuracy reward (see `accuracy_reward`) scored it 1
     length: int  # completion tokens
     truncated: bool  # stopped by the token budget, not by a stop token
     version: int  # policy version that sampled it
@@ -45,17 +45,6 @@ def accuracy_reward(sample: Mapping) -> str:
     if kind not in ACCURACY_REWARD:
         raise ValueError(f"task {sample.get('id')!r}: unknown kind {kind!r} (known: {', '.join(ACCURACY_REWARD)})")
     return ACCURACY_REWARD[kind]
-
-
-def verify(completion: str, sample: Mapping, *, isolation: str = "full") -> bool:
-    """The verdict of the task's verifier: its kind's accuracy reward scores 1. (Reward workers
-    score through rl.evaluator.RewardEvaluator, which adds the second opinion on code.)"""
-    from rl.rewards.builtin import code_tests, math_accuracy
-
-    name = accuracy_reward(sample)
-    if name == "math_accuracy":
-        return math_accuracy(completion, sample) >= 1.0
-    return code_tests(completion, {**sample, "isolation": isolation}) >= 1.0
 
 
 def reasons(completion: str) -> bool:

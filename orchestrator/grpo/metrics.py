@@ -25,14 +25,14 @@ def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, versio
     for chunk in batch.scored:
         for name, n in chunk.reward_errors.items():
             errors[name] = errors.get(name, 0) + n
-    disagreements = errors.pop("second_opinion_disagreements", 0)  # a verdict (scored 0), not an error
+    errors.pop("second_opinion_disagreements", None)  # a verdict (scored 0), not an error: counted from the records
     m: dict[str, Any] = {"reward/mean": float(r.mean()), "reward/std": float(r.std())}
     for spec in rewards.rewards:
         values = np.array([x.rewards.get(spec.name, 0.0) for x in recs])
         m[f"reward/{short_name(spec.name)}/mean"], m[f"reward/{short_name(spec.name)}/std"] = float(values.mean()), float(values.std())
     m.update({
         "reward/errors": sum(errors.values()), **{f"reward/errors/{short_name(k)}": v for k, v in errors.items()},
-        "reward/second_opinion_disagreements": max(disagreements, sum(x.second_opinion == "disagree" for x in recs)),
+        "reward/second_opinion_disagreements": sum(x.second_opinion == "disagree" for x in recs),
         "rollout/accuracy": float(np.mean([x.correct for x in recs])),
         "rollout/response_length/mean": float(lengths.mean()), "rollout/response_length/max": int(lengths.max()),
         "rollout/truncated_frac": float(np.mean([x.truncated for x in recs])), "rollout/reasoning_frac": float(np.mean([x.reasons for x in recs])),

@@ -1,11 +1,12 @@
-"""rl/rollouts.py: the verdict is the training reward's, and advantages over typed records equal
-the group formula with the configured groups left out."""
+"""rl/rollouts.py: which reward decides a task kind, and advantages over typed records equal the
+group formula with the configured groups left out. (That the verdict is the training reward's is
+tested through the reward workers, tests/orchestrator/test_orch_rollout.py.)"""
 
 import pytest
 import torch
 
 from rl.grpo import group_advantages
-from rl.rollouts import ScoredRollout, reasons, rollout_advantages, varied_groups, verify
+from rl.rollouts import ScoredRollout, accuracy_reward, reasons, rollout_advantages, varied_groups
 
 
 def rec(group, reward, truncated=False):
@@ -13,26 +14,11 @@ def rec(group, reward, truncated=False):
                          truncated=truncated, version=0, reasons=False)
 
 
-@pytest.mark.parametrize("completion", [
-    "2+3</think> <answer>5</answer>",
-    "</think> <answer>4</answer> no, <answer>5</answer>",  # the reward reads the last answer; a first-answer rule disagreed
-    "</think> <answer>5.0</answer>",
-    "</think> <answer>6</answer>",
-    "no answer at all",
-])
-def test_math_verdict_is_the_training_reward(completion):
-    from rl.rewards.math import math_reward
-
-    task = {"id": "t", "kind": "math", "answer": "5"}
-    assert verify(completion, task) == (math_reward(completion, "5") >= 1.0)
-
-
-def test_code_verdict_runs_the_tests():
-    task = {"id": "c", "kind": "code", "tests": "assert f(2) == 4\nassert f(5) == 10\n", "entry_point": "f"}
-    assert verify("</think> <answer>\ndef f(x):\n    return 2 * x\n</answer>", task)
-    assert not verify("</think> <answer>\ndef f(x):\n    return 4\n</answer>", task)
+def test_accuracy_reward_by_task_kind():
+    assert accuracy_reward({"kind": "math"}) == "math_accuracy" and accuracy_reward({}) == "math_accuracy"
+    assert accuracy_reward({"kind": "code"}) == "code_tests"
     with pytest.raises(ValueError, match="unknown kind"):
-        verify("x", {"id": "z", "kind": "poetry"})
+        accuracy_reward({"id": "z", "kind": "poetry"})
 
 
 def test_reasons_means_a_nonempty_think_block():
