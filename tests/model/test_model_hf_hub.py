@@ -203,3 +203,32 @@ def test_export_without_mtp(our_tok, tmp_path):
     assert back.args.mtp_depth == 0
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in back.state_dict().items())
+
+
+def test_fp8_checkpoint_is_kept_bit_for_bit_by_fp8_training(hub):
+    """FP8 training (`pretrain.fp8` / FP8Linear) re-quantises its master weights per forward, one
+    scale per 128x128 block (sputnik_kernels.fp8): on the dequantised import of an FP8 checkpoint
+    this gives back the checkpoint's own e4m3 bytes and scales, so the FP8 model starts exactly
+    from the released FP8 weights (no second rounding), with fp32 masters for the updates."""
+    from safetensors import safe_open
+
+    from sputnik_kernels.fp8 import fp8_quantize_weight
+
+    hub_dir = hub[0]
+    index = json.loads((hub_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    ours = from_hf_pretrained(hub_dir)
+    imported = {"model.layers.1.self_attn.q_b_proj.weight": ours.layers[1].attn.wq_b.weight,
+                "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": ours.layers[0].attn.wkv_a.weight,
+                "model.layers.1.mlp.experts.3.down_proj.weight": ours.layers[1].ffn.experts.w2[3].t()}
+    checked = 0
+    for name, w in imported.items():
+        with safe_open(str(hub_dir / index[name]), framework="pt") as f:
+            q_hub = f.get_tensor(name)
+        with safe_open(str(hub_dir / index[name + "_scale_inv"]), framework="pt") as f:
+            s_hub = f.get_tensor(name + "_scale_inv")
+        assert q_hub.dtype == torch.float8_e4m3fn
+        q, s = fp8_quantize_weight(w.detach().contiguous())
+        assert torch.equal(q.view(torch.uint8), q_hub.view(torch.uint8)), name
+        assert torch.allclose(s, s_hub, rtol=2e-7, atol=0), name
+        checked += 1
+    assert checked == 3
