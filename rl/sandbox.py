@@ -58,7 +58,12 @@ the arguments (in-place mutation is invisible to the tests); a value that is not
 scalar, custom class) reaches the tests as a handle and fails `==`; a helper the tests take from
 the program (HumanEval/32's `poly`) is the program's to define.
 
-Test: `pytest tests/rl/test_sandbox_attacks.py tests/rl/test_sandbox_humaneval.py tests/rl/test_reward_gaming.py`.
+`run_program(program, stdin)` runs a program as a script (stdin/stdout tasks, rl/io_tests.py): one
+program process in the same jail, limits and tree bound, its stdin fed by a thread (a program that
+never reads it cannot block us), its complete stdout returned up to `output_limit` bytes (more ends
+the run). There is no harness: the trusted caller compares the output, which the program never sees.
+
+Test: `pytest tests/rl/test_sandbox_attacks.py tests/rl/test_sandbox_humaneval.py tests/rl/test_reward_gaming.py tests/rl/test_io_tests.py`.
 Benchmark: `python benchmarks/sandbox_isolation.py`.
 """
 
@@ -193,6 +198,119 @@ def isolation() -> tuple[bool, str]:
     return (True, setup.isolation) if setup.full else (False, setup.lacks or "full isolation")
 
 
+@dataclass
+class ProgramRun:
+    """What `run_program` saw: the program's exit and its complete stdout (up to the limit)."""
+
+    status: str  # ok (exit status 0) | error (another exit status) | timeout | killed | output_limit
+    exit_code: int | None
+    stdout: str  # all of it when status is not output_limit
+    stderr: str  # truncated to _KEEP bytes
+    duration_s: float
+    isolation: str
+    detail: str = ""
+    memory_peak_mb: float | None = None
+
+
+def run_program(program: str, stdin: str = "", *, timeout_s: float = 10, memory_mb: int = 1024, output_limit: int = 1 << 20,
+                isolation: str = "full") -> ProgramRun:
+    """Run `program` as a script (`__name__ == "__main__"`) with `stdin` as its standard input, in the
+    same jail, limits and process-tree bound as `run_tests`' program process; return its exit and
+    its stdout. One process, no harness: the caller (trusted) judges the output, so nothing the
+    program does decides a verdict. More than `output_limit` bytes of stdout end the run
+    (status output_limit: the pipe is closed, the program killed). Thread-safe."""
+    if timeout_s <= 0 or memory_mb < 64 or output_limit < 1:
+        raise ValueError(f"run_program needs timeout_s > 0, memory_mb >= 64 and output_limit >= 1 (got {timeout_s}, {memory_mb}, {output_limit})")
+    if isolation not in ("full", "reduced"):
+        raise ValueError(f"isolation must be 'full' or 'reduced' (got {isolation!r})")
+    setup = _setup()
+    if isolation == "full" and not setup.full:
+        raise IsolationError(f"the code sandbox needs full isolation, which this node lacks: {setup.lacks}")
+    return _run_program(program, stdin, setup.mode, timeout_s, memory_mb, output_limit, setup.bound)
+
+
+def _run_program(program: str, stdin: str, mode: _Mode, timeout_s: float, memory_mb: int, output_limit: int, bound=None) -> ProgramRun:
+    import threading
+
+    start = time.monotonic()
+    deadline = start + timeout_s
+    limits = {"cpu_s": math.ceil(timeout_s) + 1, "memory_mb": memory_mb}
+    uid = _UID_BASE + secrets.randbelow(_UID_RANGE) if mode.jail else None
+    work = tempfile.mkdtemp(prefix="sputnik-sandbox-")
+    cgroups: list[str] = []
+    procs: list[subprocess.Popen] = []
+    child_fds: list[int] = []
+    streams: list[_Stream] = []
+    feeder = None
+    try:
+        if isinstance(bound, _Cgroups):
+            cgroups += bound.create(memory_mb)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        child_fds += [out_w, err_w]
+        out = _Stream(open(out_r, "rb", buffering=0), keep=output_limit + 1, drain=output_limit + 1)
+        err = _Stream(open(err_r, "rb", buffering=0))
+        streams += [out, err]
+        cfg = {"role": "stdio", "jail": mode.jail, "uid": uid, "limits": limits, "fds": [out_w, err_w], "cgroups": cgroups,
+               "no_fork": bound == "seccomp"}
+        procs.append(subprocess.Popen(
+            [*mode.prefix, sys.executable, "-I", "-S", "-c", _child_bootstrap(), json.dumps(cfg)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(out_w, err_w), cwd="/" if mode.jail else work, env=_env(work),
+            start_new_session=True))
+        prog = procs[0]
+        while child_fds:
+            os.close(child_fds.pop())
+        startup = _Stream(prog.stdout)
+        streams.append(startup)
+        source = program.encode("utf-8", "surrogatepass")
+        # a thread writes stdin: a program that never reads its input must not block us
+        feeder = threading.Thread(target=_feed, args=(prog, struct.pack(">Q", len(source)) + source + stdin.encode("utf-8", "surrogatepass")), daemon=True)
+        feeder.start()
+        closed = _collect(streams, out, deadline)  # until the program closes its stdout (exit, or output_limit)
+        try:
+            prog.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        rc = prog.poll()
+        if mode.prefix:
+            _end_namespace(prog)
+        _kill(procs)
+        for s in streams:
+            s.drain()
+        peak_mb, ooms = _Cgroups.usage(cgroups)
+        if out.seen > output_limit:
+            status, detail = "output_limit", f"the program wrote more than {output_limit} bytes to stdout"
+        elif not closed or rc is None:
+            status, detail = "timeout", f"the program did not finish within {timeout_s:g} s"
+        elif rc < 0:
+            status, detail = "killed", f"killed by {signal.Signals(-rc).name}"
+        elif rc:
+            status, detail = "error", f"exit status {rc}: {_last_line(_text(err.data) or _text(startup.data))}"
+        else:
+            status, detail = "ok", ""
+        if ooms and status != "ok":
+            detail += f" (the program's processes hit memory_mb = {memory_mb} {ooms} time(s))"
+        return ProgramRun(status=status, exit_code=rc, stdout=_text(out.data[:output_limit]), stderr=_text(err.data, err.seen),
+                          duration_s=time.monotonic() - start, isolation=_Setup(mode, bound).isolation, detail=detail,
+                          memory_peak_mb=peak_mb)
+    finally:
+        _kill(procs)
+        if feeder is not None:  # the program is dead: a blocked write ends with EPIPE
+            feeder.join(timeout=2)
+        for p in procs:
+            for f in (p.stdin, p.stdout):
+                try:
+                    f.close()
+                except OSError:  # a broken pipe's buffered bytes
+                    pass
+        for s in streams:
+            s.file.close()
+        for fd in child_fds:
+            os.close(fd)
+        _Cgroups.remove(cgroups)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _setup() -> _Setup:
     """The strongest isolation that works here, probed once per process with a trivial program."""
@@ -325,15 +443,15 @@ class _Stream:
     """A pipe from a child: keeps the first _KEEP bytes; the pipe is closed after _DRAIN bytes, so a
     program printing without end gets EPIPE instead of costing the parent CPU."""
 
-    def __init__(self, file):
-        self.file, self.data, self.seen = file, bytearray(), 0
+    def __init__(self, file, keep: int = _KEEP, drain: int = _DRAIN):
+        self.file, self.data, self.seen, self.keep, self.limit = file, bytearray(), 0, keep, drain
 
     def read(self) -> bool:
         """Read once; False at EOF or when drained (the caller then closes the pipe)."""
         chunk = os.read(self.file.fileno(), 65536)
         self.seen += len(chunk)
-        self.data += chunk[: max(0, _KEEP - len(self.data))]
-        return bool(chunk) and self.seen < _DRAIN
+        self.data += chunk[: max(0, self.keep - len(self.data))]
+        return bool(chunk) and self.seen < self.limit
 
     def drain(self) -> None:
         """Read what is left without blocking (the writers are dead, or escaped and ignored)."""
@@ -740,11 +858,9 @@ def _forbid_fork() -> None:
         raise OSError(ctypes.get_errno(), "cannot install the seccomp filter")  # PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP
 
 
-def _program_main(cfg: dict) -> None:
-    source = sys.stdin.buffer.read()
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)  # the program reads EOF, never the parent
-    os.close(null)
+def _confine(cfg: dict) -> str:
+    """Everything between the bootstrap and the untrusted code: cgroups, jail, rlimits, uid, seccomp,
+    and the program's stdout/stderr pipes as fds 1 and 2. Returns the working directory."""
     for cgroup in cfg["cgroups"]:  # first, so that everything the program starts is inside
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write("0")
@@ -762,10 +878,20 @@ def _program_main(cfg: dict) -> None:
         _forbid_fork()
     os.environ.update(HOME=home, TMPDIR=home)
     os.umask(0o077)
-    read_fd, write_fd, out_fd, err_fd = cfg["fds"]
+    *_, out_fd, err_fd = cfg["fds"]
     for fd, target in ((out_fd, 1), (err_fd, 2)):  # from here on, output is the program's
         os.dup2(fd, target)
         os.close(fd)
+    return home
+
+
+def _program_main(cfg: dict) -> None:
+    source = sys.stdin.buffer.read()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)  # the program reads EOF, never the parent
+    os.close(null)
+    home = _confine(cfg)
+    read_fd, write_fd, _, _ = cfg["fds"]
     channel = _Channel(read_fd, write_fd)
     with open("solution.py", "wb") as f:
         f.write(source)
@@ -783,6 +909,43 @@ def _program_main(cfg: dict) -> None:
         os._exit(1)
     channel.send(("ready",))
     _serve(channel, module.__dict__)
+
+
+def _stdio_main(cfg: dict) -> None:
+    """`run_program`'s child: the source arrives length-prefixed on stdin; what follows on stdin is
+    the program's input. The program runs as __main__; its exit status is the process's."""
+    (size,) = struct.unpack(">Q", _read_exactly(0, 8))
+    source = _read_exactly(0, size)
+    _confine(cfg)
+    with open("solution.py", "wb") as f:
+        f.write(source)
+    code = 0
+    try:
+        exec(compile(source, "solution.py", "exec"), {"__name__": "__main__", "__file__": os.path.abspath("solution.py")})
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001  (a runtime error: the traceback goes to the program's stderr)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: what was written is what counts
+            pass
+    os._exit(code & 0xFF)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            os._exit(3)  # the parent went away
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def _serve(channel: _Channel, namespace: dict) -> None:
@@ -1090,4 +1253,4 @@ def _harness_main(cfg: dict) -> None:
 if __name__ == "__main__":
     del sys.path[0]  # the repository, put there by _child_bootstrap: the program gets the standard library only
     _config = json.loads(sys.argv[1])
-    (_program_main if _config["role"] == "program" else _harness_main)(_config)
+    {"program": _program_main, "harness": _harness_main, "stdio": _stdio_main}[_config["role"]](_config)

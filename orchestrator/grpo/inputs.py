@@ -51,13 +51,28 @@ def resolve_init(cfg: RunConfig) -> tuple[Path, Path]:
     return hf, tok
 
 
+def task_set_rows(spec: str, *, seed: int, key: str) -> list[dict]:
+    """The rows of a named task set or task file (data.tasks.task_set: humaneval,
+    reasoning-gym:<generator>?size=N&seed=S, .jsonl/.parquet); a bad name or row is a ConfigError."""
+    from data.tasks import REASONING_GYM, task_set
+
+    if spec not in ("humaneval",) and not spec.startswith(REASONING_GYM) and not Path(spec).is_file():
+        raise ConfigError(f"key '{key}': {spec!r} is neither a generator (arithmetic, code), a task set (humaneval, "
+                          f"reasoning-gym:<generator>) nor a task file")
+    try:
+        return task_set(spec, seed=seed).to_pylist()
+    except (ValueError, OSError) as e:  # a malformed table or generator: the message names the row or option
+        raise ConfigError(f"key '{key}': {e}") from None
+
+
 def load_tasks(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) as lists of dicts."""
+    """(train rows, held-out rows) as lists of dicts: the generators' own splits, or a task set's
+    rows split by prompt hash (held-out capped at grpo.heldout_size)."""
     g, d = cfg.grpo, cfg.data
     if g.tasks == "arithmetic":
         from data.tasks import generate_arithmetic
 
-        kw = dict(families=tuple(d.families), digits=d.digits, heldout_percent=d.heldout_percent)
+        kw = dict(families=tuple(d.task_families or d.families), digits=d.digits, heldout_percent=d.heldout_percent)
         train = generate_arithmetic(g.train_size, seed=cfg.seed, split="train", **kw)
         heldout = generate_arithmetic(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
         return train.to_pylist(), heldout.to_pylist()
@@ -68,18 +83,16 @@ def load_tasks(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         train = generate_code_tasks(g.train_size, seed=cfg.seed, split="train", **kw)
         heldout = generate_code_tasks(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
         return train.to_pylist(), heldout.to_pylist()
-    from data.tasks import read_tasks
-
-    if not Path(g.tasks).is_file():
-        raise ConfigError(f"key 'grpo.tasks': {g.tasks!r} is neither a generator (arithmetic, code) nor a task file")
-    try:
-        rows = read_tasks(g.tasks).to_pylist()
-    except (ValueError, OSError) as e:  # a malformed table: the reader names the row or column
-        raise ConfigError(f"key 'grpo.tasks': {e}") from None
+    rows = task_set_rows(g.tasks, seed=cfg.seed, key="grpo.tasks")
     train = [r for r in rows if r["split"] == "train"]
     heldout = [r for r in rows if r["split"] != "train"][: g.heldout_size]
     if not train:
         raise ConfigError(f"key 'grpo.tasks': {g.tasks} has no train-split tasks")
+    names = [s.name for s in reward_config(cfg).rewards]
+    if any(r["kind"] == "code" for r in train) and "code_tests" not in names and not any(n.rpartition(":")[0].endswith(".py") for n in names):
+        # the weighted reward would never look at whether a program works
+        raise ConfigError(f"key 'rewards.rewards': {g.tasks} holds code tasks but the rewards ({', '.join(names)}) do not run "
+                          f"programs; add {{name: code_tests}} (configs/rewards_example.yaml)")
     return train, heldout
 
 

