@@ -28,6 +28,10 @@ class DataConfig:
     reasoning_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3  # share of corpus solutions worked step by step inside <think>
     digits: Annotated[int, Field(ge=1, le=12)] = 3  # operand size (difficulty)
     families: list[Literal["add", "sub", "chain", "word"]] = dataclasses.field(default_factory=lambda: ["add"])  # arithmetic task families in the corpus and the generators
+    # per-family share of worked solutions, overriding reasoning_fraction (families above, and "code"):
+    # a skill learned on one family and rarely shown on another is what GRPO can carry over (configs/demo.yaml)
+    reasoning_by_family: dict[Literal["add", "sub", "chain", "word", "code"], Annotated[float, Field(ge=0, le=1)]] = dataclasses.field(default_factory=dict)
+    task_families: list[Literal["add", "sub", "chain", "word"]] = dataclasses.field(default_factory=list)  # families of the GRPO and held-out arithmetic tasks (empty: `families`)
     heldout_percent: Annotated[int, Field(ge=0, le=50)] = 10  # prompts hashed into the held-out split
     # other sources
     code_docs: NonNeg = 0  # synthetic programming-task documents (prompt + solution)

@@ -47,7 +47,8 @@ def math_documents(cfg: DataConfig) -> list[str]:
     for p in problems(cfg.math_docs * 2, cfg.seed, families=tuple(cfg.families), digits=cfg.digits):
         if is_heldout(p.prompt, cfg.heldout_percent):
             continue
-        reasoning = " " + p.reasoning if rng.random() < cfg.reasoning_fraction else ""
+        share = cfg.reasoning_by_family.get(p.family, cfg.reasoning_fraction)
+        reasoning = " " + p.reasoning if rng.random() < share else ""
         docs.append(render_prompt(p.prompt, cfg.template) + render_completion(reasoning, p.answer, cfg.template))
         if len(docs) == cfg.math_docs:
             break
@@ -63,7 +64,7 @@ def code_documents(cfg: DataConfig) -> list[str]:
     for p in code_problems(cfg.code_docs * 2, cfg.seed, digits=cfg.digits):
         if is_heldout(p.prompt, cfg.heldout_percent):
             continue
-        reasoning = " " + p.reasoning if rng.random() < cfg.reasoning_fraction else ""
+        reasoning = " " + p.reasoning if rng.random() < cfg.reasoning_by_family.get("code", cfg.reasoning_fraction) else ""
         docs.append(render_prompt(p.prompt, cfg.template) + render_completion(reasoning, p.program, cfg.template))
         if len(docs) == cfg.code_docs:
             break

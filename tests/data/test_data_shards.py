@@ -50,6 +50,21 @@ def test_corpus_never_contains_heldout_prompts(tmp_path):
     assert 0.2 < share < 0.4  # reasoning_fraction 0.3
 
 
+def test_reasoning_share_per_family():
+    """data.reasoning_by_family: word problems worked, bare sums answered directly, one corpus (the demo's)."""
+    from data.prepare import math_documents
+
+    docs = math_documents(small_cfg(families=["add", "word"], reasoning_by_family={"add": 0.0, "word": 1.0}))
+    word = [d for d in docs if " has " in d.split("\n")[0]]
+    add = [d for d in docs if d not in word]
+    assert len(word) > 200 and len(add) > 200
+    assert all(" c0" in d or " c1" in d for d in word)
+    assert not any(" c0" in d or " c1" in d for d in add)
+    # a family without its own share keeps reasoning_fraction
+    mixed = math_documents(small_cfg(families=["add", "word"], reasoning_fraction=0.0, reasoning_by_family={"word": 1.0}))
+    assert mixed == docs
+
+
 def test_user_file_errors_name_file_and_row(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok\xff\xfe")
