@@ -9,6 +9,8 @@ Two paths:
 - inference with a `LatentCache`: cache only c_kv and the rotated RoPE key
   (kv_lora_rank + qk_rope_head_dim values per token per layer) and absorb wkv_b into the query
   (keys) and the output (values), so the cache is never expanded.
+With `exact` set (Transformer.set_exact, `rollout.exact`), both run the absorbed form with the
+batch-invariant primitives of model/exact.py, so that decoding and training agree bit for bit.
 
 Shapes: B batch, T new tokens, S cached positions, H heads, C kv_lora_rank, R rope dim.
 Test: `pytest tests/model/test_model_attention.py tests/model/test_model_generate.py tests/model/test_model_hf.py`.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import exact as bi
 from model.args import ModelArgs
 from model.norm import RMSNorm
 from model.rope import apply_rotary_emb, yarn_softmax_scale
@@ -50,6 +53,8 @@ class LatentCache:
 
 
 class MLA(nn.Module):
+    exact = False  # batch-invariant mode (Transformer.set_exact)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.pad_v = args.attn_pad_v
@@ -78,6 +83,8 @@ class MLA(nn.Module):
         start_pos: int = 0,
         mask_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.exact:
+            return self._forward_exact(x_BTD, freqs_BTr, cache, start_pos, mask_BTS)
         B, T, _ = x_BTD.shape
         q = self.wq_b(self.q_norm(self.wq_a(x_BTD))) if hasattr(self, "wq_a") else self.wq(x_BTD)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
@@ -132,3 +139,38 @@ class MLA(nn.Module):
         o_lat = torch.bmm(p.view(B, T * H, -1), kv)  # (B, T*H, C)
         o = torch.matmul(o_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
         return o.transpose(0, 1).view(B, T, H, self.v_dim)
+
+    def _forward_exact(self, x_BTD, freqs_BTr, cache, start_pos, mask_BTS):
+        """The absorbed form for cached decoding and whole sequences alike, from batch-invariant
+        pieces (model/exact.py). Reads the weights directly: not for ZeRO-3 partitioned modules."""
+        B, T, _ = x_BTD.shape
+        H, C = self.n_heads, self.kv_rank
+        if hasattr(self, "wq_a"):
+            q = bi.linear(self.q_norm(bi.linear(x_BTD, self.wq_a.weight)), self.wq_b.weight)
+        else:
+            q = bi.linear(x_BTD, self.wq.weight)
+        q_nope, q_pe = q.view(B, T, H, -1).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs_BTr)
+        c_kv, k_pe = bi.linear(x_BTD, self.wkv_a.weight).split([C, self.rope], dim=-1)
+        kv_BSL = torch.cat([self.kv_norm(c_kv), apply_rotary_emb(k_pe, freqs_BTr)], dim=-1)
+        if cache is not None:
+            end = start_pos + T
+            cache.buf_BSL[:, start_pos:end] = kv_BSL.to(cache.buf_BSL.dtype)
+            kv_BSL = cache.buf_BSL[:, :end]
+        elif mask_BTS is None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
+            mask_BTS = causal.unsqueeze(0).expand(B, T, T)
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, C)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, C), (H, v, C)
+        q_lat = torch.stack([bi.linear(q_nope[:, :, h], w_uk[h].t()) for h in range(H)], dim=2)  # (B, T, H, C)
+        q_BTHL = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1)
+        S = kv_BSL.shape[1]
+        scores = torch.stack([bi.linear(q_BTHL[b].reshape(T * H, -1), kv_BSL[b]) for b in range(B)])  # one GEMM per row
+        scores = scores.view(B, T, H, S).float() * self.softmax_scale
+        if mask_BTS is not None:
+            scores = scores.masked_fill(~mask_BTS.unsqueeze(2), float("-inf"))
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        p = (e / bi.seq_sum(e, dim=-1, keepdim=True)).to(kv_BSL.dtype)
+        o_lat = bi.weighted_sum(p, kv_BSL[..., :C])  # (B, T, H, C)
+        o = torch.stack([bi.linear(o_lat[:, :, h], w_uv[h]) for h in range(H)], dim=2)  # (B, T, H, v)
+        return bi.linear(o.flatten(2), self.wo.weight)

@@ -12,10 +12,17 @@ rollouts stop at very different lengths), so the remaining steps cost only what 
 need. Greedy outputs are the same whatever the fraction; sampled ones are not (a draw depends on
 the batch it is made from).
 
+`sample(...)` returns the same tokens with what RL needs from the sampler (issue 20): per generated
+token the log-probability under the distribution it was drawn from (after temperature and top-p;
+greedy rows get the untempered policy's), and per main-model MoE layer the experts each input
+position was routed to ([L, prompt + completion - 1, K], uint8, or int16 above 256 experts).
+
 Test: `pytest tests/model/test_model_generate.py`; benchmark: `python benchmarks/model_generate.py`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -36,6 +43,29 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sampled_logprob(logits_BV: torch.Tensor, tokens_B: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
+    """log-prob of `tokens` under the distribution `sample_next` draws from: softmax(logits / T),
+    renormalised over the top-p nucleus; temperature 0 (greedy) gives the untempered policy's. [B] fp32."""
+    t = temperature if temperature > 0 else 1.0
+    logp_BV = torch.log_softmax(logits_BV.float() / t, dim=-1)
+    logp_B = logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
+    if top_p < 1.0 and temperature > 0:
+        probs = torch.softmax(logits_BV.float() / temperature, dim=-1)  # as sample_next
+        sorted_p = probs.sort(dim=-1, descending=True).values
+        kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0).sum(-1)
+        logp_B = logp_B - kept.log()
+    return logp_B
+
+
+@dataclasses.dataclass
+class Generation:
+    """`sample`'s output, one entry per prompt."""
+
+    tokens: list[list[int]]  # new tokens
+    logprobs: list[torch.Tensor]  # [len(tokens)] fp32: log-prob of each under the sampling distribution
+    experts: list[torch.Tensor] | None  # [L, len(prompt) + len(tokens) - 1, K]: routed experts per input position (None: no MoE)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -49,9 +79,29 @@ def generate(
     pad_id: int = 0,
     compact_fraction: float = 0.25,
 ) -> list[list[int]]:
-    """New tokens of each prompt. compact_fraction: finished rows leave the batch once they are
-    this fraction of it (0: as soon as one finishes, 1: never). At 0.25 the copy of the caches is
-    paid back within a few steps; benchmarks/model_generate.py --rollout times it against 1."""
+    """New tokens of each prompt (`sample` without the routed experts: see there)."""
+    return sample(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
+                  seed=seed, pad_id=pad_id, compact_fraction=compact_fraction, record_experts=False).tokens
+
+
+@torch.no_grad()
+def sample(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_token_ids: list[int] | tuple[int, ...] = (),
+    seed: int | None = None,
+    pad_id: int = 0,
+    compact_fraction: float = 0.25,
+    record_experts: bool = True,
+) -> Generation:
+    """New tokens of each prompt, their sampling log-probs and (with record_experts) routed experts.
+    compact_fraction: finished rows leave the batch once they are this fraction of it (0: as soon
+    as one finishes, 1: never). At 0.25 the copy of the caches is paid back within a few steps;
+    benchmarks/model_generate.py --rollout times it against 1."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and no empty prompt")
     if not 0 <= compact_fraction <= 1:
@@ -78,16 +128,25 @@ def generate(
     lengths = torch.full((B,), max_new_tokens, device=device)
     rows = torch.arange(B, device=device)  # the original rows still in the batch, in batch order
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per row of the batch
+    logp_out = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    moe = model.main_moe_layers() if record_experts else []
+    K = model.args.n_activated_experts
+    # experts per cache slot: (L, B, slot, K); a small dtype, they travel with the rollout
+    experts_LBSK = torch.zeros(len(moe), B, total, K, dtype=torch.uint8 if model.args.n_routed_experts <= 256 else torch.int16,
+                               device=device) if moe else None
 
     # prefill: causal within the prompt, padded slots masked
     causal = slots[:max_prompt].unsqueeze(0) <= slots[:max_prompt].unsqueeze(1)  # (T, S)
     mask = causal.unsqueeze(0) & valid_BS[:, None, :max_prompt]
     mask = mask | torch.eye(max_prompt, dtype=torch.bool, device=device).unsqueeze(0)  # pad rows attend to themselves
     logits = model(tokens, start_pos=0, caches=caches, positions_BT=positions_BS[:, :max_prompt], mask_BTS=mask)[:, -1]
+    if moe:
+        experts_LBSK[:, :, :max_prompt] = model.routed_experts().view(len(moe), B, max_prompt, K).to(experts_LBSK.dtype)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[rows, i] = nxt
+        logp_out[rows, i] = sampled_logprob(logits, nxt, temperature=temperature, top_p=top_p)
         hit = torch.isin(nxt, stop) & ~done
         lengths[rows[hit]] = i + 1
         done |= hit
@@ -105,5 +164,12 @@ def generate(
         pos = max_prompt + i
         step_mask = valid_BS[:, None, : pos + 1]
         logits = model(nxt.unsqueeze(1), start_pos=pos, caches=caches, positions_BT=positions_BS[:, pos : pos + 1], mask_BTS=step_mask)[:, -1]
+        if moe:
+            experts_LBSK[:, rows, pos] = model.routed_experts().to(experts_LBSK.dtype)
     model.train(was_training)
-    return [out[b, : int(lengths[b])].tolist() for b in range(B)]
+    n = [int(x) for x in lengths]
+    pads = [max_prompt - len(p) for p in prompts]
+    return Generation(
+        tokens=[out[b, : n[b]].tolist() for b in range(B)],
+        logprobs=[logp_out[b, : n[b]].cpu() for b in range(B)],
+        experts=[experts_LBSK[:, b, pads[b] : max_prompt + n[b] - 1].cpu() for b in range(B)] if moe else None)

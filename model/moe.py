@@ -14,6 +14,12 @@ on CPU (decoding) each (token, expert) pair's weights are gathered instead and r
 matmuls (Experts._forward_pairs, up to ModelArgs.moe_pair_path_bytes), which avoids the fixed cost
 of the sort.
 
+Router replay (issue 20, `grpo.router_replay`): `MoE.replay_idx_NK`, when set, is the expert choice
+of every token (the sampler's); the gate weights still come from this layer's own affinities s,
+so gradients reach the router. `MoE.routed_idx_NK` keeps the choice of the last forward, for the
+sampler/learner routing comparison. With `exact` set (Transformer.set_exact) the gate and the
+experts use the batch-invariant primitives of model/exact.py.
+
 Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
 Test: `pytest tests/model/test_model_moe.py`.
 """
@@ -26,11 +32,14 @@ from torch import nn
 
 from sputnik_kernels import swiglu
 from sputnik_kernels.moe import grouped_mm, permute, routing_metadata, unpermute
+from model import exact as bi
 from model.args import ModelArgs
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers and the shared experts."""
+
+    exact = False  # batch-invariant mode (Transformer.set_exact)
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -39,10 +48,14 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return bi.linear(bi.silu(bi.linear(x, self.w1.weight)) * bi.linear(x, self.w3.weight), self.w2.weight)
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class Gate(nn.Module):
+    exact = False  # batch-invariant mode (Transformer.set_exact)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
@@ -51,11 +64,19 @@ class Gate(nn.Module):
         # Balancing bias: a buffer, changed only by `update_bias`, never by gradients.
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (weights [N, K], expert indices [N, K], unbiased affinities s [N, E]), router in fp32."""
+    def forward(self, x_ND: torch.Tensor, replay_NK: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (weights [N, K], expert indices [N, K], unbiased affinities s [N, E]), router in fp32.
+        `replay_NK`: use these experts instead of choosing (router replay); weights from s as usual."""
         with torch.autocast(x_ND.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
-            logits = F.linear(x_ND.float(), self.weight.float())
-        s = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+            logits = (bi.linear if self.exact else F.linear)(x_ND.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            s = bi.sigmoid(logits) if self.exact else logits.sigmoid()
+        else:
+            s = logits.softmax(dim=-1)
+        if replay_NK is not None:
+            assert replay_NK.shape == (x_ND.size(0), self.topk), (tuple(replay_NK.shape), x_ND.size(0), self.topk)
+            idx_NK = replay_NK.to(device=s.device, dtype=torch.long)
+            return self._weights(s, idx_NK), idx_NK, s
         biased = s + self.bias
         if self.n_groups > 1:
             g = biased.view(x_ND.size(0), self.n_groups, -1)
@@ -64,10 +85,13 @@ class Gate(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             biased = g.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
         idx_NK = biased.topk(self.topk, dim=-1).indices
-        w_NK = s.gather(1, idx_NK)
+        return self._weights(s, idx_NK), idx_NK, s
+
+    def _weights(self, s_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        w_NK = s_NE.gather(1, idx_NK)
         if self.norm_topk:
             w_NK = w_NK / (w_NK.sum(-1, keepdim=True) + 1e-20)
-        return w_NK * self.route_scale, idx_NK, s
+        return w_NK * self.route_scale
 
 
 class Experts(nn.Module):
@@ -125,6 +149,8 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    exact = False  # batch-invariant mode (Transformer.set_exact)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_experts, self.topk = args.n_routed_experts, args.n_activated_experts
@@ -138,11 +164,14 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         # Expert parallelism swaps this for an all-to-all version (model/parallel.py).
         self.routed = self._routed_local
+        self.replay_idx_NK: torch.Tensor | None = None  # router replay: the experts to use (Transformer.routing_replay)
+        self.routed_idx_NK: torch.Tensor | None = None  # the experts the last forward used
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x = x_BTD.reshape(-1, D)
-        w_NK, idx_NK, s_NE = self.gate(x)
+        w_NK, idx_NK, s_NE = self.gate(x, self.replay_idx_NK)
+        self.routed_idx_NK = idx_NK.detach()
         if self.training:
             with torch.no_grad():
                 self.load += torch.bincount(idx_NK.flatten(), minlength=self.n_experts).to(self.load.dtype)
@@ -153,6 +182,8 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def _routed_local(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return self._routed_exact(x_ND, w_NK, idx_NK)
         if x_ND.device.type == "cpu" and idx_NK.numel() * self.experts.pair_bytes() <= self.pair_path_bytes:
             # A few tokens with small experts (decoding): gathering each pair's weights beats the
             # fixed cost of sorting and a GEMM call per expert (~0.2 ms on CPU). The copies grow
@@ -161,6 +192,21 @@ class MoE(nn.Module):
         meta = routing_metadata(idx_NK, self.n_experts)
         y_PD = self.experts(permute(x_ND, meta), meta.offsets_E)  # P = N*K rows, sorted by expert
         return unpermute(y_PD, meta, w_NK)
+
+    def _routed_exact(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Batch-invariant dispatch: each expert's rows through model/exact.py's linear, the K
+        outputs added in rank order. Reads the weights directly: not for ZeRO-3 partitioned modules."""
+        ex = self.experts
+        y = x_ND.new_zeros(x_ND.shape)
+        for k in range(idx_NK.size(1)):
+            y_k = x_ND.new_zeros(x_ND.shape)
+            for e in idx_NK[:, k].unique().tolist():
+                rows = (idx_NK[:, k] == e).nonzero().squeeze(1)
+                x_e = x_ND[rows]
+                h = bi.silu(bi.linear(x_e, ex.w1[e].t())) * bi.linear(x_e, ex.w3[e].t())
+                y_k = y_k.index_copy(0, rows, bi.linear(h, ex.w2[e].t()))
+            y = y + w_NK[:, k : k + 1] * y_k
+        return y
 
     def _seq_aux_loss(self, s_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over sequences."""

@@ -8,17 +8,25 @@ ahead and predicts the token after it, sharing the embedding and the output head
 Every MoE layer, the MTP modules' included, takes part in the auxiliary-loss-free balancing
 (`expert_loads` / `update_expert_bias`, one row per layer of `moe_layers()`).
 
-Shapes: B batch, T positions, D dim, V vocab.
+Issue 20 (sampler/learner agreement): `set_exact(True)` switches every layer to the batch-invariant
+primitives of model/exact.py (decoding and training then agree bit for bit on CPU fp32);
+`routed_experts()` reads the expert choice of the last forward and `routing_replay(idx)` imposes
+one (router replay), on the main model's MoE layers.
+
+Shapes: B batch, T positions, D dim, V vocab, L main-model MoE layers, K activated experts.
 Test: `pytest tests/model/test_model_train.py tests/model/test_model_args.py`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sputnik_kernels import fused_linear_cross_entropy, fused_linear_logprobs
+from model import exact as bi
 from model.args import ModelArgs
 from model.attention import MLA, LatentCache
 from model.moe import MLP, MoE
@@ -29,9 +37,18 @@ from model.rope import precompute_freqs_cis
 class OutputHead(nn.Linear):
     """The output projection. Given targets it returns the cross-entropy or the targets'
     log-probabilities from `kernels` without materialising [tokens, vocab] logits; working inside
-    forward() keeps ZeRO-3's parameter gathering hooks in charge of the weight."""
+    forward() keeps ZeRO-3's parameter gathering hooks in charge of the weight. In exact mode the
+    logits come from the batch-invariant linear and the log-probs from log_softmax over them, as
+    the sampler computes them."""
+
+    exact = False  # batch-invariant mode (Transformer.set_exact)
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, *, mode: str = "logits", ignore_index: int = -100):
+        if self.exact and mode != "ce":
+            logits = bi.linear(h, self.weight)
+            if targets is None:
+                return logits
+            return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         if targets is None:
             return super().forward(h)
         h2 = h.reshape(-1, h.size(-1))
@@ -160,6 +177,43 @@ class Transformer(nn.Module):
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets[b, t] | tokens[b, :t+1]) under the main head: [B, T] (float32)."""
         return self.head(self.norm(self.hidden(tokens)), targets, mode="logprobs")
+
+    # --- sampler/learner agreement (issue 20) --------------------------------------------------
+
+    def set_exact(self, exact: bool = True) -> "Transformer":
+        """Batch-invariant mode on every layer (model/exact.py); reads weights directly, so not
+        for ZeRO-3 partitioned parameters."""
+        from model.attention import MLA
+        from model.moe import Gate
+
+        for m in self.modules():
+            if isinstance(m, (MLA, MoE, MLP, Gate, OutputHead)):
+                m.exact = exact
+        return self
+
+    def main_moe_layers(self) -> list[MoE]:
+        """The main model's MoE layers in depth order (the ones decoding and log-probs run)."""
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def routed_experts(self) -> torch.Tensor:
+        """Expert ids each main-model MoE layer chose in the last forward: [L, B*T, K] (long)."""
+        layers = self.main_moe_layers()
+        if not layers:
+            return torch.zeros(0, 0, self.args.n_activated_experts, dtype=torch.long)
+        return torch.stack([m.routed_idx_NK for m in layers])
+
+    @contextlib.contextmanager
+    def routing_replay(self, idx_LBTK: torch.Tensor | None):
+        """Inside, each main-model MoE layer l routes token (b, t) to idx[l, b, t] (router replay);
+        None replays nothing."""
+        layers = self.main_moe_layers() if idx_LBTK is not None else []
+        for m, idx in zip(layers, idx_LBTK if idx_LBTK is not None else []):
+            m.replay_idx_NK = idx.reshape(-1, idx.shape[-1])
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.replay_idx_NK = None
 
     # --- load balancing ------------------------------------------------------------------------
 

@@ -115,6 +115,9 @@ class RolloutConfig:
     max_new_tokens: PositiveInt = 128  # generation budget per completion
     temperature: NonNegFloat = 1.0  # sampling temperature (0: greedy)
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
+    # batch-invariant decoding and log-probs (model/exact.py): sampler and learner log-probs agree bit for
+    # bit on CPU fp32 with the same weights; ~2x slower decoding, ~5x slower learner passes (tiny, CPU); not with grpo.zero_stage=3
+    exact: bool = False
 
 
 @dataclasses.dataclass
@@ -151,6 +154,14 @@ class GRPOConfig:
     max_refill_rounds: NonNegInt = 2  # refills per step with dynamic sampling
     overlong: Literal["none", "filter", "penalty"] = "none"  # truncated completions: kept, left out of the loss (filter) or penalised (DAPO soft penalty)
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
+    # async: samplers run up to max_lag policy versions ahead of the learners (1 = one step off policy)
+    max_lag: PositiveInt = 1
+    # correction for the gap between the sampler's (behaviour) and the learner's log-probs, ratio =
+    # exp(learner - sampler) per token (issue 20): none; tis = weight each token's surrogate by
+    # min(ratio, is_cap); mis = drop tokens whose ratio leaves [1/is_cap, is_cap] from the surrogate
+    importance: Literal["none", "tis", "mis"] = "none"
+    is_cap: Annotated[float, Field(gt=1)] = 2.0  # the cap of tis, the band of mis
+    router_replay: bool = False  # the learner's MoE layers route rollout tokens to the sampler's experts (gate weights its own)
     # how new weights reach the samplers: one object in the object store that each sampler fetches,
     # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
     # auto = collective when the learners have GPUs (orchestrator/grpo/weight_sync.py)

@@ -108,6 +108,12 @@ def write_grpo_report(run_dir: Path) -> Path:
                   f"{a['rollout/response_length/mean']:.1f} -> {b['rollout/response_length/mean']:.1f} tokens.",
                   f"- time: {sum(r.get('timing/step', 0) for r in steps):.0f} s in steps; " + ", ".join(
                       f"{k} {v:.0f} s" for k, v in grpo_time_parts([recs]).items()) + "."]
+        meter = [r for r in steps if "mismatch/logprob_abs_mean" in r]
+        if meter:  # issue 20: the sampler/learner gap, over the steps
+            lines.append(f"- sampler/learner mismatch: mean |delta log-prob| {sum(r['mismatch/logprob_abs_mean'] for r in meter) / len(meter):.2e}, "
+                         f"max {max(r['mismatch/logprob_abs_max'] for r in meter):.2e}, k3 KL {sum(r['mismatch/kl'] for r in meter) / len(meter):.2e}, "
+                         f"tokens routed differently {sum(r.get('mismatch/routing_frac', 0.0) for r in meter) / len(meter):.2%} "
+                         f"(mean over {len(meter)} steps).")
     lines += ["", "## Plots", "", *p.markdown(), ""]
     held = read_jsonl(run_dir / "heldout.jsonl")
     if held:

@@ -7,8 +7,11 @@ sampling, groups whose rewards are all equal are refilled from the train split; 
 (weight_sync.py); metrics, held-out evaluation (orchestrator/evaluate.py), checkpoints
 (checkpoint.py). The driver handles ObjectRefs and small typed records, never token tensors.
 
-`grpo.mode=sync` samples step k with the weights after step k-1; `async` (one step off policy)
-samples step k+1 while the learners train on step k, and records the version lag.
+`grpo.mode=sync` samples step k with the weights after step k-1; `async` samples ahead while the
+learners train: steps up to k + `grpo.max_lag` are in flight while step k trains (max_lag 1: one step
+off policy), so a sample is at most max_lag policy versions old; the lag per sample is recorded
+(rollout/version_lag, rollout/version_lag_max) and `grpo.importance` corrects against the
+sampler's behaviour log-probs, which include the lag.
 
 Test: `pytest tests/orchestrator/test_orch_grpo.py`; benchmark: `python benchmarks/grpo_modes.py`.
 """
@@ -18,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
-from orchestrator.config import RunConfig
+from orchestrator.config import ConfigError, RunConfig
 from orchestrator.grpo import checkpoint
 from orchestrator.grpo.inputs import TaskStream, load_tasks, reward_config, resolve_init
 from orchestrator.grpo.rollout import Rollouts, ScoredChunk, records_of
@@ -49,6 +53,10 @@ class Driver:
         from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
 
         self.cfg, self.run_dir, self.tracker, self.ray = cfg, Path(run_dir), tracker, ray
+        if cfg.rollout.exact and cfg.grpo.zero_stage == 3:
+            raise ConfigError("key 'rollout.exact' needs whole weights on every learner: set grpo.zero_stage to 0, 1 or 2")
+        if cfg.grpo.max_lag > 1 and cfg.grpo.mode != "async":
+            raise ConfigError(f"key 'grpo.max_lag' ({cfg.grpo.max_lag}) applies to grpo.mode=async only: set grpo.mode=async or max_lag 1")
         self.hf_dir, self.tok_path = resolve_init(cfg)
         self.tok = load_tokenizer(self.tok_path)
         self.train_rows, self.heldout_rows = load_tasks(cfg)
@@ -79,7 +87,7 @@ class Driver:
         Learner = ray.remote(PolicyLearner)
         self.learners = [Learner.options(**opts("learner", i)).remote(
             str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
-            seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens) for i in range(g.learners)]
+            seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens, exact=cfg.rollout.exact) for i in range(g.learners)]
         self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g)
 
     @property
@@ -145,7 +153,8 @@ class Driver:
         t_learn = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.weights.sync(self.version + 1)
-        m0 = {f"train/{k}": v for k, v in metrics[0].items() if k not in ("samples", "learn_seconds")}
+        # learner rank 0's metrics; those named with a namespace (mismatch/, is/) keep it
+        m0 = {k if "/" in k else f"train/{k}": v for k, v in metrics[0].items() if k not in ("samples", "learn_seconds")}
         return {**m0, "timing/learn": t_learn, "timing/sync": time.perf_counter() - t0, **self.weights.metrics()}
 
     # --- evaluation and checkpoints ------------------------------------------------------------
@@ -190,16 +199,19 @@ class Driver:
             print(f"grpo: held-out accuracy before GRPO {before.greedy:.3f} greedy"
                   + (f", pass@1 {before.sampled:.3f} sampled" if before.sampled is not None else ""), flush=True)
         after, line = None, ProgressLine("grpo", start, g.steps)
-        pending = self.sample_step(start + 1) if start < last else None
+        pending = deque([self.sample_step(start + 1)] if start < last else [])  # steps sampled, in order
+        launched = start + len(pending)  # the last step whose sampling was submitted
         for step in range(start + 1, last + 1):
             t_step = time.perf_counter()
-            batch = self.collect(pending, step)
-            if g.mode == "async" and step < last:
-                pending = self.sample_step(step + 1)  # samples with the weights before this update
+            batch = self.collect(pending.popleft(), step)
+            while g.mode == "async" and launched < min(last, step + g.max_lag):
+                launched += 1
+                pending.append(self.sample_step(launched))  # samples with the weights before this update
             adv, adv_m = self.advantages(batch.records)
             learn = self.learn(batch, adv, step)
             if g.mode == "sync" and step < last:
-                pending = self.sample_step(step + 1)
+                launched = step + 1
+                pending.append(self.sample_step(launched))
             metrics = step_metrics(batch, adv, {**adv_m, **learn}, self.rewards, version=self.version,
                                    seconds=time.perf_counter() - t_step)
             evaluated = step % g.eval_every == 0 or step == g.steps

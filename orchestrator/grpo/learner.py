@@ -8,6 +8,17 @@ then runs `grpo.epochs` passes of minibatch updates of `rl.grpo.grpo_loss`. Mini
 global: every rank takes the same number of optimizer steps, and the loss is rescaled so that the
 DeepSpeed gradient average over ranks is the update of the whole minibatch.
 
+Sampler/learner agreement (issue 20): the chunks carry the sampler's behaviour log-probs and routed
+experts. In the no-grad pass the learner measures its own against them on the samples of its
+current policy version (`mismatch/*`: |delta log-prob| mean and max, the k3 KL, the fraction of
+tokens routed to a different expert set, per layer; `mismatch/lagged/*` for samples of older
+versions, where the gap includes the policy change); `grpo.importance` turns the ratio into
+per-token weights of the surrogate (rl.grpo.importance_weights), and `grpo.router_replay` routes
+every rollout token to the sampler's experts in both passes. With `exact` (rollout.exact) the
+policy runs in the batch-invariant mode, so that its log-probs equal the sampler's bit for bit.
+The comparison is at the sampling temperature; with rollout.top_p < 1 the sampler's log-probs are
+of the truncated distribution it drew from, so the meter and the ratio include the truncation.
+
 Test: `pytest tests/orchestrator/test_orch_grpo.py tests/orchestrator/test_orch_learner.py`.
 """
 
@@ -30,6 +41,21 @@ class _LogProbs(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @torch.no_grad()
+    def measure(self, tokens: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+        """(log p(targets), entropy, log p(targets) at the sampling temperature) [B, T] each, one
+        trunk pass; the first two exactly as forward(entropy=True) gives them."""
+        m = self.model
+        h_BTD = m.norm(m.hidden(tokens))
+        logp_BT = m.head(h_BTD, targets, mode="logprobs")
+        logits_BTV = m.head(h_BTD).float()
+        logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
+        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+        if temperature in (0.0, 1.0):  # greedy rows carry the untempered policy's log-probs
+            return logp_BT, entropy_BT, logp_BT
+        logp_t = torch.log_softmax(logits_BTV / temperature, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return logp_BT, entropy_BT, logp_t
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
         if not entropy:
@@ -67,6 +93,78 @@ def kept_samples(advantages: list[float | None], chunks: tuple[RolloutChunk, ...
             completions.append(c)
             adv.append(a)
     return prompts, completions, adv
+
+
+def kept_behaviour(advantages: list[float | None], chunks: tuple[RolloutChunk, ...]) -> dict:
+    """What the samplers recorded for the samples `kept_samples` keeps, in the same order:
+    {"logprobs": [len(c)] each or None, "experts": [L, len(p)+len(c)-1, K] each or None,
+    "versions": policy version per sample, "temperature"}. None where a chunk carries none."""
+    logprobs, experts, versions, temps = [], [], [], set()
+    for ch in chunks:
+        temps.add(ch.temperature)
+        for i, c in enumerate(ch.completion_ids):
+            logprobs.append(ch.logprobs[i] if ch.logprobs is not None else None)
+            experts.append(ch.experts[i] if ch.experts is not None else None)
+            versions.append(ch.versions[i])
+    keep = [i for i, (a, ids) in enumerate(zip(advantages, [c for ch in chunks for c in ch.completion_ids])) if a is not None and ids]
+    assert len(temps) <= 1, f"one step's chunks were sampled at different temperatures {temps}"
+    lp, ex = [logprobs[i] for i in keep], [experts[i] for i in keep]
+    return {"logprobs": lp if lp and all(x is not None for x in lp) else None,
+            "experts": ex if ex and all(x is not None for x in ex) else None,
+            "versions": [versions[i] for i in keep], "temperature": temps.pop() if temps else 1.0}
+
+
+def _behaviour_rows(prompts: list[list[int]], logprobs: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Sampler log-probs placed at their targets' positions in the pack_batch layout: [B, width]."""
+    out = torch.zeros(len(prompts), width)
+    for b, (p, lp) in enumerate(zip(prompts, logprobs)):
+        out[b, len(p) - 1 : len(p) - 1 + len(lp)] = lp.float()
+    return out
+
+
+def _expert_rows(experts: list[torch.Tensor], width: int, k: int) -> torch.Tensor:
+    """Sampler expert ids per input position, right-padded to the pack_batch layout: [B, L, width, K]
+    (padding routes to experts 0..K-1: those positions come after every target that counts)."""
+    L = experts[0].shape[0]
+    out = torch.arange(k).expand(len(experts), L, width, k).clone()
+    for b, e in enumerate(experts):
+        out[b, :, : e.shape[1]] = e.long()
+    return out
+
+
+def _replay(mb: dict) -> torch.Tensor | None:
+    """A (mini)batch's sampler experts as [L, B, T, K] for Transformer.routing_replay (None: no replay)."""
+    return mb["replay"].transpose(0, 1) if "replay" in mb else None
+
+
+def behaviour_terms(cfg, learner_logp: torch.Tensor, routed_LBTK: torch.Tensor, mask: torch.Tensor, prompts: list[list[int]],
+                    beh: dict, lag: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """(metrics, importance weights [B, T] or None) of the learner's samples against the sampler's
+    behaviour (`beh`: kept_behaviour of these samples; `lag` [B]: policy versions between them).
+    The mismatch meter (`mismatch/*`) reads the samples of the learner's own version, `mismatch/lagged/*`
+    the older ones (the driver records the lag per sample: rollout/version_lag*); `learner_logp` is
+    at the sampling temperature, as the sampler's."""
+    from rl.grpo import behaviour_mismatch, importance_weights, routing_mismatch
+
+    if beh["logprobs"] is None:
+        if cfg.importance != "none":
+            raise ValueError("grpo.importance needs the samplers' log-probs, and these rollout chunks carry none")
+        return {}, None
+    width = mask.shape[1]
+    sampler_logp = _behaviour_rows(prompts, beh["logprobs"], width)
+    out: dict = {}
+    same = (lag == 0).unsqueeze(1).to(mask.dtype)
+    for prefix, m in (("mismatch/", mask * same), ("mismatch/lagged/", mask * (1 - same))):
+        if not m.any():
+            continue
+        out.update({prefix + k: v for k, v in behaviour_mismatch(learner_logp, sampler_logp, m).items()})
+        if beh["experts"] is not None and routed_LBTK.numel():
+            sampler_LBTK = _expert_rows(beh["experts"], width, routed_LBTK.shape[-1]).transpose(0, 1)
+            out.update({prefix + k: v for k, v in routing_mismatch(routed_LBTK, sampler_LBTK, m).items()})
+    if cfg.importance == "none":
+        return out, None
+    is_w, is_m = importance_weights(learner_logp, sampler_logp, mask, mode=cfg.importance, cap=cfg.is_cap)
+    return {**out, **is_m}, is_w
 
 
 class ReferenceModel:
@@ -108,7 +206,7 @@ class PolicyLearner:
     `grpo.aggregation=constant`)."""
 
     def __init__(self, init_dir: str, grpo_cfg, *, rank: int, world: int, master_addr: str, master_port: int,
-                 pad_id: int, seed: int, max_new_tokens: int, threads: int = 1):
+                 pad_id: int, seed: int, max_new_tokens: int, threads: int = 1, exact: bool = False):
         from orchestrator.ds_config import deepspeed_config, import_deepspeed
 
         torch.set_num_threads(threads)
@@ -120,7 +218,7 @@ class PolicyLearner:
             deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.cfg, self.rank, self.world, self.pad_id, self.max_new_tokens = grpo_cfg, rank, world, pad_id, max_new_tokens
         torch.manual_seed(seed)
-        model = load_policy(init_dir)
+        model = load_policy(init_dir).set_exact(exact)
         self.ref = None
         if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
             self.ref = _LogProbs(load_policy(init_dir).eval().requires_grad_(False))
@@ -196,19 +294,29 @@ class PolicyLearner:
         mine = list(range(self.rank, len(adv), self.world))  # this rank's share, interleaved
         if not mine:
             return {"samples": 0}
-        tokens, targets, mask = pack_batch([prompts[i] for i in mine], [completions[i] for i in mine], self.pad_id)
+        my_prompts = [prompts[i] for i in mine]
+        tokens, targets, mask = pack_batch(my_prompts, [completions[i] for i in mine], self.pad_id)
         batch = {"tokens": tokens, "targets": targets, "mask": mask, "adv": torch.tensor([adv[i] for i in mine], dtype=torch.float32)}
+        beh = {k: ([v[i] for i in mine] if isinstance(v, list) else v) for k, v in kept_behaviour(advantages, chunks).items()}
+        width, model = targets.shape[1], self.engine.module.model
+        if self.cfg.router_replay and beh["experts"] is not None and model.main_moe_layers():
+            batch["replay"] = _expert_rows(beh["experts"], width, model.args.n_activated_experts)
         self.engine.module.eval()  # no dropout anywhere; MoE routing is the same in both modes
-        with torch.no_grad():
-            batch["old"], entropy = self.engine.module(tokens.to(self.device), targets.to(self.device), entropy=True)
+        with torch.no_grad(), model.routing_replay(_replay(batch)):
+            batch["old"], entropy, logp_t = self.engine.module.measure(tokens.to(self.device), targets.to(self.device), beh["temperature"])
+            routed_LBTK = model.routed_experts().view(-1, *targets.shape, model.args.n_activated_experts).cpu()
             m = mask.to(entropy.device)
             entropy_mean = float((entropy * m).sum() / m.sum().clamp(min=1))
             if self.ref is not None:
                 batch["ref"] = self.ref(tokens.to(self.device), targets.to(self.device)).float()
         if reference is not None:
-            batch["ref"] = _stack_rows([reference[i] for i in mine], targets.shape[1])
+            batch["ref"] = _stack_rows([reference[i] for i in mine], width)
+        lag = torch.tensor([self.version - v for v in beh["versions"]], dtype=torch.float32)
+        extra, is_w = behaviour_terms(self.cfg, logp_t.float().cpu(), routed_LBTK, mask, my_prompts, beh, lag)
+        if is_w is not None:
+            batch["is_w"] = is_w
         metrics = self._epochs(batch, n_total=len(adv), step=step)
-        metrics.update({"entropy": entropy_mean, "samples": len(mine), "learn_seconds": time.perf_counter() - t0})
+        metrics.update({"entropy": entropy_mean, "samples": len(mine), "learn_seconds": time.perf_counter() - t0, **extra})
         self.version += 1
         return metrics
 
@@ -241,14 +349,16 @@ class PolicyLearner:
         cfg, dev = self.cfg, self.device
         m = mb["mask"].to(dev)
         entropy = None
-        if cfg.entropy_coef > 0:
-            logp, entropy = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev), entropy=True)
-        else:
-            logp = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev))
+        with self.engine.module.model.routing_replay(_replay(mb)):
+            if cfg.entropy_coef > 0:
+                logp, entropy = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev), entropy=True)
+            else:
+                logp = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev))
         loss, mets = grpo_loss(
             logp.float(), mb["old"].to(dev), mb["ref"].to(dev) if "ref" in mb else None, mb["adv"].to(dev), m,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
-            constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef)
+            constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
+            is_weights=mb["is_w"].to(dev) if "is_w" in mb else None)
         if self.world > 1:
             # DeepSpeed averages gradients over ranks: rescale so that the update is the loss of the
             # whole global minibatch, not a mean of per-rank losses over unequal shares.

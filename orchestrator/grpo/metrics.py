@@ -15,8 +15,9 @@ import numpy as np
 def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, version: int, seconds: float) -> dict[str, Any]:
     """The step's record, in the namespaces users know from TRL and verl: reward/ (total and per
     reward, mean and std; errors and second-opinion disagreements of this step over all workers),
-    rollout/ (accuracy, lengths, truncation, reasoning, version lag, what entered the loss),
-    timing/ (seconds of this step's parts). `extra` holds train/ and weight_sync/ from the learners."""
+    rollout/ (accuracy, lengths, truncation, reasoning, version lag mean and max, what entered the
+    loss), timing/ (seconds of this step's parts). `extra` holds train/, mismatch/ and is/ (the
+    sampler/learner gap and its correction, issue 20) and weight_sync/ from the learners."""
     recs = batch.records
     r = np.array([x.reward for x in recs])
     lengths = np.array([x.length for x in recs])
@@ -37,7 +38,8 @@ def step_metrics(batch, adv: list[float | None], extra: dict, rewards, *, versio
         "rollout/response_length/mean": float(lengths.mean()), "rollout/response_length/max": int(lengths.max()),
         "rollout/truncated_frac": float(np.mean([x.truncated for x in recs])), "rollout/reasoning_frac": float(np.mean([x.reasons for x in recs])),
         "rollout/samples_in_loss": sum(a is not None for a in adv), "rollout/refill_rounds": batch.refill_rounds,
-        "rollout/version_lag": float(np.mean([version - 1 - x.version for x in recs])), "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
+        "rollout/version_lag": float(np.mean([version - 1 - x.version for x in recs])),
+        "rollout/version_lag_max": int(max(version - 1 - x.version for x in recs)), "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
         "timing/generate": float(sum(c.gen_seconds for c in batch.scored)), "timing/score": float(sum(c.seconds for c in batch.scored)),
         "timing/wait_rollouts": batch.wait_s, "timing/step": seconds,
         **extra,

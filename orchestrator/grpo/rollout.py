@@ -4,7 +4,10 @@
   with `model.generate` (MLA latent KV cache). Every `generate` call names the weights it must use
   (an ObjectRef the driver got from the learners, and its version): a sampler that Ray restarted
   after a crash, or one that missed a sync, loads them before sampling, so a retried call samples
-  from the same policy as the original would have.
+  from the same policy as the original would have. With each completion it returns what the
+  learner compares itself against (issue 20): per token the log-prob under the distribution it
+  was sampled from, and per input position the routed experts of every MoE layer; with
+  `rollout.exact` it decodes in the batch-invariant mode (model/exact.py).
 - `RewardWorker` scores one `RolloutChunk` with `rl.evaluator.RewardEvaluator` (bounded thread pool,
   per-sample timeouts, live-reloaded reward files) and returns `rl.rollouts.ScoredRollout` records:
   the driver never sees token ids.
@@ -71,6 +74,13 @@ class RolloutChunk:
     versions: list[int]  # policy version that sampled it
     seconds: float  # generation time
     tokens: int  # completion tokens generated
+    # behaviour (issue 20): log-prob of each completion token under the sampling distribution
+    # ([len(completion)] fp32), routed experts per input position ([L, len(prompt) + len(completion) - 1, K]
+    # uint8/int16), and the sampling settings they hold for; None where a chunk was not sampled here
+    logprobs: list[torch.Tensor] | None = None
+    experts: list[torch.Tensor] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 @dataclasses.dataclass
@@ -85,13 +95,13 @@ class ScoredChunk:
 
 
 class RolloutSampler:
-    def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1):
+    def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1, exact: bool = False):
         from data.tokenizer import load_tokenizer
 
         torch.set_num_threads(threads)
         self.tok = load_tokenizer(tokenizer_path)
         self.template = template
-        self.model = load_policy(init_dir)
+        self.model = load_policy(init_dir).set_exact(exact)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a GPU only to GPU samplers
         self.model.to(self.device).eval()
         self.version = 0
@@ -137,7 +147,7 @@ class RolloutSampler:
         """G completions for each task with the policy at `version`; `weights` is `[ObjectRef]` of
         that state (wrapped in a list so that Ray does not fetch it: only a sampler that does not
         hold `version`, after a restart or a missed sync, reads it from the object store)."""
-        from model.generate import generate
+        from model.generate import sample
 
         if weights is not None and version != self.version:
             import ray
@@ -147,13 +157,15 @@ class RolloutSampler:
         prompts = [self.tok.prompt_ids(t["prompt"], self.template) for t in tasks]  # ours: BOS + template; HF: its chat template
         batch = [p for p in prompts for _ in range(group_size)]
         stops = self.tok.stop_ids
-        outs = generate(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id)
+        gen = sample(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id)
+        outs = gen.tokens
         return RolloutChunk(
             tasks=[tasks[i // group_size] for i in range(len(outs))], groups=[groups[i // group_size] for i in range(len(outs))],
             prompt_ids=batch, completion_ids=outs, completions=[self.tok.decode(ids) for ids in outs],
             truncated=[not ids or ids[-1] not in stops for ids in outs], versions=[self.version] * len(outs),
-            seconds=time.perf_counter() - t0, tokens=sum(len(x) for x in outs))
+            seconds=time.perf_counter() - t0, tokens=sum(len(x) for x in outs), logprobs=gen.logprobs, experts=gen.experts,
+            temperature=temperature, top_p=top_p)
 
 
 class RewardWorker:
@@ -229,7 +241,8 @@ class Rollouts:
         restart = dict(max_restarts=-1, max_task_retries=-1)
         Sampler = ray.remote(**restart)(RolloutSampler)
         Scorer = ray.remote(**restart)(RewardWorker)
-        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(str(hf_dir), str(tok_path), template=template)
+        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(str(hf_dir), str(tok_path), template=template,
+                                                                                   exact=rollout_cfg.exact)
                          for i in range(rollout_cfg.num_samplers)]
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
                         for i in range(num_evaluators)]

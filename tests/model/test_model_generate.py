@@ -94,3 +94,42 @@ def test_latent_cache_size_671b():
     m = Transformer(ModelArgs())
     c = m.new_caches(batch=1, max_len=1)[0]
     assert c.kv_BSC.numel() + c.pe_BSR.numel() == ModelArgs().kv_lora_rank + ModelArgs().qk_rope_head_dim
+
+
+# --- behaviour log-probs and routed experts (issue 20) -----------------------------------------
+
+
+def test_sample_logprobs_are_those_of_the_sampling_distribution(model):
+    """Each token's log-prob is log(softmax(logits / T)[tok] / nucleus mass), the logits from the
+    uncached forward of the sequence so far; the tokens are generate()'s."""
+    from model.generate import generate as gen_tokens, sample
+
+    prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16]]
+    T, top_p = 0.7, 0.9
+    got = sample(model, prompts, max_new_tokens=8, temperature=T, top_p=top_p, seed=3)
+    assert got.tokens == gen_tokens(model, prompts, max_new_tokens=8, temperature=T, top_p=top_p, seed=3)
+    for p, toks, lp in zip(prompts, got.tokens, got.logprobs):
+        seq = torch.tensor([p + toks])
+        with torch.no_grad():
+            logits = model(seq)[0, len(p) - 1 : len(p) - 1 + len(toks)].double()
+        probs = torch.softmax(logits / T, dim=-1)
+        sorted_p = probs.sort(dim=-1, descending=True).values
+        nucleus = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0).sum(-1)
+        want = (probs.gather(1, torch.tensor(toks).unsqueeze(1)).squeeze(1) / nucleus).log()
+        torch.testing.assert_close(lp.double(), want, rtol=0, atol=2e-5)
+
+
+def test_sample_records_the_experts_of_every_input_position(model):
+    """Experts per main-model MoE layer and input position (prompt + completion - 1), as the
+    uncached forward of the whole sequence routes them; uint8 for 8 experts."""
+    from model.generate import sample
+
+    prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16]]
+    got = sample(model, prompts, max_new_tokens=6, temperature=1.0, seed=0)
+    L, K = model.args.n_moe_layers, model.args.n_activated_experts
+    for p, toks, ex in zip(prompts, got.tokens, got.experts):
+        assert ex.dtype == torch.uint8 and ex.shape == (L, len(p) + len(toks) - 1, K)
+        with torch.no_grad():
+            model(torch.tensor([p + toks[:-1]]))
+        ref = model.routed_experts()  # [L, positions, K]
+        assert torch.equal(ex.long().sort(-1).values, ref.sort(-1).values)

@@ -89,3 +89,95 @@ def test_weight_decay_and_betas_reach_adamw(policy_dir):
     after = lrn.state_dict()
     w = "layers.0.attn.wq_a.weight" if "layers.0.attn.wq_a.weight" in before else next(k for k in before if k.endswith("weight"))
     torch.testing.assert_close(after[w], before[w] * (1 - lr * wd), rtol=1e-6, atol=1e-7)
+
+
+# --- sampler/learner agreement (issue 20) ------------------------------------------------------
+
+
+def learner_with(policy_dir, *overrides, exact=False):
+    from orchestrator.config import load_config
+    from orchestrator.grpo.learner import PolicyLearner
+
+    import socket
+
+    cfg = load_config(None, ["grpo.minibatch_size=64", *overrides]).grpo
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return PolicyLearner(str(policy_dir[0] / "hf"), cfg, rank=0, world=1, master_addr="127.0.0.1", master_port=port, pad_id=0, seed=0,
+                         max_new_tokens=MAX_NEW, exact=exact)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_mismatch_meter_is_zero_in_exact_mode_and_reported_otherwise(policy_dir, exact):
+    """A GRPO step on a real sampler's rollouts (same weights, same version): with rollout.exact
+    the learner's log-probs and experts equal the sampler's exactly; without it they differ a little
+    (absorbed vs expanded attention, other GEMM shapes) and the meter says so."""
+    from orchestrator.grpo.rollout import RolloutSampler
+
+    root, _ = policy_dir
+    sampler = RolloutSampler(str(root / "hf"), str(root / "tokenizer.json"), template="r1", exact=exact)
+    tasks = [{"id": "a", "prompt": "What is 2 + 3?"}, {"id": "b", "prompt": "What is 17 + 25?"}]
+    ch = sampler.generate(tasks, [0, 1], None, 0, group_size=3, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=0)
+    assert [len(x) for x in ch.logprobs] == [len(c) for c in ch.completion_ids]
+    m = learner_with(policy_dir, exact=exact).train([1.0, -1.0, 0.5, -0.5, 0.25, -0.25], 1, ch)
+    keys = {"mismatch/logprob_abs_mean", "mismatch/logprob_abs_max", "mismatch/kl", "mismatch/routing_frac",
+            "mismatch/routing_frac/layer_0", "mismatch/routing_frac/layer_1"}
+    assert keys <= set(m)
+    if exact:
+        assert m["mismatch/logprob_abs_max"] == 0.0 and m["mismatch/kl"] == 0.0 and m["mismatch/routing_frac"] == 0.0
+        assert m["ratio_max"] == 1.0  # the first update's ratio against the old log-probs is exactly 1 too
+    else:
+        assert 0 < m["mismatch/logprob_abs_max"] < 1e-4 and m["mismatch/logprob_abs_mean"] > 0
+
+
+def with_behaviour(ch, lrn, shift):
+    """The chunk with sampler log-probs = the learner's old log-probs - shift (ratio e^shift)."""
+    import dataclasses
+
+    from orchestrator.grpo.learner import pack_batch
+
+    tokens, targets, _ = pack_batch(ch.prompt_ids, ch.completion_ids, 0)
+    old, _, _ = lrn.engine.module.measure(tokens, targets)
+    lps = [old[b, len(p) - 1 : len(p) - 1 + len(c)] - shift for b, (p, c) in enumerate(zip(ch.prompt_ids, ch.completion_ids))]
+    return dataclasses.replace(ch, logprobs=lps)
+
+
+def test_importance_correction_weights_the_surrogate_as_its_formula(policy_dir):
+    """Sampler log-probs log 3 below the learner's (ratio 3). On the first minibatch the PPO ratio is
+    1, so each token's surrogate is -A: tis (cap 2) doubles the loss of `none`, mis (band [1/2, 2])
+    drops every token; `none` with behaviour log-probs is today's update, bit for bit."""
+    import math
+
+    ch = chunk(3)
+    adv = [1.0, -0.5, 0.25, -1.0, 0.75, -0.2]
+    lens = torch.tensor([len(c) for c in ch.completion_ids], dtype=torch.float64)
+    plain = -float((torch.tensor(adv, dtype=torch.float64) * lens).sum() / lens.sum())
+    base = learner_with(policy_dir, "grpo.lr=1e-2")
+    shifted = with_behaviour(ch, base, math.log(3.0))
+    m_none = base.train(adv, 1, shifted)
+    today = learner_with(policy_dir, "grpo.lr=1e-2")
+    today.train(adv, 1, ch)  # no behaviour log-probs at all
+    assert today.weights_hash() == base.weights_hash() and m_none["loss"] == pytest.approx(plain, rel=1e-5)
+    m_tis = learner_with(policy_dir, "grpo.importance=tis", "grpo.is_cap=2").train(adv, 1, shifted)
+    assert m_tis["loss"] == pytest.approx(2 * plain, rel=1e-5) and m_tis["is/truncated_frac"] == 1.0
+    assert m_tis["is/ratio_mean"] == pytest.approx(3.0, rel=1e-5)
+    m_mis = learner_with(policy_dir, "grpo.importance=mis", "grpo.is_cap=2").train(adv, 1, shifted)
+    assert m_mis["loss"] == 0.0 and m_mis["is/masked_frac"] == 1.0
+
+
+def test_router_replay_removes_routing_mismatch_in_the_learner(policy_dir):
+    """Sampler experts that the learner's router would not choose (0 and 1 for every position):
+    without replay the meter reports most tokens routed differently, with replay none."""
+    import dataclasses
+
+    ch = chunk(4)
+    L, K = 2, 2
+    experts = [torch.tensor([0, 1], dtype=torch.uint8).expand(L, len(p) + len(c) - 1, K).clone()
+               for p, c in zip(ch.prompt_ids, ch.completion_ids)]
+    ch = dataclasses.replace(ch, logprobs=[torch.zeros(len(c)) for c in ch.completion_ids], experts=experts)
+    adv = [1.0, -0.5, 0.25, -1.0, 0.75, -0.2]
+    off = learner_with(policy_dir).train(adv, 1, ch)
+    on = learner_with(policy_dir, "grpo.router_replay=true").train(adv, 1, ch)
+    assert off["mismatch/routing_frac"] > 0.5 and on["mismatch/routing_frac"] == 0.0
+    assert on["mismatch/routing_frac/layer_0"] == 0.0 and on["mismatch/routing_frac/layer_1"] == 0.0
