@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--nodes", type=int, default=1, help="number of worker nodes")
             p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs on each node")
             p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs on each node")
+            p.add_argument("--node", dest="node_list", action="append", default=None, metavar="CPUS[:GPUS]",
+                           help="one node's resources, repeated per node (a cluster of unequal nodes, e.g. a 0-CPU "
+                                "head: --node 0 --node 8:1 --node 8:1); replaces --nodes/--*-per-node")
+            p.add_argument("--address", dest="plan_address", default=None,
+                           help="plan for the nodes of this running Ray cluster (`auto` inside a job)")
     return parser
 
 

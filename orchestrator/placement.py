@@ -26,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import uuid
+from collections import Counter
 from pathlib import Path
 
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ClusterConfig, ConfigError, RunConfig
 
 # Filesystems every node of a cluster can share (as listed in /proc/mounts).
 SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p", "fuse.s3fs",
@@ -69,6 +71,11 @@ class Plan:
 
     def nodes_of(self, role: str) -> list[int]:
         return self.assignment[role]
+
+    def shape(self, role: str) -> list[int]:
+        """How many instances of `role` share a node, largest first: what Ray's placement must give
+        (which of several equal nodes it picks is Ray's choice)."""
+        return sorted(Counter(self.assignment[role]).values(), reverse=True)
 
     def table(self) -> str:
         """The plan as a fixed-width table: one row per node, one column per role."""
@@ -182,6 +189,7 @@ class RolePlacement:
         from ray.util.placement_group import placement_group
 
         self.ray, self.roles = ray, {r.name: r for r in roles}
+        self.plan = None
         if not autoscaling:  # a fixed cluster: refuse an impossible plan now, with the reason
             self.plan = make_plan(roles, live_nodes(ray))
         self.groups = {r.name: placement_group([r.bundle()] * r.count, strategy=r.strategy, name="") for r in roles}
@@ -250,11 +258,48 @@ def storage_problem(path: str, hosts: set[str], fs_type: str) -> str | None:
 
 
 def check_shared_storage(ray, path: str | Path, *, key: str = "--out") -> None:
-    """Raise ConfigError when `path` is node-local on a multi-host cluster."""
-    hosts = {n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")}
+    """Raise ConfigError when `path` is node-local on a multi-host cluster: not on a shared
+    filesystem type, and a file written here is not seen at the same path from every node (a bind
+    mount, or nodes that share a machine, pass that probe)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = {n.get("NodeManagerAddress", "") for n in alive}
     problem = storage_problem(str(path), hosts, filesystem_type(path) if "://" not in str(path) else "")
-    if problem:
+    if problem and not seen_from_every_node(ray, Path(path), [n["NodeID"] for n in alive]):
         raise ConfigError(f"{key}: {problem}")
+
+
+def seen_from_every_node(ray, path: Path, node_ids: list[str], timeout_s: float = 120) -> bool:
+    """Whether a file written in `path` here is read back from every node (one 0-CPU task each)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = path / f".sputnik-shared-{token}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    except OSError:
+        return False
+
+    def read(p: str) -> str:
+        try:
+            return Path(p).read_text()
+        except OSError:
+            return ""
+
+    task = ray.remote(num_cpus=0)(read)
+    try:
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(marker)) for n in node_ids]
+        return ray.get(refs, timeout=timeout_s) == [token] * len(node_ids)
+    except ray.exceptions.GetTimeoutError:
+        return False
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def check_placement(ray, cluster: ClusterConfig, roles: list[Role]) -> Plan | None:
+    """On a fixed-size cluster, the plan of `roles` on its live nodes, or PlanError with the reason
+    at once (instead of waiting for resources that never come); None on an autoscaling cluster."""
+    return None if cluster.autoscaling else make_plan(roles, live_nodes(ray))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +317,30 @@ def command_of(config_path: str) -> str:
     return "grpo"
 
 
-def run(cfg: RunConfig, cli_args) -> int:
+def parse_node(text: str, i: int) -> Node:
+    """`--node CPUS[:GPUS]`."""
+    try:
+        cpus, _, gpus = text.partition(":")
+        node = Node(float(cpus), float(gpus or 0), f"node{i}")
+    except ValueError:
+        raise ConfigError(f"--node {text!r}: expected CPUS or CPUS:GPUS, e.g. 8 or 96:8") from None
+    if node.cpus < 0 or node.gpus < 0:
+        raise ConfigError(f"--node {text!r}: resources must not be negative")
+    return node
+
+
+def plan_nodes(cli_args) -> tuple[list[Node], str]:
+    """The cluster `sputnik plan` plans for, and a line describing it."""
+    if cli_args.plan_address:
+        from orchestrator.config import ClusterConfig
+        from orchestrator.ray_local import init_ray
+
+        ray = init_ray(ClusterConfig(address=cli_args.plan_address))
+        nodes = live_nodes(ray)
+        return nodes, f"the {len(nodes)} node(s) of the Ray cluster at {cli_args.plan_address}"
+    if cli_args.node_list:
+        nodes = [parse_node(t, i) for i, t in enumerate(cli_args.node_list)]
+        return nodes, f"{len(nodes)} node(s): " + ", ".join(f"{n.cpus:g} CPU + {n.gpus:g} GPU" for n in nodes)
     nodes_n, gpn = cli_args.nodes, cli_args.gpus_per_node
     if nodes_n < 1:
         raise ConfigError(f"--nodes must be at least 1, got {nodes_n}")
@@ -281,12 +349,16 @@ def run(cfg: RunConfig, cli_args) -> int:
     cpn = cli_args.cpus_per_node if cli_args.cpus_per_node is not None else (max(8, 24 * gpn) if gpn else 8)
     if cpn <= 0:
         raise ConfigError(f"--cpus-per-node must be positive, got {cpn}")
-    nodes = [Node(float(cpn), float(gpn), f"node{i}") for i in range(nodes_n)]
+    return [Node(float(cpn), float(gpn), f"node{i}") for i in range(nodes_n)], f"{nodes_n} node(s) x {cpn:g} CPU + {gpn} GPU"
+
+
+def run(cfg: RunConfig, cli_args) -> int:
+    nodes, described = plan_nodes(cli_args)
     command = command_of(cli_args.config)
     commands = ["pretrain", "grpo"] if command == "demo" else [command]
-    print(f"plan for {nodes_n} node(s) x {cpn:g} CPU + {gpn} GPU, config {cli_args.config}")
+    print(f"plan for {described}, config {cli_args.config}")
     for cmd in commands:  # the demo runs pretraining, then GRPO: the cluster holds one at a time
-        roles = roles_for(cfg, cmd, nodes_n * gpn)
+        roles = roles_for(cfg, cmd, sum(n.gpus for n in nodes))
         try:
             plan = make_plan(roles, nodes)
         except PlanError as e:

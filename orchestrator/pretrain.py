@@ -1,12 +1,14 @@
 """`sputnik pretrain`: Ray Train TorchTrainer with N DeepSpeed workers over the MoE model.
 
-Steps: validate the config against the cluster (before any worker starts), prepare or reuse the
-tokenizer and shards, run the workers (orchestrator/pretrain_worker.py) with a FailureConfig so a
-lost worker restarts everything from the last complete checkpoint, then export the final model as
-a Hugging Face directory in the run directory. Re-running with the same `--out` resumes from the
-latest checkpoint there (Ray Train restores the run from its storage folder).
+Steps: validate the config against the cluster (before any worker starts; an impossible placement
+on a fixed-size cluster fails at once), prepare or reuse the tokenizer and shards, run the workers
+(orchestrator/pretrain_worker.py) with a FailureConfig so a lost worker restarts everything from
+the last complete checkpoint, then export the final model as a Hugging Face directory in the run
+directory. Re-running with the same `--out` resumes from the latest checkpoint there (Ray Train
+restores the run from its storage folder). The W&B run belongs to a detached follower of the
+workers' metrics.jsonl (tracking.start_follower), so `ray job stop` loses no logged step.
 
-Test: `pytest tests/orchestrator/test_orch_pretrain.py`.
+Test: `pytest tests/orchestrator/test_orch_pretrain.py tests/orchestrator/test_orch_stop.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from model import ModelArgs
 from orchestrator.config import ConfigError, RunConfig, to_dict
 from orchestrator.rundir import create_run_dir
+from orchestrator.signals import as_stopped
 
 CACHE_ENV = "SPUTNIK_CACHE"
 # Datasheet bf16 dense peaks used for MFU (FLOP/s per device); unknown devices report no MFU.
@@ -64,6 +67,9 @@ def run(cfg: RunConfig, cli_args) -> int:
 def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     """Pretrain into `out` (or a new run directory) and return the run directory."""
     validate(cfg)
+    # The workers' progress lines differ only in their numbers: Ray's log deduplication (read when
+    # ray is first imported, below) would fold them into "[repeated Nx across cluster]".
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_dir = create_run_dir(cfg, out).resolve()
     print(f"pretrain: run directory {run_dir}", flush=True)
     from data.prepare import prepare_corpus
@@ -79,14 +85,28 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     tok = load_tokenizer(tok_path)
     if tok.vocab_size > cfg.model.vocab:
         raise ConfigError(f"key 'model.vocab' ({cfg.model.vocab}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
-    result = fit(cfg, run_dir, corpus.shard_dir, tok)
-    final = export_latest(run_dir, cfg.model)
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker, start_follower
 
-    figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps, "hf_export": str(final), "tokenizer": str(tok_path),
-               "corpus_cache": str(corpus.shard_dir)}
+    # The W&B run belongs to a follower of the workers' metrics.jsonl in a process of its own:
+    # `ray job stop` (SIGTERM to this process and its descendants) cannot cut it short, and it
+    # finishes the run with every record written once this process is gone.
+    follower = start_follower(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="pretrain",
+                              media="orchestrator.pretrain_worker:heatmap_media")
+    try:
+        result = fit(cfg, run_dir, corpus.shard_dir, tok)
+        final = export_latest(run_dir, cfg.model)
+    except BaseException as e:  # the follower finishes the W&B run with what was logged
+        if follower:
+            follower.stop()
+        if isinstance(e, KeyboardInterrupt):  # Ray Train re-raises a plain one: say whether it was SIGTERM
+            raise as_stopped(e) from None
+        raise
+    figures = {"final_loss": result.metrics.get("loss") if result.metrics else None, "steps": cfg.pretrain.steps,
+               "hf_export": str(final), "tokenizer": str(tok_path), "corpus_cache": str(corpus.shard_dir)}
     with Tracker(run_dir, dataclasses.replace(cfg.tracking, wandb_mode="disabled"), name=cfg.name) as tracker:
         tracker.summary(figures)
+    if follower and not follower.stop(wait_s=120):
+        print(f"pretrain: the W&B run is still being finished (log: {run_dir / 'wandb-follower.log'})", flush=True)
     print(f"pretrain: done; final loss {figures['final_loss']}; HF model in {final}", flush=True)
     return run_dir
 
@@ -95,11 +115,13 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.placement import check_shared_storage, cluster_gpus
+    from orchestrator.placement import check_placement, check_shared_storage, cluster_gpus, roles_for
     from orchestrator.pretrain_worker import WorkerSpec, train_loop
     from orchestrator.ray_local import init_ray
 
     init_ray(cfg.cluster)
+    # the workers' bundles as `sputnik plan` places them: an impossible plan fails now, with the reason
+    check_placement(ray, cfg.cluster, roles_for(cfg, "pretrain", cluster_gpus(ray)))
     storage = str(cfg.cluster.storage_path or run_dir / "checkpoints")
     if cfg.cluster.storage_path:
         check_shared_storage(ray, storage, key="cluster.storage_path")
@@ -111,7 +133,7 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
     spec = WorkerSpec(
         pretrain=p, model=cfg.model, tracking=cfg.tracking, seed=cfg.seed, run_name=cfg.name, run_dir=run_dir,
         shard_dir=Path(shard_dir), seq_len=cfg.data.seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
-        threads=max(1, cpus // p.workers), peak_flops=peak_flops(), wandb_config=to_dict(cfg),
+        threads=max(1, cpus // p.workers), peak_flops=peak_flops(),
     )
     trainer = TorchTrainer(
         train_loop,

@@ -2,8 +2,9 @@
 
 `train_loop({"spec": WorkerSpec(...)})` is what Ray Train runs on every worker. Each optimizer
 step: grad-accumulated micro-batches, DeepSpeed step (ZeRO, clipping, warmup + cosine LR), then the
-auxiliary-loss-free bias update with expert loads summed over all ranks. Rank 0 logs metrics every
-`tracking.log_every` steps and the last. Checkpoints (layout in orchestrator/checkpoints.py): every
+auxiliary-loss-free bias update with expert loads summed over all ranks. Rank 0 writes metrics.jsonl
+every `tracking.log_every` steps and the last; the driver sends them to W&B (tracking.MetricsFollower),
+so a worker stopped or lost between two records loses none already written. Checkpoints (layout in orchestrator/checkpoints.py): every
 rank saves its part and reports it with `ray.train.report(checkpoint=...)`; Ray Train merges the
 parts into one directory and, after a worker failure, restarts all workers from the latest one.
 
@@ -50,7 +51,6 @@ class WorkerSpec:
     eos_id: int
     threads: int = 1  # torch threads per worker on CPU
     peak_flops: float | None = None  # per device, for MFU; None where unknown
-    wandb_config: dict = dataclasses.field(default_factory=dict)  # the resolved run config, shown in W&B
 
 
 class LossModule(nn.Module):
@@ -208,15 +208,17 @@ def train_step(engine, model: Transformer, loader, grad_accum: int, device, worl
 
 
 class StepLog:
-    """Rank 0's metrics: a record and a progress line every `tracking.log_every` steps and the last;
-    the expert-load heatmap (W&B, and `expert_load.npy`) every `tracking.heatmap_every` steps, whose
-    records are logged too."""
+    """Rank 0's metrics: a record in metrics.jsonl and a progress line every `tracking.log_every`
+    steps and the last; the expert loads (`expert_load.npy`, and for the driver's W&B heatmap
+    `expert_load/step-N.npy`) every `tracking.heatmap_every` steps, whose records are logged too."""
 
     def __init__(self, spec: WorkerSpec, world: int, flops_per_token: float, last_step: int):
         from orchestrator.tracking import Tracker
 
         self.spec, self.last_step = spec, last_step
-        self.tracker = Tracker(spec.run_dir, spec.tracking, name=spec.run_name, config=spec.wandb_config, job_type="pretrain")
+        # metrics.jsonl only: the driver owns the W&B run (orchestrator/pretrain.py)
+        self.tracker = Tracker(spec.run_dir, dataclasses.replace(spec.tracking, wandb_mode="disabled"), name=spec.run_name,
+                               followed=spec.tracking.wandb_mode != "disabled")
         p = spec.pretrain
         self.tokens_per_step = p.micro_batch_size * p.grad_accum * world * spec.seq_len
         self.flops_per_step = flops_per_token * self.tokens_per_step
@@ -242,8 +244,9 @@ class StepLog:
             rec[f"moe/expert_bias_norm/{name}"] = b.norm().item()
         if heatmap:
             np.save(Path(self.spec.run_dir) / "expert_load.npy", loads_LE.numpy())
-            if self.tracker.wandb_run:
-                rec["moe/expert_load_heatmap"] = expert_load_heatmap(rel_LE, step)
+            if self.spec.tracking.wandb_mode != "disabled":
+                (Path(self.spec.run_dir) / "expert_load").mkdir(exist_ok=True)
+                np.save(heatmap_file(self.spec.run_dir, step), rel_LE.numpy())
         self.tracker.log(rec, step=step)
         print(f"pretrain: step {step}/{self.spec.pretrain.steps} loss {losses['loss']:.4f} lr {lr:.2e} "
               f"{rec['perf/tokens_per_s']:.0f} tok/s", flush=True)
@@ -258,7 +261,19 @@ class StepLog:
         self.tracker.close()
 
 
-def expert_load_heatmap(rel_LE: torch.Tensor, step: int):
+def heatmap_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "expert_load" / f"step-{step:06d}.npy"
+
+
+def heatmap_media(run_dir: Path):
+    """For tracking.MetricsFollower: the W&B heatmap of the steps whose expert loads rank 0 saved."""
+    def media(step: int) -> dict:
+        path = heatmap_file(run_dir, step)
+        return {"moe/expert_load_heatmap": expert_load_heatmap(np.load(path), step)} if path.is_file() else {}
+    return media
+
+
+def expert_load_heatmap(rel: np.ndarray, step: int):
     """A W&B image of the expert loads [MoE layers, routed experts], each row divided by its mean."""
     import matplotlib
 
@@ -266,7 +281,6 @@ def expert_load_heatmap(rel_LE: torch.Tensor, step: int):
     import matplotlib.pyplot as plt
     import wandb
 
-    rel = rel_LE.numpy()
     fig, ax = plt.subplots(figsize=(max(4, rel.shape[1] * 0.4), max(2, rel.shape[0] * 0.5)))
     im = ax.imshow(rel, cmap="viridis", aspect="auto")
     ax.set_xlabel("expert")

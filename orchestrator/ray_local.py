@@ -5,6 +5,7 @@ Test: used by every `ray`-marked test.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -16,6 +17,8 @@ from orchestrator.config import ClusterConfig
 # freeing the placement groups of a crashed controller, ends with the embedded Ray anyway, so the
 # embedded Ray's workers keep that logger to errors.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Where a `ray job`'s entrypoint finds the job's config, runtime_env included (ray._private.runtime_env.constants).
+_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def quiet_embedded_worker() -> None:
@@ -43,6 +46,10 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
     # (starting a second, local Ray inside a job fails on the job's runtime_env).
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # A job's own runtime_env (`ray job submit --runtime-env-json`) is merged with this one, and
+        # Ray refuses a variable set in both: the job's value is already in our environment.
+        job_env = (json.loads(os.environ.get(_JOB_CONFIG, "{}")).get("runtime_env") or {}).get("env_vars") or {}
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in job_env}
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         env["worker_process_setup_hook"] = "orchestrator.ray_local.quiet_embedded_worker"
@@ -58,3 +65,17 @@ def init_ray(cfg: ClusterConfig, *, runtime_env: dict | None = None):
 
     stop_on_sigterm()  # after ray.init, which replaced it with a handler that aborts
     return ray
+
+
+def reenter_working_dir() -> None:
+    """Enter the working directory again if it was deleted under us. Under `ray job submit
+    --working-dir`, each process of the job that Ray starts with the same package deletes the
+    unpacked directory and unpacks it afresh at the same path (ray PR 49313), so the driver's
+    working directory vanishes once its first actors start: os.getcwd() then fails (wandb.init
+    calls it). The shell that ran the entrypoint left the path in $PWD."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        pwd = os.environ.get("PWD")
+        if pwd and os.path.isdir(pwd):
+            os.chdir(pwd)

@@ -4,7 +4,7 @@ unwinds every `with` block like Ctrl-C does, so metrics.jsonl is flushed and the
 `ray.init` installs Ray's own SIGTERM handler (which aborts the process), so `init_ray` installs
 this one again after it.
 
-Test: `pytest tests/orchestrator/test_orch_grpo.py -k sigterm`.
+Test: `pytest tests/orchestrator/test_orch_grpo.py -k sigterm tests/orchestrator/test_orch_stop.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,20 @@ class Stopped(KeyboardInterrupt):
     """The process received SIGTERM."""
 
 
+# Set once SIGTERM arrived: a library that catches the KeyboardInterrupt and raises its own (Ray
+# Train's fit does) loses the `Stopped` type, and `as_stopped` restores it.
+_RECEIVED = threading.Event()
+
+
 def _stop(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    _RECEIVED.set()
     raise Stopped()
+
+
+def as_stopped(e: KeyboardInterrupt) -> KeyboardInterrupt:
+    """`e`, or `Stopped` when the interrupt came from SIGTERM."""
+    return Stopped() if _RECEIVED.is_set() and not isinstance(e, Stopped) else e
 
 
 def stop_on_sigterm() -> None:

@@ -6,19 +6,34 @@ mirrors it to W&B; `should_log(step, last)` says which steps a loop logs (`track
 W&B runs offline unless the config says online, and its files live inside the run directory. The
 API key is read by wandb itself from the environment or netrc; nothing here prints or saves it.
 
-Test: `pytest tests/orchestrator/test_orch_tracking.py`.
+Where the steps are computed in other processes (pretraining's rank 0 runs on any node),
+`MetricsFollower` owns the W&B run: the workers write metrics.jsonl only and the follower sends each
+new record to W&B, so a worker killed by `ray job stop` (or by a node loss) cannot take logged
+steps with it. `start_follower` runs it as a process of its own outside the driver's process tree:
+`ray job stop` sends SIGTERM to the driver and every descendant, wandb's service process
+included, so a follower inside the driver would lose what that service had not written yet; the
+detached follower finishes the run after the driver is gone (`python -m orchestrator.tracking
+RUN_DIR`). `offline_history(run_dir)` reads the steps back from the offline run files (what `wandb
+sync` would upload).
+
+Test: `pytest tests/orchestrator/test_orch_tracking.py tests/orchestrator/test_orch_stop.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
+import struct
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from orchestrator.config import TrackingConfig
 
@@ -33,10 +48,14 @@ class Tracker:
         config: Mapping[str, Any] | None = None,
         job_type: str | None = None,
         group: str | None = None,
+        followed: bool = False,
     ):
+        """`followed`: a MetricsFollower in another process sends the records to W&B; once it has
+        closed, `log` raises `FollowerClosed` instead of writing a record W&B would never get."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
+        self.followed = followed
         self.t0 = time.time()
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb_run = None
@@ -51,7 +70,10 @@ class Tracker:
         self._file.close()
         lines = path.read_text().splitlines() if path.exists() else []
         keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
-        path.write_text("".join(l + "\n" for l in keep))
+        # a new file replaces the old one (a new inode): a MetricsFollower reading it starts over
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, path)
         self._file = open(path, "a", buffering=1)
         return len(lines) - len(keep)
 
@@ -69,7 +91,13 @@ class Tracker:
                 record[k] = scalar
             else:
                 media[k] = v
-        self._file.write(json.dumps(record) + "\n")
+        if self.followed:
+            with _metrics_lock(self.run_dir):
+                if (self.run_dir / MetricsFollower.CLOSED).exists():
+                    raise FollowerClosed(f"{self.run_dir}: the driver stopped following metrics.jsonl (the run was stopped)")
+                self._file.write(json.dumps(record) + "\n")
+        else:
+            self._file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=int(step))
 
@@ -113,6 +141,275 @@ class Tracker:
         self.close()
 
 
+class FollowerClosed(RuntimeError):
+    """A followed Tracker's driver is gone: nothing written now would reach W&B."""
+
+
+@contextlib.contextmanager
+def _metrics_lock(run_dir: Path):
+    """An exclusive lock between a followed Tracker's writes and the follower's last read."""
+    with open(Path(run_dir) / ".metrics.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class MetricsFollower:
+    """The driver's W&B run for records that other processes append to `run_dir/metrics.jsonl`.
+
+    A thread sends every new record to W&B every `poll_s`; `close()` (also on SIGTERM, through
+    `with`) sends what is left and finishes the run. Its last read and the marker `CLOSED` happen
+    under the lock the writers take (Tracker(followed=True)): a record is either sent or never
+    written, so W&B holds every step in metrics.jsonl even when the workers outlive the driver. The last step sent is kept in
+    `run_dir/wandb-step`, so a resumed run sends only later steps: the W&B run gets each step once
+    even though the resumed workers log again the steps after their checkpoint. `media(step)`
+    may add W&B objects to a step's record (pretraining's expert-load heatmap)."""
+
+    STEP_FILE = "wandb-step"
+    CLOSED = "metrics.closed"
+
+    def __init__(self, run_dir: Path, cfg: TrackingConfig, *, name: str, config: Mapping[str, Any] | None = None,
+                 job_type: str | None = None, media: Callable[[int], Mapping[str, Any]] | None = None,
+                 poll_s: float = 0.5):
+        self.run_dir, self.media, self.poll_s = Path(run_dir), media, poll_s
+        self.path = self.run_dir / "metrics.jsonl"
+        step_file = self.run_dir / self.STEP_FILE
+        self.sent = int(step_file.read_text()) if step_file.is_file() else -1
+        (self.run_dir / self.CLOSED).unlink(missing_ok=True)
+        self._inode, self._offset = None, 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type,
+                                      group=cfg.group or name) if cfg.wandb_mode != "disabled" else None
+        self._thread = None
+        if self.wandb_run is not None:
+            self.drain()  # what a stopped run wrote after its last send, before new workers rewrite it
+            self._thread = threading.Thread(target=self._follow, name="metrics-follower", daemon=True)
+            self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.drain()
+
+    def _new_records(self) -> list[dict]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        if st.st_ino != self._inode or st.st_size < self._offset:  # Tracker.drop_after replaced it
+            self._inode, self._offset = st.st_ino, 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # complete lines only; a partial last line is read next time
+        self._offset += end
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut by a crash: skip it
+                continue
+        return records
+
+    def drain(self) -> int:
+        """Send the records not sent yet (steps after the last one sent); returns how many."""
+        with self._lock:
+            if self.wandb_run is None:
+                return 0
+            n = 0
+            for rec in self._new_records():
+                step = int(rec.get("step", -1))
+                if step <= self.sent:
+                    continue
+                extra = self.media(step) if self.media else {}
+                self.wandb_run.log({**{k: v for k, v in rec.items() if k != "step"}, **extra}, step=step)
+                self.sent, n = step, n + 1
+            if n:
+                (self.run_dir / self.STEP_FILE).write_text(f"{self.sent}\n")
+            return n
+
+    def summary(self, figures: Mapping[str, Any]) -> None:
+        if self.wandb_run is not None:
+            for k, v in figures.items():
+                self.wandb_run.summary[k] = v
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with _metrics_lock(self.run_dir):
+            self.drain()
+            (self.run_dir / self.CLOSED).touch()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+    def __enter__(self) -> "MetricsFollower":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+FOLLOWER_SPEC, FOLLOWER_PID, FOLLOWER_STOP = "wandb-follower.json", "wandb-follower.pid", "wandb-follower.stop"
+
+
+class FollowerProcess:
+    """The driver's handle on a detached `python -m orchestrator.tracking RUN_DIR` (start_follower)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def stop(self, *, wait_s: float = 0) -> bool:
+        """Ask the follower to send what is left and finish the W&B run; wait up to `wait_s` for it.
+        Returns whether it has finished."""
+        (self.run_dir / FOLLOWER_STOP).touch()
+        return wait_follower(self.run_dir, wait_s)
+
+
+def wait_follower(run_dir: Path, timeout_s: float) -> bool:
+    """Wait until the run directory's follower has finished its W&B run; whether it has."""
+    deadline = time.monotonic() + timeout_s
+    pid_file = Path(run_dir) / FOLLOWER_PID
+    while pid_file.exists():
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):  # removed meanwhile, or being written
+            pid = None
+        if pid is not None and not _alive(pid):  # a follower that was killed left its pid file
+            pid_file.unlink(missing_ok=True)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def start_follower(run_dir: Path, cfg: TrackingConfig, *, name: str, config: Mapping[str, Any] | None = None,
+                   job_type: str | None = None, media: str | None = None) -> FollowerProcess | None:
+    """Start a MetricsFollower for `run_dir` in a process of its own, outside this process's tree
+    (double fork, new session): it follows until this process ends or `stop()` is called, then
+    finishes the W&B run. `media` names a "module:function" that, given the run directory, returns
+    MetricsFollower's `media`. None (nothing started) when W&B is disabled."""
+    import dataclasses
+    import subprocess
+
+    run_dir = Path(run_dir).resolve()
+    if cfg.wandb_mode == "disabled":
+        (run_dir / MetricsFollower.CLOSED).unlink(missing_ok=True)  # left by an earlier run with W&B
+        return None
+    wait_follower(run_dir, 60)  # a previous follower of this run directory (a resumed run) finishes first
+    (run_dir / FOLLOWER_STOP).unlink(missing_ok=True)
+    spec = {"tracking": dataclasses.asdict(cfg), "name": name, "config": dict(config or {}), "job_type": job_type,
+            "media": media, "driver_pid": os.getpid()}
+    (run_dir / FOLLOWER_SPEC).write_text(json.dumps(spec, default=str))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "orchestrator.tracking", str(run_dir)]
+    # the intermediate process starts the follower in a new session and exits: the follower's parent
+    # is then init, so neither `ray job stop` nor a terminal's Ctrl-C reaches it
+    launcher = ("import subprocess, sys\n"
+                "log = open(sys.argv[1], 'a')\n"
+                "p = subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)\n"
+                "print(p.pid)\n")
+    # its working directory is the run directory: a job's working directory is deleted when the job ends
+    out = subprocess.run([sys.executable, "-c", launcher, str(run_dir / "wandb-follower.log"), *cmd], env=env, cwd=run_dir,
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    (run_dir / FOLLOWER_PID).write_text(out.strip() + "\n")
+    return FollowerProcess(run_dir)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def follow(run_dir: Path) -> None:
+    """The detached follower's loop (start_follower): send new records until the driver is gone or
+    asks to stop, then close (last records, W&B run finished) and remove the pid file."""
+    import importlib
+
+    run_dir = Path(run_dir)
+    try:
+        spec = json.loads((run_dir / FOLLOWER_SPEC).read_text())
+        media = None
+        if spec["media"]:
+            module, func = spec["media"].split(":")
+            media = getattr(importlib.import_module(module), func)(run_dir)
+        follower = MetricsFollower(run_dir, TrackingConfig(**spec["tracking"]), name=spec["name"], config=spec["config"],
+                                   job_type=spec["job_type"], media=media, poll_s=1e9)  # this loop drains
+        try:
+            while _alive(spec["driver_pid"]) and not (run_dir / FOLLOWER_STOP).exists():
+                time.sleep(0.5)
+                follower.drain()
+        finally:
+            if (run_dir / "summary.json").is_file():
+                follower.summary(json.loads((run_dir / "summary.json").read_text()))
+            follower.close()
+            import wandb
+
+            wandb.teardown()  # finish() can return before wandb's service has written the run file
+    finally:
+        (run_dir / FOLLOWER_PID).unlink(missing_ok=True)
+
+
+def offline_history(run_dir: Path) -> list[dict[str, Any]]:
+    """Every history row (`_step` and the logged values, JSON-decoded) in the offline W&B run files
+    of `run_dir`, in the order written, over all the files of its run id (one per resumption).
+
+    The files are wandb's record log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then
+    LevelDB-log blocks of 32 KiB whose records (CRC32, length, type: full/first/middle/last) hold
+    serialized `wandb_internal_pb2.Record`s."""
+    from wandb.proto import wandb_internal_pb2
+
+    run_id = (Path(run_dir) / "wandb-run-id").read_text().strip()
+    # offline-run-<time>-<id>, or -<id>-<n> for a second one started in the same second
+    dirs = [d for d in Path(run_dir).glob(f"wandb/offline-run-*-{run_id}*")
+            if re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", d.name)]
+    files = [d / f"run-{run_id}.wandb" for d in sorted(dirs) if (d / f"run-{run_id}.wandb").is_file()]
+    rows = []
+    for path in files:
+        for payload in _leveldb_records(path.read_bytes()):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def _leveldb_records(data: bytes) -> Iterator[bytes]:
+    block, header = 32768, 7
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, parts = header, []
+    while pos + header <= len(data):
+        room = block - pos % block
+        if room < header:  # the tail of a block too short for a header is padding
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if kind == 0 and length == 0:  # zero padding (a preallocated or unfinished file)
+            pos += room
+            continue
+        chunk = data[pos + header:pos + header + length]
+        pos += header + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            parts = [chunk]
+        elif kind == 3:
+            parts.append(chunk)
+        elif kind == 4:
+            yield b"".join(parts + [chunk])
+            parts = []
+
+
 def _scalar(v: Any) -> float | int | str | bool | None:
     if isinstance(v, bool) or isinstance(v, str):
         return v
@@ -139,10 +436,15 @@ def wandb_group(run_dir: Path) -> str | None:
 def _start_wandb(run_dir: Path, cfg: TrackingConfig, *, name, config, job_type, group):
     import wandb
 
+    from orchestrator.ray_local import reenter_working_dir
+
+    reenter_working_dir()  # wandb.init needs os.getcwd()
     # Offline unless the user asked for online; never prompt for a login. A run directory keeps
     # its W&B run id, so a resumed run continues the same W&B run.
     os.environ.setdefault("WANDB_SILENT", "true")
-    settings = wandb.Settings(silent=True, console="off")  # system metrics (CPU, memory, GPU) stay on
+    # system metrics (CPU, memory, GPU) stay on; root_dir is the run directory, not the working
+    # directory, which under `ray job submit --working-dir` Ray may delete while the job runs
+    settings = wandb.Settings(silent=True, console="off", root_dir=str(run_dir))
     id_file = run_dir / "wandb-run-id"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
@@ -184,3 +486,10 @@ def _len(it: Iterable) -> int | None:
         return len(it)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow(Path(sys.argv[1]))

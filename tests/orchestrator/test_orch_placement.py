@@ -3,7 +3,9 @@ refused with the reason; `sputnik plan` prints the plan; node-local storage is r
 cluster that spans hosts (filesystem types checked against util-linux's findmnt)."""
 
 import os
+import re
 import shutil
+import time
 import subprocess
 import sys
 from collections import Counter
@@ -90,3 +92,78 @@ def test_node_local_storage_is_refused_on_a_multi_host_cluster():
     assert storage_problem("/mnt/shared/runs/x", two, "nfs4") is None
     assert storage_problem("/mnt/fsx/runs/x", two, "lustre") is None
     assert storage_problem("s3://bucket/runs/x", two, "") is None
+
+
+def plan_table_shapes(stdout: str, roles: list[str]) -> dict[str, list[int]]:
+    """Per role, the instance counts per node (largest first) from the table `sputnik plan` prints:
+    a header ("node  CPU  GPU  <role>...  CPU used  GPU used"), a dashed line, one row per node."""
+    lines = stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("node ") and set(lines[k + 1]) <= {"-", " "})
+    head = re.split(r"\s{2,}", lines[i].strip())
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return {role: sorted((int(r[head.index(role)]) for r in rows if int(r[head.index(role)])), reverse=True) for role in roles}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_live_placement_is_the_plan_and_an_impossible_one_fails_at_once(tmp_path, monkeypatch):
+    """On a simulated cluster (a 0-CPU head and three 2-CPU nodes, all on 127.0.0.1) the role
+    instances land as `sputnik plan --node 0 --node 2 --node 2 --node 2` plans them (how many
+    share a node, per role), and a placement no node can hold is refused at once with the reason,
+    by GRPO's RolePlacement and by pretraining before its workers start, although
+    cluster.placement_timeout_s is 600 s."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from ray.cluster_utils import Cluster
+
+    from orchestrator import pretrain
+    from orchestrator.placement import RolePlacement, live_nodes
+    from orchestrator.ray_local import init_ray
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node stays on loopback
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    local = dict(node_ip_address="127.0.0.1", include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args={**local, "num_cpus": 0})
+    for _ in range(3):
+        cluster.add_node(**local, num_cpus=2)
+    cluster.wait_for_nodes()
+    counts = ["grpo.learners=2", "cluster.cpus_per_learner=1", "rollout.num_samplers=3", "grpo.num_evaluators=3"]
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [*counts, f"cluster.address={cluster.address}"])
+    try:
+        init_ray(cfg.cluster)
+        assert sorted((n.cpus, n.gpus) for n in live_nodes(ray)) == [(0, 0), (2, 0), (2, 0), (2, 0)]
+        roles = roles_for(cfg, "grpo", 0)
+        r = sputnik("plan", "--node", "0", "--node", "2", "--node", "2", "--node", "2", *counts)
+        assert r.returncode == 0, r.stderr
+        planned = plan_table_shapes(r.stdout, [role.name for role in roles])
+        assert planned == {"learner": [2], "sampler": [2, 1], "evaluator": [2, 1]}, r.stdout
+
+        placement = RolePlacement(ray, roles, autoscaling=False, timeout_s=60)
+        where = ray.remote(lambda: ray.get_runtime_context().get_node_id())
+        try:
+            live = {role.name: Counter(ray.get([where.options(**placement.options(role.name, i)).remote() for i in range(role.count)]))
+                    for role in roles}
+        finally:
+            placement.close()
+        assert {name: sorted(c.values(), reverse=True) for name, c in live.items()} == planned
+        assert placement.plan is not None and all(placement.plan.shape(n) == planned[n] for n in planned)
+
+        bad = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["cluster.cpus_per_sampler=3"]), "grpo", 0)
+        t0 = time.monotonic()
+        with pytest.raises(PlanError, match=r"one sampler needs 3 CPU, but the largest node has 2 CPU"):
+            RolePlacement(ray, bad, autoscaling=False, timeout_s=600)
+        pre = load_config(REPO / "configs" / "pretrain_tiny.yaml", ["pretrain.workers=4", "cluster.cpus_per_learner=1.5",
+                                                                      f"cluster.address={cluster.address}"])
+        with pytest.raises(PlanError, match=r"pretrain worker 4 of 4 \(1.5 CPU\) fits on no node"):
+            pretrain.fit(pre, tmp_path, tmp_path, None)
+        assert time.monotonic() - t0 < 30  # not placement_timeout_s
+        r = sputnik("plan", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"), "--node", "0", "--node", "2",
+                    "--node", "2", "--node", "2", "pretrain.workers=4", "cluster.cpus_per_learner=1.5")
+        assert r.returncode == 2 and "pretrain worker 4 of 4 (1.5 CPU) fits on no node" in r.stderr
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

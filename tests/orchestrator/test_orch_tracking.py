@@ -3,6 +3,7 @@ inside the run directory."""
 
 import json
 import math
+import time
 
 import pytest
 
@@ -99,3 +100,39 @@ def test_a_grpo_run_joins_the_wandb_group_of_the_run_it_starts_from(tmp_path):
         assert t.wandb_run.group == "pretrain-x"
         t.histograms({"rollout/response_length": [3, 5, 8]}, step=1)
     assert wandb_group(tmp_path / "nowhere") is None
+
+
+def test_follower_sends_each_written_step_once_across_a_stop_and_a_resume(tmp_path):
+    """The driver's MetricsFollower and a worker's followed Tracker, as in pretraining: every record
+    written before the follower closes reaches the offline W&B run (read back from wandb's file),
+    nothing can be written after it closed, and a resumed follower continues the same W&B run with
+    the steps after the last one sent, though the resumed worker rewrote steps 3-4."""
+    import wandb
+
+    from orchestrator.tracking import FollowerClosed, MetricsFollower, offline_history
+
+    cfg = TrackingConfig(wandb_mode="offline")
+    follower = MetricsFollower(tmp_path, cfg, name="f", poll_s=0.05)
+    worker = Tracker(tmp_path, TrackingConfig(wandb_mode="disabled"), name="f", followed=True)
+    for step in (1, 2, 3, 4):
+        worker.log({"loss": float(step)}, step=step)
+    follower.close()  # the stop: what was written is sent, the run finished
+    wandb.teardown()  # the run file is complete once wandb's service has stopped (as the detached follower does)
+    with pytest.raises(FollowerClosed):
+        worker.log({"loss": 5.0}, step=5)
+    worker.close()
+    assert [(r["_step"], r["loss"]) for r in offline_history(tmp_path)] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    run_id = (tmp_path / "wandb-run-id").read_text()
+    time.sleep(1.1)  # wandb names an offline run's directory by the second it started
+
+    follower = MetricsFollower(tmp_path, cfg, name="f", poll_s=0.05)
+    worker = Tracker(tmp_path, TrackingConfig(wandb_mode="disabled"), name="f", followed=True)
+    worker.drop_after(2)  # resumed from the checkpoint at step 2
+    for step in (3, 4, 5, 6):
+        worker.log({"loss": 10.0 + step}, step=step)
+    worker.close()
+    follower.close()
+    wandb.teardown()
+    assert (tmp_path / "wandb-run-id").read_text() == run_id
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [(r["_step"], r["loss"]) for r in offline_history(tmp_path)] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 15), (6, 16)]
