@@ -31,7 +31,7 @@ def heldout_tasks(cfg: RunConfig) -> dict[str, list[dict]]:
     from data.tasks import generate_arithmetic, generate_code_tasks
 
     d = cfg.data
-    tasks = {"arithmetic": generate_arithmetic(cfg.grpo.heldout_size, seed=cfg.seed + 1, families=tuple(d.families), digits=d.digits,
+    tasks = {"arithmetic": generate_arithmetic(cfg.grpo.heldout_size, seed=cfg.seed + 1, families=tuple(d.task_families or d.families), digits=d.digits,
                                                heldout_percent=d.heldout_percent, split="heldout").to_pylist()}
     if cfg.demo.code_steps > 0:
         tasks["code"] = generate_code_tasks(cfg.demo.code_heldout_size, seed=cfg.seed + 1, digits=d.digits,
@@ -111,7 +111,11 @@ def run(cfg: RunConfig, cli_args) -> int:
         print(f"demo: {n}/{n} held-out arithmetic after GRPO on programming tasks", flush=True)
         points[final].update(measure(cfg, code_dir, {"arithmetic": tasks["arithmetic"]}, final))
     points = {stage: {k: p[k] for k in tasks} for stage, p in points.items()}  # the same task order at every stage
-    times["evaluation"] = sum(r.seconds for p in points.values() for r in p.values())
+    # every held-out evaluation of the run: the GRPO stages' own (before, periodic, after) from their
+    # metrics, and the demo's measurements of the other task set
+    own = {(stage, name) for stage, name in (("pretrained", "code"), ("after code GRPO", "arithmetic")) if code_stage}
+    times["evaluation"] = (sum(grpo_eval_seconds(d) for d in (grpo_dir, code_dir) if d)
+                           + sum(points[stage][name].seconds for stage, name in own if name in points.get(stage, {})))
     times["total"] = time.time() - t0
     summary = summarize(cfg, points, final, tasks, times, pre_dir=pre_dir, grpo_dir=grpo_dir, code_dir=code_dir, final_dir=final_dir)
     (top / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -121,6 +125,12 @@ def run(cfg: RunConfig, cli_args) -> int:
     write_demo_report(top, summary, points, final, plots)
     print(f"demo: report in {top / 'report.md'} ({summary['time_seconds']['total']:.0f} s in all)", flush=True)
     return 0
+
+
+def grpo_eval_seconds(run_dir: Path) -> float:
+    """Seconds a GRPO run spent on held-out evaluation (`timing/eval` in its metrics.jsonl)."""
+    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    return sum(r.get("timing/eval", 0.0) for r in rows)
 
 
 def summarize(cfg: RunConfig, points: dict, final: str, tasks: dict, times: dict, *, pre_dir, grpo_dir, code_dir, final_dir) -> dict:

@@ -1,16 +1,15 @@
-"""`sputnik demo` end to end with the demo config: GRPO raises held-out accuracy on arithmetic and
-on the programming tasks, the report and summary hold the figures and plots, and a second demo
-reuses the tokenizer and shards.
+"""`sputnik demo` end to end with the demo config: GRPO teaches the pretrained model a skill it does
+not use, on held-out tasks it never saw, and the report and summary hold the figures and plots.
 
 This is also the "GRPO learns" test of the loop: pretraining (600 steps, 2 DeepSpeed workers) on
-the synthetic corpus (two-digit addition and "write f(x) returning x plus a plus b", half of the
-solutions worked), then 20 GRPO steps on the arithmetic train split and 10 on the programming
-train split (scored in the sandbox), then pass@1 at temperature 1 (4 samples per task) on 128
-arithmetic and 64 programming held-out prompts that appear neither in pretraining nor in GRPO
-training. Measured (seed 0, 2026-12-04): arithmetic 0.551 -> 0.914, code 0.551 -> 0.945 (greedy
-0.859 -> 0.984 and 0.875 -> 1.000); other runs and seed 1 in BENCHMARKS.md, "Demo". The standard error of one pass@1 on 128
-tasks is at most 0.044 (on 64, 0.063; less with 4 samples each), so the asserted rise of 0.2 is
-more than two standard errors of the difference even for the code tasks.
+the synthetic corpus (two-digit additions; 90% of the word problems worked step by step, 40% of the
+bare sums), then 20 GRPO steps on bare sums, then greedy accuracy and pass@1 at temperature 1 (4
+samples per task) on 128 held-out bare sums that appear neither in pretraining nor in GRPO
+training. Measured (2026-12-05): seed 0 greedy 0.305 -> 0.992, pass@1 0.520 -> 0.943, held-out
+response length 25 -> 43 tokens; seed 1 greedy 0.055 -> 1.000 (BENCHMARKS.md, "Demo"). The standard error of one
+accuracy on 128 tasks is at most 0.044 (0.063 for a difference), so the bars (greedy at most 0.35
+before, a rise of at least 0.40) sit more than four standard errors inside the measured figures.
+Corpus reuse by a second run is tested in tests/data/test_data_shards.py.
 """
 
 import json
@@ -22,8 +21,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK = ["demo.code_steps=0", "pretrain.steps=3", "pretrain.warmup_steps=1", "pretrain.checkpoint_every=3", "grpo.steps=1", "grpo.heldout_size=8",
-         "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=1", "rollout.max_new_tokens=32"]
 
 
 def demo(out: Path, cache: Path, *overrides, timeout=1500) -> subprocess.CompletedProcess:
@@ -37,42 +34,42 @@ def demo(out: Path, cache: Path, *overrides, timeout=1500) -> subprocess.Complet
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
-def test_demo_grpo_raises_heldout_accuracy_and_reuses_corpus(tmp_path):
-    cache = tmp_path / "cache"
-    first = demo(tmp_path / "a", cache)
+def test_demo_grpo_teaches_a_skill_on_heldout_tasks(tmp_path):
+    first = demo(tmp_path / "a", tmp_path / "cache")
     run = tmp_path / "a"
     summary = json.loads((run / "summary.json").read_text())
+    g0, g1 = summary["heldout_greedy_accuracy_before"]["arithmetic"], summary["heldout_greedy_accuracy_after"]["arithmetic"]
+    assert g0 <= 0.35 and g1 - g0 >= 0.40, (g0, g1)
     before, after = summary["heldout_accuracy_before"]["arithmetic"], summary["heldout_accuracy_after"]["arithmetic"]
-    assert after - before >= 0.2, (before, after)
-    # R1-Zero in miniature: the policy learns to choose reasoning
-    assert summary["heldout_reasoning_fraction_after"]["arithmetic"] > summary["heldout_reasoning_fraction_before"]["arithmetic"]
+    assert after - before >= 0.3, (before, after)
+    # R1-Zero in miniature: the policy learns to work the sum, and its responses grow longer
+    # (measured: reasoning 51% -> 100% of samples, rollout length 30 -> 42 tokens, held-out 25 -> 43)
+    assert summary["heldout_reasoning_fraction_after"]["arithmetic"] >= 0.9 > summary["heldout_reasoning_fraction_before"]["arithmetic"]
+    grpo_steps = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in grpo_steps if "reward/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    length = [r["rollout/response_length/mean"] for r in steps]
+    assert sum(length[-5:]) / 5 > 1.25 * sum(length[:3]) / 3, length
+    evals = [r for r in grpo_steps if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 20]  # evaluated before and after, never twice
+    assert evals[-1]["eval/response_length"] > 1.5 * evals[0]["eval/response_length"]
+    # evaluation is a small part of the demo's time, all of it counted
+    t = summary["time_seconds"]
+    assert t["evaluation"] == pytest.approx(sum(r["timing/eval"] for r in evals), rel=1e-3)
+    assert t["evaluation"] <= 0.15 * t["total"], t
     report = (run / "report.md").read_text()
     assert f"{before:.3f} before GRPO, {after:.3f} after" in report
     for name in ("loss", "reward", "heldout_accuracy", "expert_load", "time"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in report
-    for part in ("pretrain", "grpo", "grpo-code"):  # offline W&B runs inside the run directory
+    for part in ("pretrain", "grpo"):  # offline W&B runs inside the run directory
         assert list((run / part / "wandb").glob("offline-run-*")), part
     losses = [json.loads(l)["train/loss"] for l in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 600 and losses[-1] < losses[0]
-    grpo_steps = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in grpo_steps if "reward/mean" in r] == list(range(1, 21))
-    # the programming stage: sandboxed code_tests rewards, held-out pass@1 on the code tasks raised
-    # (measured 0.523 -> 0.883, seed 0; most of it in the arithmetic stage, whose lesson carries over)
-    assert summary["heldout_tasks"]["code"] == 64
-    code_before, code_after = summary["heldout_accuracy_before"]["code"], summary["heldout_accuracy_after"]["code"]
-    assert code_after - code_before >= 0.2, (code_before, code_after)
-    code_steps = [json.loads(l) for l in (run / "grpo-code" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in code_steps if "reward/mean" in r] == list(range(1, 11))
-    assert all("reward/code_tests/mean" in r for r in code_steps if "reward/mean" in r)
-    assert "## Stage by stage" in report and "after code GRPO: arithmetic" in report
+    assert "## Stage by stage" in report
     out = first.stdout + first.stderr
     assert "training a" in out and "after GRPO" in out
     # noise a clean run printed before: reward workers' teardown exit (a traceback), Ray Train's
     # placement group cleaner without the State API (every second), DeepSpeed's deprecated all-gather
     for noise in ("SystemExit", "Failed to query Ray Train Controller", "all_gather_into_tensor"):
         assert noise not in out, noise
-    second = demo(tmp_path / "b", cache, *QUICK, timeout=900)
-    out2 = second.stdout + second.stderr
-    assert "reusing tokenizer" in out2 and "reusing" in out2 and "tokenised shards" in out2
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["grpo_steps"] == {"arithmetic": 1}
