@@ -55,10 +55,14 @@ def grpo_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     is_weights: torch.Tensor | None = None,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped-surrogate GRPO loss; per-token tensors [B, T], advantages [B], mask [B, T] (1 = completion token).
 
     `constant_len`: the normaliser of aggregation "constant" (the generation budget; default T).
+    `total`: when these rows are one micro-batch of a larger minibatch, the minibatch's count that
+    the aggregation divides by (tokens for "token", sequences for "sequence" and "constant"), so
+    that the micro-batches' losses sum to the minibatch's; the metrics stay this call's own.
     `entropy` [B, T] with `entropy_coef` > 0 subtracts coef x entropy per token (an entropy bonus).
     `is_weights` [B, T] (detached, from `importance_weights`) multiply each token's surrogate; the KL
     and entropy terms and the aggregation's normaliser are left as they are."""
@@ -80,7 +84,7 @@ def grpo_loss(
         per_token = per_token - entropy_coef * entropy
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy, mask).item()
-    loss = aggregate(per_token, mask, aggregation, constant_len=constant_len)
+    loss = aggregate(per_token, mask, aggregation, constant_len=constant_len, total=total)
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         metrics["clip_frac_low"] = ((ratio < 1 - clip_low) & (adv < 0)).to(mask.dtype).mul(mask).sum().div(n).item()
@@ -142,14 +146,16 @@ def routing_mismatch(learner_LBTK: torch.Tensor, sampler_LBTK: torch.Tensor, mas
     return out
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *, constant_len: int | None = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *, constant_len: int | None = None,
+              total: float | None = None) -> torch.Tensor:
+    """Per-token losses [B, T] to one number; `total` as in grpo_loss (None: this batch's own count)."""
     if aggregation == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return (per_token * mask).sum() / (mask.sum().clamp(min=1) if total is None else max(total, 1))
     if aggregation == "sequence":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return per_seq.mean()
+        return per_seq.mean() if total is None else per_seq.sum() / max(total, 1)
     if aggregation == "constant":
-        return (per_token * mask).sum() / (mask.size(0) * (constant_len or mask.size(1)))
+        return (per_token * mask).sum() / ((mask.size(0) if total is None else total) * (constant_len or mask.size(1)))
     raise ValueError(f"aggregation must be 'token', 'sequence' or 'constant', not {aggregation!r}")
 
 

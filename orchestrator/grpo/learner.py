@@ -3,10 +3,20 @@ reference model (colocated with each learner, or in an actor of its own with `gr
 
 Each step every rank receives the step's rollout chunks (Ray resolves the ObjectRefs the driver
 passed) and one advantage per completion, keeps the samples that enter the loss, takes its
-interleaved share, computes the "old" log-probs (and the policy entropy) in one no-grad forward,
-then runs `grpo.epochs` passes of minibatch updates of `rl.grpo.grpo_loss`. Minibatches are
-global: every rank takes the same number of optimizer steps, and the loss is rescaled so that the
-DeepSpeed gradient average over ranks is the update of the whole minibatch.
+interleaved share, then runs `grpo.epochs` passes of minibatch updates of `rl.grpo.grpo_loss`.
+Minibatches are global: every rank takes the same number of optimizer steps, and the loss is
+rescaled so that the DeepSpeed gradient average over ranks is the update of the whole minibatch.
+
+Each thing is computed once (issue 26): the step's first minibatch is on-policy, so its "old"
+log-probs are its training forward's, detached, and that forward also gives its rows' entropy,
+tempered log-probs and experts; one no-grad forward measures the other rows before any update.
+Every forward runs length-sorted micro-batches padded to their own longest row
+(`length_micro_batches`), gradients accumulated over a minibatch's micro-batches with each
+micro-batch's loss its share of the minibatch's aggregation. `train_threads` sets the torch
+threads of an update (for a sync learner on a quiet machine, the idle samplers' cores; not wired
+to the config: on a loaded shared machine 2 threads measured several times slower than 1). The
+loss and gradients are today's to rounding
+(tests/orchestrator/test_orch_learner.py::test_update_equals_the_plain_reference).
 
 Sampler/learner agreement (issue 20): the chunks carry the sampler's behaviour log-probs and routed
 experts. In the no-grad pass the learner measures its own against them on the samples of its
@@ -34,6 +44,16 @@ from torch import nn
 from orchestrator.grpo.rollout import RolloutChunk, load_policy, state_hash
 
 
+def _observe(logits_BTV: torch.Tensor, logp_BT: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """(entropy of the next-token distribution, log p(targets) at the sampling temperature) [B, T]
+    from the full logits; greedy rows (temperature 0) carry the untempered policy's log-probs."""
+    logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    if temperature in (0.0, 1.0):
+        return entropy_BT, logp_BT
+    return entropy_BT, torch.log_softmax(logits_BTV / temperature, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
 class _LogProbs(nn.Module):
     """What the DeepSpeed engine wraps: tokens [B, T] -> log p(targets) [B, T], and with
     `entropy=True` also the entropy of the next-token distribution [B, T] (from full logits)."""
@@ -49,24 +69,56 @@ class _LogProbs(nn.Module):
         m = self.model
         h_BTD = m.norm(m.hidden(tokens))
         logp_BT = m.head(h_BTD, targets, mode="logprobs")
-        logits_BTV = m.head(h_BTD).float()
-        logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
-        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
-        if temperature in (0.0, 1.0):  # greedy rows carry the untempered policy's log-probs
-            return logp_BT, entropy_BT, logp_BT
-        logp_t = torch.log_softmax(logits_BTV / temperature, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return logp_BT, entropy_BT, logp_t
+        return (logp_BT, *_observe(m.head(h_BTD).float(), logp_BT, targets, temperature))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
-        if not entropy:
-            return self.model.token_logprobs(tokens, targets)
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, entropy: bool = False, measure: float | None = None):
+        """log p(targets) [B, T]; `entropy=True` adds the (differentiable) entropy [B, T]; `measure`
+        (a sampling temperature) adds what measure() reads besides the log-probs, detached, from
+        this same trunk pass: (entropy, log p at the temperature) (issue 26: the on-policy minibatch
+        needs no pass of its own)."""
+        m = self.model
+        if not entropy and measure is None:
+            return m.token_logprobs(tokens, targets)
         # one trunk pass; the target log-probs by the same fused head as token_logprobs (so that
         # old and new log-probs agree bit for bit), the entropy from the full logits
-        m = self.model
         h_BTD = m.norm(m.hidden(tokens))
         logp_BT = m.head(h_BTD, targets, mode="logprobs")
-        logp_BTV = torch.log_softmax(m.head(h_BTD).float(), dim=-1)
-        return logp_BT, -(logp_BTV.exp() * logp_BTV).sum(-1)
+        out = [logp_BT]
+        if entropy:
+            logp_BTV = torch.log_softmax(m.head(h_BTD).float(), dim=-1)
+            out.append(-(logp_BTV.exp() * logp_BTV).sum(-1))
+        if measure is not None:
+            with torch.no_grad():
+                out.append(_observe(m.head(h_BTD.detach()).float(), logp_BT.detach(), targets, measure))
+        return tuple(out)
+
+
+# Fixed cost of one forward + backward call in token-equivalents: rows of a minibatch are split
+# into length-sorted micro-batches only where the padding saved is worth more than this per extra
+# call. CPU: tuned on the tiny model for issue 26 (~10 ms per call, ~80 us per token; 256 measured
+# a little faster than 128, both ~1.3x fewer CPU seconds than no split). CUDA: a
+# guess, not measured (kernel launches dominate a small micro-batch).
+MICRO_OVERHEAD_TOKENS = {"cpu": 256, "cuda": 4096}
+
+
+def length_micro_batches(rows: list[int], lengths: list[int], overhead: int | None = None) -> list[list[int]]:
+    """`rows` split into micro-batches of similar length, each padded only to its own longest row:
+    sorted by length, the split that minimises sum(rows x longest) + overhead per micro-batch
+    (default: MICRO_OVERHEAD_TOKENS["cpu"])."""
+    overhead = MICRO_OVERHEAD_TOKENS["cpu"] if overhead is None else overhead
+    order = sorted(rows, key=lambda r: lengths[r])
+    n = len(order)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)  # best[j]: cost of order[:j]; cut[j]: start of its last micro-batch
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
 
 
 def pack_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
@@ -203,13 +255,16 @@ class PolicyLearner:
     """One rank of the learner group; all ranks get the same calls in the same order.
 
     `grpo_cfg` is the `grpo:` section; `max_new_tokens` the generation budget (the constant of
-    `grpo.aggregation=constant`)."""
+    `grpo.aggregation=constant`); `threads` the torch threads of the actor, `train_threads` those
+    of an update (None: the same)."""
 
     def __init__(self, init_dir: str, grpo_cfg, *, rank: int, world: int, master_addr: str, master_port: int,
-                 pad_id: int, seed: int, max_new_tokens: int, threads: int = 1, exact: bool = False):
+                 pad_id: int, seed: int, max_new_tokens: int, threads: int = 1, train_threads: int | None = None,
+                 exact: bool = False):
         from orchestrator.ds_config import deepspeed_config, import_deepspeed
 
         torch.set_num_threads(threads)
+        self.train_threads = train_threads  # torch threads inside train() (sync mode: the idle samplers' cores too)
         os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                            "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})  # Ray shows each learner only its own GPU
         deepspeed = import_deepspeed()
@@ -289,84 +344,170 @@ class PolicyLearner:
         (dropped groups, filtered overlong completions). `reference`: the reference actor's
         log-probs of the kept samples (`ReferenceModel.logprobs`), when it is not colocated.
         """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.train_threads or threads)
+        try:
+            return self._train(advantages, step, chunks, reference)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, advantages, step, chunks, reference) -> dict:
+        """What train() does. Work that cannot change the result is skipped (issue 26): the first
+        minibatch of a step is on-policy, so its "old" log-probs are its own training forward's,
+        detached (ratio exp(logp - logp.detach()) = 1, the same gradient), and that forward also
+        gives the entropy, tempered log-probs and experts the metrics read, measured under the same
+        weights before any update; the no-grad pass runs only for the other rows. Every forward
+        sees length-sorted micro-batches padded to their own longest row."""
         t0 = time.perf_counter()
         prompts, completions, adv = kept_samples(advantages, chunks)
         mine = list(range(self.rank, len(adv), self.world))  # this rank's share, interleaved
         if not mine:
             return {"samples": 0}
-        my_prompts = [prompts[i] for i in mine]
-        tokens, targets, mask = pack_batch(my_prompts, [completions[i] for i in mine], self.pad_id)
-        batch = {"tokens": tokens, "targets": targets, "mask": mask, "adv": torch.tensor([adv[i] for i in mine], dtype=torch.float32)}
+        my_prompts, my_completions = [prompts[i] for i in mine], [completions[i] for i in mine]
+        tokens, targets, mask = pack_batch(my_prompts, my_completions, self.pad_id)
+        (B, width), model = targets.shape, self.engine.module.model
+        K, L = model.args.n_activated_experts, len(model.main_moe_layers())
+        batch = {"tokens": tokens, "targets": targets, "mask": mask, "adv": torch.tensor([adv[i] for i in mine], dtype=torch.float32),
+                 "old": torch.zeros(B, width)}
         beh = {k: ([v[i] for i in mine] if isinstance(v, list) else v) for k, v in kept_behaviour(advantages, chunks).items()}
-        width, model = targets.shape[1], self.engine.module.model
-        if self.cfg.router_replay and beh["experts"] is not None and model.main_moe_layers():
-            batch["replay"] = _expert_rows(beh["experts"], width, model.args.n_activated_experts)
+        if self.cfg.router_replay and beh["experts"] is not None and L:
+            batch["replay"] = _expert_rows(beh["experts"], width, K)
+        if beh["logprobs"] is not None:
+            batch["sampler"] = _behaviour_rows(my_prompts, beh["logprobs"], width)
+        elif self.cfg.importance != "none":
+            raise ValueError("grpo.importance needs the samplers' log-probs, and these rollout chunks carry none")
+        # what the policy measures before this step's first update, per row: its entropy, its
+        # log-probs at the sampling temperature (the mismatch meter, importance weights), its experts
+        seen = {"entropy": torch.zeros(B, width), "logp_t": torch.zeros(B, width), "routed": torch.zeros(L, B, width, K, dtype=torch.long),
+                "temperature": beh["temperature"]}
+        lengths = [len(p) + len(c) - 1 for p, c in zip(my_prompts, my_completions)]
+        plan = self._minibatches(B, n_total=len(adv), step=step)
+        first = set(plan[0][0].tolist())
+        rest = [b for b in range(B) if b not in first]
+        if not rest and self._lockstep():
+            rest = [plan[0][0][0].item()]  # keep the ranks' calls in step
         self.engine.module.eval()  # no dropout anywhere; MoE routing is the same in both modes
-        with torch.no_grad(), model.routing_replay(_replay(batch)):
-            batch["old"], entropy, logp_t = self.engine.module.measure(tokens.to(self.device), targets.to(self.device), beh["temperature"])
-            routed_LBTK = model.routed_experts().view(-1, *targets.shape, model.args.n_activated_experts).cpu()
-            m = mask.to(entropy.device)
-            entropy_mean = float((entropy * m).sum() / m.sum().clamp(min=1))
+        with torch.no_grad():
+            for rows in self._micro_batches(rest, lengths):
+                w = max(lengths[r] for r in rows)
+                with model.routing_replay(_replay({k: batch[k][rows][..., :w, :] for k in ("replay",) if k in batch})):
+                    old, entropy, logp_t = self.engine.module.measure(tokens[rows, :w].to(self.device), targets[rows, :w].to(self.device),
+                                                                        seen["temperature"])
+                    self._record(batch, seen, rows, w, old, entropy, logp_t)
             if self.ref is not None:
-                batch["ref"] = self.ref(tokens.to(self.device), targets.to(self.device)).float()
+                batch["ref"] = self.ref(tokens.to(self.device), targets.to(self.device)).float().cpu()
         if reference is not None:
             batch["ref"] = _stack_rows([reference[i] for i in mine], width)
+        metrics = self._epochs(batch, plan, seen, lengths)
+        entropy_mean = float((seen["entropy"] * mask).sum() / mask.sum().clamp(min=1))
         lag = torch.tensor([self.version - v for v in beh["versions"]], dtype=torch.float32)
-        extra, is_w = behaviour_terms(self.cfg, logp_t.float().cpu(), routed_LBTK, mask, my_prompts, beh, lag)
-        if is_w is not None:
-            batch["is_w"] = is_w
-        metrics = self._epochs(batch, n_total=len(adv), step=step)
+        extra, _ = behaviour_terms(self.cfg, seen["logp_t"], seen["routed"], mask, my_prompts, beh, lag)
         metrics.update({"entropy": entropy_mean, "samples": len(mine), "learn_seconds": time.perf_counter() - t0, **extra})
         self.version += 1
         return metrics
 
-    def _epochs(self, batch: dict, *, n_total: int, step: int) -> dict:
-        """`grpo.epochs` passes over the batch in global minibatches; the mean of each metric over updates."""
+    def _lockstep(self) -> bool:
+        """Whether every rank must run the same number of forward/backward calls: ZeRO-2 reduces
+        gradients in every backward, ZeRO-3 also gathers parameters in every forward."""
+        return self.cfg.zero_stage >= 2 and self.world > 1
+
+    def _micro_batches(self, rows: list[int], lengths: list[int]) -> list[list[int]]:
+        if self._lockstep():
+            return [sorted(rows, key=lambda r: lengths[r])] if rows else []
+        return length_micro_batches(rows, lengths, MICRO_OVERHEAD_TOKENS.get(self.device.type, MICRO_OVERHEAD_TOKENS["cuda"]))
+
+    def _record(self, batch: dict, seen: dict, rows: list[int], w: int, old, entropy, logp_t) -> None:
+        """Store a micro-batch's measurements under the step's weights (rows, first w positions)."""
+        model = self.engine.module.model
+        batch["old"][rows, :w] = old.detach().float().cpu()
+        seen["entropy"][rows, :w] = entropy.float().cpu()
+        seen["logp_t"][rows, :w] = logp_t.detach().float().cpu()
+        if seen["routed"].shape[0]:
+            seen["routed"][:, rows, :w] = model.routed_experts().view(-1, len(rows), w, model.args.n_activated_experts).cpu()
+
+    def _minibatches(self, n_local: int, *, n_total: int, step: int) -> list[list[torch.Tensor]]:
+        """Row indices of each optimizer step, per epoch: global minibatches, so every rank takes
+        the same number of steps; a rank with too few rows repeats one (the collectives stay in step)."""
         cfg = self.cfg
-        n_local = len(batch["adv"])
         n_mb = max(1, -(-n_total // max(self.world, min(cfg.minibatch_size, n_total))))
         per_mb = -(-n_local // n_mb)
-        sums: dict[str, float] = {}
-        updates = 0
         g = torch.Generator().manual_seed(step)
+        plan = []
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=g)
-            for k in range(n_mb):
-                idx = order[k * per_mb : (k + 1) * per_mb]
-                if len(idx) == 0:  # keep the collective calls in step across ranks
-                    idx = order[:1]
-                for key, v in self._update({key: t[idx] for key, t in batch.items()}).items():
+            plan.append([order[k * per_mb : (k + 1) * per_mb] if k * per_mb < n_local else order[:1] for k in range(n_mb)])
+        return plan
+
+    def _epochs(self, batch: dict, plan: list[list[torch.Tensor]], seen: dict, lengths: list[int]) -> dict:
+        """`grpo.epochs` passes over the batch in global minibatches; the mean of each metric over updates."""
+        sums: dict[str, float] = {}
+        updates = 0
+        for epoch, minibatches in enumerate(plan):
+            for k, idx in enumerate(minibatches):
+                for key, v in self._update(batch, idx.tolist(), seen, lengths, on_policy=epoch == 0 and k == 0).items():
                     sums[key] = sums.get(key, 0.0) + v
                 updates += 1
         out = {k: v / updates for k, v in sums.items()}
         out["updates"] = updates
         return out
 
-    def _update(self, mb: dict) -> dict:
-        """One optimizer step on one minibatch; its loss metrics and the gradient norm before clipping."""
-        from rl.grpo import grpo_loss
+    def _update(self, batch: dict, idx: list[int], seen: dict, lengths: list[int], *, on_policy: bool) -> dict:
+        """One optimizer step on the minibatch `idx` (gradients accumulated over its micro-batches);
+        its loss metrics and the gradient norm before clipping. `on_policy`: the step's first
+        minibatch, whose old log-probs (and measurements) come from its own forward."""
+        from rl.grpo import grpo_loss, importance_weights
 
         cfg, dev = self.cfg, self.device
-        m = mb["mask"].to(dev)
-        entropy = None
-        with self.engine.module.model.routing_replay(_replay(mb)):
-            if cfg.entropy_coef > 0:
-                logp, entropy = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev), entropy=True)
-            else:
-                logp = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev))
-        loss, mets = grpo_loss(
-            logp.float(), mb["old"].to(dev), mb["ref"].to(dev) if "ref" in mb else None, mb["adv"].to(dev), m,
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
-            constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
-            is_weights=mb["is_w"].to(dev) if "is_w" in mb else None)
+        # the aggregation's count over the whole minibatch: each micro-batch's loss is its share
+        local = float(batch["mask"][idx].sum()) if cfg.aggregation == "token" else float(len(idx))
+        scale = 1.0
         if self.world > 1:
             # DeepSpeed averages gradients over ranks: rescale so that the update is the loss of the
             # whole global minibatch, not a mean of per-rank losses over unequal shares.
-            local = m.sum() if cfg.aggregation == "token" else torch.tensor(float(m.size(0)), device=dev)
-            total = local.detach().clone()
+            total = torch.tensor(local, device=dev)
             dist.all_reduce(total)
-            loss = loss * local * self.world / total.clamp(min=1)
-        self.engine.backward(loss)
+            scale = local * self.world / max(float(total), 1.0)
+        micro = self._micro_batches(idx, lengths)
+        loss_sum, n_tok, weighted, ratio_max = 0.0, 0.0, {}, None
+        for i, rows in enumerate(micro):
+            w = max(lengths[r] for r in rows)
+            mb = {k: (t[rows][..., :w, :] if k == "replay" else t[rows][:, :w] if t.dim() == 2 else t[rows])
+                  for k, t in batch.items()}
+            m = mb["mask"].to(dev)
+            entropy = None
+            with self.engine.module.model.routing_replay(_replay(mb)):
+                out = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev), entropy=cfg.entropy_coef > 0,
+                                  measure=seen["temperature"] if on_policy else None)
+                if on_policy:
+                    logp, *ent, (measured_entropy, logp_t) = out
+                    entropy = ent[0] if ent else None
+                    self._record(batch, seen, rows, w, logp, measured_entropy, logp_t)
+                    mb["old"] = batch["old"][rows, :w]
+                elif cfg.entropy_coef > 0:
+                    logp, entropy = out
+                else:
+                    logp = out
+            is_w = None
+            if cfg.importance != "none":  # per token, so a micro-batch's weights are the full batch's
+                is_w, _ = importance_weights(seen["logp_t"][rows, :w], mb["sampler"], mb["mask"], mode=cfg.importance, cap=cfg.is_cap)
+            loss, mets = grpo_loss(
+                logp.float(), mb["old"].to(dev), mb["ref"].to(dev) if "ref" in mb else None, mb["adv"].to(dev), m,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
+                constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                is_weights=is_w.to(dev) if is_w is not None else None, total=local if len(micro) > 1 else None)
+            if self.world > 1:
+                loss = loss * scale
+            if len(micro) > 1:  # one gradient reduction per minibatch, at its last micro-batch
+                self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            self.engine.backward(loss)
+            loss_sum += float(loss.detach())
+            # the metrics of the whole minibatch: token-weighted means, the max of the maxima
+            t = float(m.sum())
+            n_tok += t
+            r_max = mets.pop("ratio_max")
+            ratio_max = r_max if ratio_max is None else max(ratio_max, r_max)
+            for k, v in mets.items():
+                weighted[k] = weighted.get(k, 0.0) + v * t
         grad_norm = None
         if cfg.zero_stage == 0:  # DeepSpeed records the norm only inside its ZeRO optimizers
             norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
@@ -375,7 +516,8 @@ class PolicyLearner:
         if cfg.zero_stage > 0:
             gn = self.engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
-        return {"loss": float(loss.detach()), **mets, "grad_norm": grad_norm}
+        mets = {k: v / n_tok if n_tok else 0.0 for k, v in weighted.items()}
+        return {"loss": loss_sum, **mets, "ratio_max": ratio_max, "grad_norm": grad_norm}
 
     # --- checkpoints -------------------------------------------------------------------------
 

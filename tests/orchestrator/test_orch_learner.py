@@ -8,6 +8,8 @@ the update as its formula says.
   the policy bit-identical and a positive coefficient raises its entropy.
 - `grpo.weight_decay`: with a zero gradient AdamW only decays, w -> w (1 - lr wd); `grpo.betas`
   reach the optimizer.
+- issue 26 (no pass for the on-policy minibatch's old log-probs, length-sorted micro-batches): the
+  loss and every gradient of each optimizer step equal a plain reference update's to rounding.
 """
 
 import os
@@ -181,3 +183,133 @@ def test_router_replay_removes_routing_mismatch_in_the_learner(policy_dir):
     on = learner_with(policy_dir, "grpo.router_replay=true").train(adv, 1, ch)
     assert off["mismatch/routing_frac"] > 0.5 and on["mismatch/routing_frac"] == 0.0
     assert on["mismatch/routing_frac/layer_0"] == 0.0 and on["mismatch/routing_frac/layer_1"] == 0.0
+
+
+# --- the same update, less work (issue 26) -----------------------------------------------------
+
+
+def varied_chunk(n=16, seed=5):
+    """Rows whose completions range from 2 to 90 tokens: the learner splits them into micro-batches."""
+    import dataclasses
+
+    ch = chunk(seed, n)
+    g = torch.Generator().manual_seed(seed)
+    comps = [torch.randint(3, 500, (int(x),), generator=g).tolist() for x in torch.linspace(2, 90, n).round()[torch.randperm(n, generator=g)]]
+    return dataclasses.replace(ch, completion_ids=comps, groups=[i // 4 for i in range(n)], tokens=sum(map(len, comps)))
+
+
+def reference_update(policy_dir, ch, adv, grpo, states, step):
+    """Today's update written out plainly, on the plain model: one no-grad pass over the whole
+    padded batch for the old log-probs, then each minibatch padded to the batch's longest row,
+    rl.grpo.grpo_loss, backward. `states`: the learner's weights before each of its optimizer steps
+    (so the optimizer need not be replayed). (losses, gradients) per optimizer step, and the entropy."""
+    from orchestrator.grpo.learner import pack_batch
+    from orchestrator.grpo.rollout import load_policy
+    from rl.grpo import grpo_loss, importance_weights
+
+    model = load_policy(str(policy_dir[0] / "hf")).eval()
+    tokens, targets, mask = pack_batch(ch.prompt_ids, ch.completion_ids, 0)
+    with torch.no_grad():
+        old = model.token_logprobs(tokens, targets)
+        logp_V = torch.log_softmax(model(tokens).float(), dim=-1)
+        entropy = float(((-(logp_V.exp() * logp_V).sum(-1)) * mask).sum() / mask.sum())
+    is_w = None
+    if ch.logprobs is not None and grpo.importance != "none":
+        sampler = torch.zeros_like(old)
+        for b, (p, lp) in enumerate(zip(ch.prompt_ids, ch.logprobs)):
+            sampler[b, len(p) - 1 : len(p) - 1 + len(lp)] = lp
+        is_w, _ = importance_weights(old, sampler, mask, mode=grpo.importance, cap=grpo.is_cap)
+    B = len(adv)
+    n_mb = -(-B // min(grpo.minibatch_size, B))
+    per_mb = -(-B // n_mb)
+    g = torch.Generator().manual_seed(step)
+    order = [torch.randperm(B, generator=g) for _ in range(grpo.epochs)]
+    minibatches = [o[k * per_mb : (k + 1) * per_mb] for o in order for k in range(n_mb)]
+    assert len(minibatches) == len(states)
+    a = torch.tensor(adv)
+    losses, grads = [], []
+    for idx, state in zip(minibatches, states):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(state[n])
+        model.zero_grad()
+        logp = model.token_logprobs(tokens[idx], targets[idx])
+        loss, _ = grpo_loss(logp.float(), old[idx], None, a[idx], mask[idx], clip_low=grpo.clip_low, clip_high=grpo.clip_high,
+                            aggregation=grpo.aggregation, constant_len=MAX_NEW, is_weights=is_w[idx] if is_w is not None else None)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return losses, grads, entropy
+
+
+@pytest.mark.parametrize("aggregation,importance", [("token", "none"), ("sequence", "tis"), ("constant", "mis")])
+def test_update_equals_the_plain_reference(policy_dir, aggregation, importance, monkeypatch):
+    """A step of 16 samples of 3-91 tokens in two minibatches, two epochs (four optimizer steps):
+    the learner skips the old-log-prob pass for the first minibatch and trains length-sorted
+    micro-batches; the loss and every parameter's gradient at each optimizer step equal the plain
+    reference's to rounding, and so does the entropy metric."""
+    import dataclasses
+
+    from orchestrator.grpo.learner import MICRO_OVERHEAD_TOKENS, length_micro_batches
+
+    monkeypatch.setitem(MICRO_OVERHEAD_TOKENS, "cpu", 16)  # cheap calls: several micro-batches per minibatch
+    ch = varied_chunk()
+    g = torch.Generator().manual_seed(7)
+    adv = torch.randn(len(ch.completion_ids), generator=g).tolist()
+    lengths = [len(p) + len(c) - 1 for p, c in zip(ch.prompt_ids, ch.completion_ids)]
+    assert len(length_micro_batches(list(range(8)), lengths, 16)) > 2  # the case under test
+    lrn = learner_with(policy_dir, "grpo.lr=1e-2", "grpo.minibatch_size=8", "grpo.epochs=2", f"grpo.aggregation={aggregation}",
+                       f"grpo.importance={importance}", "grpo.is_cap=1.5")
+    if importance != "none":  # behaviour log-probs up to e^{+-1} away: some tokens truncated or masked
+        old, _, _ = reference_measure(lrn, ch)
+        ch = dataclasses.replace(ch, logprobs=[o - torch.empty(len(o)).uniform_(-1, 1, generator=g) for o in old])
+    states, grads = [], []
+    engine_step = lrn.engine.step
+
+    def recording_step(*args, **kwargs):  # the weights and gradients the optimizer is handed
+        model = lrn.engine.module.model
+        states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        return engine_step(*args, **kwargs)
+
+    lrn.engine.step = recording_step
+    m = lrn.train(adv, 3, ch)
+    assert m["updates"] == 4
+    losses, want, entropy = reference_update(policy_dir, ch, adv, lrn.cfg, states, step=3)
+    assert m["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-7)
+    assert m["entropy"] == pytest.approx(entropy, rel=1e-5)
+    for got, ref in zip(grads, want):
+        assert ref.keys() <= got.keys() and all(not got[n].any() for n in got.keys() - ref.keys())  # DeepSpeed: zeros for unused
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+    assert any((s1[n] != s0[n]).any() for s0, s1 in zip(states, states[1:]) for n in s0)  # the later steps are off-policy
+
+
+def reference_measure(lrn, ch):
+    """The sampled tokens' log-probs per completion under the learner's current weights."""
+    from orchestrator.grpo.learner import pack_batch
+
+    tokens, targets, _ = pack_batch(ch.prompt_ids, ch.completion_ids, 0)
+    old, _, _ = lrn.engine.module.measure(tokens, targets)
+    return [old[b, len(p) - 1 : len(p) - 1 + len(c)] for b, (p, c) in enumerate(zip(ch.prompt_ids, ch.completion_ids))], None, None
+
+
+def test_train_threads_apply_to_the_update_only(policy_dir):
+    from orchestrator.config import load_config
+    from orchestrator.grpo.learner import PolicyLearner
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = torch.get_num_threads()
+    try:
+        lrn = PolicyLearner(str(policy_dir[0] / "hf"), load_config(None, []).grpo, rank=0, world=1, master_addr="127.0.0.1",
+                            master_port=port, pad_id=0, seed=0, max_new_tokens=MAX_NEW, threads=1, train_threads=2)
+        seen = []
+        lrn.engine.module.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        lrn.train([1.0, -1.0, 0.5, -0.5, 0.25, -0.25], 1, chunk(6))
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
