@@ -14,6 +14,11 @@ on CPU (decoding) each (token, expert) pair's weights are gathered instead and r
 matmuls (Experts._forward_pairs, up to ModelArgs.moe_pair_path_bytes), which avoids the fixed cost
 of the sort.
 
+torch.compile (issue 24): the training path has no host sync and no data-dependent shape, so it
+compiles with fullgraph=True — loads counted by index_add (not bincount), offsets stay tensors,
+and under compile grouped_mm is the opaque custom op `sputnik::grouped_mm`. The exact mode below
+(a loop over the experts present) is eager only.
+
 Router replay (issue 20, `grpo.router_replay`): `MoE.replay_idx_NK`, when set, is the expert choice
 of every token (the sampler's); the gate weights still come from this layer's own affinities s,
 so gradients reach the router. `MoE.routed_idx_NK` keeps the choice of the last forward, for the
@@ -174,7 +179,9 @@ class MoE(nn.Module):
         self.routed_idx_NK = idx_NK.detach()
         if self.training:
             with torch.no_grad():
-                self.load += torch.bincount(idx_NK.flatten(), minlength=self.n_experts).to(self.load.dtype)
+                # index_add, not bincount: bincount's output shape depends on the ids (a graph
+                # break and a host sync under torch.compile, issue 24); the counts are the same.
+                self.load.index_add_(0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten(), dtype=self.load.dtype))
         self.aux_loss = self._seq_aux_loss(s_NE.view(B, T, -1), idx_NK.view(B, T, -1)) if self.training and self.seq_aux_alpha > 0 else None
         y = self.routed(x, w_NK.to(x.dtype), idx_NK)
         if self.shared_experts is not None:

@@ -123,7 +123,9 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int) -> None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq] (got shape {tuple(tokens.shape)})")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab):
+        # The id range needs the values on the host: checked in eager mode only, so that a compiled
+        # forward has no host sync (issue 24); out-of-range ids then fail in the embedding.
+        if not torch.compiler.is_compiling() and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab):
             raise ValueError(f"tokens hold ids outside [0, {self.args.vocab}) (min {int(tokens.min())}, max {int(tokens.max())})")
         if start_pos + tokens.size(1) > self.args.max_seq_len:
             raise ValueError(f"sequence length {start_pos + tokens.size(1)} exceeds max_seq_len {self.args.max_seq_len}")
@@ -148,12 +150,18 @@ class Transformer(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
         """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ the sequence-wise aux loss
-        of every MoE layer this call ran, MTP's included)."""
+        of every MoE layer this call ran, MTP's included) -> (loss, metrics as floats)."""
+        total, terms = self.loss_terms(tokens, targets, ignore_index=ignore_index)
+        return total, {k: v.item() for k, v in terms.items()}
+
+    def loss_terms(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+        """`loss` with its metrics as detached 0-d tensors: no host sync, so the whole training
+        forward compiles as one graph (`torch.compile(model.loss_terms, fullgraph=True)`, issue 24)."""
         for m in self.moe_layers():
             m.aux_loss = None  # set again by each MoE layer that runs below
         h = self.hidden(tokens)
         ce = self.head(self.norm(h), targets, mode="ce", ignore_index=ignore_index)
-        total, metrics = ce, {"ce_loss": ce.item()}
+        total, metrics = ce, {"ce_loss": ce.detach()}
         T = tokens.size(1)
         if self.mtp and T > len(self.mtp):
             mtp_losses = []
@@ -165,13 +173,13 @@ class Transformer(nn.Module):
                 mtp_losses.append(self.head(mod.norm(h_prev), targets[:, k : k + n], mode="ce", ignore_index=ignore_index))
             mtp = torch.stack(mtp_losses).mean()
             total = total + self.args.mtp_loss_weight * mtp
-            metrics["mtp_loss"] = mtp.item()
+            metrics["mtp_loss"] = mtp.detach()
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         if aux:
             aux_loss = torch.stack(aux).sum()
             total = total + aux_loss
-            metrics["seq_aux_loss"] = aux_loss.item()
-        metrics["loss"] = total.item()
+            metrics["seq_aux_loss"] = aux_loss.detach()
+        metrics["loss"] = total.detach()
         return total, metrics
 
     def token_logprobs(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ Each op has a pure-torch reference (`*_reference`, the loop over segments for gr
 the tests compare against. The torch path is the reference, except that on CPU grouped_mm calls
 torch._grouped_mm when the strides allow (the same per-segment matmuls, bit-identical here, without
 the Python loop). SPUTNIK_KERNELS picks the path (sputnik_kernels/dispatch.py).
+Under torch.compile (issue 24) grouped_mm runs as the custom op `sputnik::grouped_mm` (same
+kernels inside, static output shape outside) and permute / unpermute as their references, which
+inductor fuses; nothing in the compiled path reads the offsets on the host.
 
 Test: `pytest tests/kernels/test_kernels_moe.py`; benchmark: `python benchmarks/moe_dispatch.py`.
 """
@@ -210,7 +213,7 @@ def permute(x_TD: torch.Tensor, meta: RoutingMeta) -> torch.Tensor:
     """x rows in expert-sorted order, [T*k, D] (each token once per chosen expert)."""
     if x_TD.dim() != 2 or x_TD.shape[0] != meta.n_tokens:
         raise ValueError(f"permute: x must be [{meta.n_tokens}, D] as routed, got shape {tuple(x_TD.shape)}")
-    if use_triton(x_TD):
+    if use_triton(x_TD) and not torch.compiler.is_compiling():  # compiled: inductor fuses the gather itself
         return _Permute.apply(x_TD, meta.token_P, meta.pos_P, meta.topk)
     return permute_reference(x_TD, meta)
 
@@ -223,7 +226,7 @@ def unpermute(y_PN: torch.Tensor, meta: RoutingMeta, weights_TK: torch.Tensor) -
         raise ValueError(f"unpermute: y must be [{P}, N] (tokens x k rows, expert-sorted), got shape {tuple(y_PN.shape)}")
     if tuple(weights_TK.shape) != (meta.n_tokens, meta.topk):
         raise ValueError(f"unpermute: weights must be [{meta.n_tokens}, {meta.topk}] like topk_ids, got {tuple(weights_TK.shape)}")
-    if use_triton(y_PN):
+    if use_triton(y_PN) and not torch.compiler.is_compiling():  # compiled: inductor fuses the reference
         return _Unpermute.apply(y_PN, weights_TK, meta.pair_P, meta.pos_P, meta.topk)
     return unpermute_reference(y_PN, meta, weights_TK)
 
@@ -372,6 +375,8 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor)
         x_MK, w_EKN = x_MK.to(dtype), w_EKN.to(dtype)
     if x_MK.dtype != w_EKN.dtype:
         raise ValueError(f"grouped_mm: x is {x_MK.dtype} but w is {w_EKN.dtype}; cast one (or use autocast)")
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op(x_MK, w_EKN, offsets_E.to(device=x_MK.device, dtype=torch.int32))
     if use_triton(x_MK):
         return _GroupedMM.apply(x_MK, w_EKN, offsets_E.to(device=x_MK.device, dtype=torch.int32))
     if _cpu_grouped_mm_fits(x_MK, w_EKN):
@@ -386,3 +391,61 @@ def _cpu_grouped_mm_fits(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
         return False
     size = x_MK.element_size()
     return all(t.data_ptr() % 16 == 0 and all(s == 1 or s * size % 16 == 0 for s in t.stride()) for t in (x_MK, w_EKN))
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped GEMM as a custom op, for torch.compile (issue 24)
+#
+# Under torch.compile, grouped_mm calls `sputnik::grouped_mm`: dynamo and inductor see one opaque
+# op with a static output shape ([M, N] from the input shapes) instead of tracing into it. Tracing
+# would break the graph: the reference loop reads the offsets on the host, the CPU meta function of
+# torch._grouped_mm accepts bf16 only (its CPU kernel takes fp32 too), and Triton launches under
+# the interpreter cannot be traced. Inside, each op runs the same kernels as the eager path (the
+# Triton kernels, torch._grouped_mm, or the loop) and the backward is the same pair of GEMMs, so
+# compiled and eager agree bit for bit here.
+
+
+@torch.library.custom_op("sputnik::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    if use_triton(x_MK):
+        return _grouped_mm_launch(x_MK.contiguous(), w_EKN, offsets_E)
+    if _cpu_grouped_mm_fits(x_MK, w_EKN):
+        return torch._grouped_mm(x_MK, w_EKN, offsets_E)
+    return grouped_mm_reference(x_MK, w_EKN, offsets_E)
+
+
+@_grouped_mm_op.register_fake
+def _(x_MK, w_EKN, offsets_E):
+    return x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
+
+
+@torch.library.custom_op("sputnik::grouped_mm_dw", mutates_args=())
+def _grouped_mm_dw_op(x_MK: torch.Tensor, dy_MN: torch.Tensor, offsets_E: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e], [E, K, N] like w (zero for an expert with no rows)."""
+    if use_triton(x_MK):
+        return _grouped_mm_dw_launch(x_MK.contiguous(), dy_MN.contiguous(), offsets_E, w_EKN)
+    if _cpu_grouped_mm_fits(x_MK.t(), dy_MN):
+        return torch._grouped_mm(x_MK.t(), dy_MN, offsets_E)  # what torch._grouped_mm's own backward runs
+    ends = offsets_E.tolist()
+    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
+    return torch.stack([xe.t() @ dye for xe, dye in zip(x_MK.split(sizes), dy_MN.split(sizes))]).to(w_EKN.dtype)
+
+
+@_grouped_mm_dw_op.register_fake
+def _(x_MK, dy_MN, offsets_E, w_EKN):
+    return w_EKN.new_empty(w_EKN.shape)
+
+
+def _grouped_mm_op_setup(ctx, inputs, output):
+    x_MK, w_EKN, offsets_E = inputs
+    ctx.save_for_backward(x_MK, w_EKN, offsets_E)
+
+
+def _grouped_mm_op_backward(ctx, dy_MN):
+    x_MK, w_EKN, offsets_E = ctx.saved_tensors
+    dx = _grouped_mm_op(dy_MN, w_EKN.transpose(1, 2), offsets_E) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_dw_op(x_MK, dy_MN, offsets_E, w_EKN) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_op_backward, setup_context=_grouped_mm_op_setup)
