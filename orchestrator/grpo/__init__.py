@@ -11,7 +11,9 @@ off-policy sampling (`grpo.mode=async`). Left out: value models, reward models, 
 The package, one concept per file:
 - driver.py       the loop, top to bottom (start here)
 - rollout.py      RolloutSampler and RewardWorker actors, and the driver's handle on them
-- learner.py      PolicyLearner (DeepSpeed ranks), the reference model, batch packing
+- learner.py      PolicyLearner (DeepSpeed ranks) and the reference model
+- update.py       the learner's optimizer steps: global minibatches, length-sorted micro-batches
+- batch.py        the learner's batch: log-prob module, packed rows, the samplers' behaviour beside them
 - weight_sync.py  new weights to the samplers: object store or a broadcast from learner rank 0
 - checkpoint.py   GRPO checkpoints and resume
 - inputs.py       the init model and tokenizer, tasks, rewards, config checks

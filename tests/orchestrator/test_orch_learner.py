@@ -60,7 +60,7 @@ def test_aggregation_normalises_as_its_formula(policy_dir, aggregation):
 
 
 def test_entropy_coef_raises_entropy_and_zero_leaves_the_policy(policy_dir):
-    from orchestrator.grpo.learner import pack_batch
+    from orchestrator.grpo.batch import pack_batch
 
     ch = chunk(1)
     zero = [0.0] * len(ch.completion_ids)
@@ -137,7 +137,7 @@ def with_behaviour(ch, lrn, shift):
     """The chunk with sampler log-probs = the learner's old log-probs - shift (ratio e^shift)."""
     import dataclasses
 
-    from orchestrator.grpo.learner import pack_batch
+    from orchestrator.grpo.batch import pack_batch
 
     tokens, targets, _ = pack_batch(ch.prompt_ids, ch.completion_ids, 0)
     old, _, _ = lrn.engine.module.measure(tokens, targets)
@@ -203,7 +203,7 @@ def reference_update(policy_dir, ch, adv, grpo, states, step):
     padded batch for the old log-probs, then each minibatch padded to the batch's longest row,
     rl.grpo.grpo_loss, backward. `states`: the learner's weights before each of its optimizer steps
     (so the optimizer need not be replayed). (losses, gradients) per optimizer step, and the entropy."""
-    from orchestrator.grpo.learner import pack_batch
+    from orchestrator.grpo.batch import pack_batch
     from orchestrator.grpo.rollout import load_policy
     from rl.grpo import grpo_loss, importance_weights
 
@@ -250,7 +250,7 @@ def test_update_equals_the_plain_reference(policy_dir, aggregation, importance, 
     reference's to rounding, and so does the entropy metric."""
     import dataclasses
 
-    from orchestrator.grpo.learner import MICRO_OVERHEAD_TOKENS, length_micro_batches
+    from orchestrator.grpo.batch import MICRO_OVERHEAD_TOKENS, length_micro_batches
 
     monkeypatch.setitem(MICRO_OVERHEAD_TOKENS, "cpu", 16)  # cheap calls: several micro-batches per minibatch
     ch = varied_chunk()
@@ -287,7 +287,7 @@ def test_update_equals_the_plain_reference(policy_dir, aggregation, importance, 
 
 def reference_measure(lrn, ch):
     """The sampled tokens' log-probs per completion under the learner's current weights."""
-    from orchestrator.grpo.learner import pack_batch
+    from orchestrator.grpo.batch import pack_batch
 
     tokens, targets, _ = pack_batch(ch.prompt_ids, ch.completion_ids, 0)
     old, _, _ = lrn.engine.module.measure(tokens, targets)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoints import find_checkpoints
 from orchestrator.tracking import offline_history, wait_follower
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,11 +77,15 @@ def test_sigterm_keeps_every_logged_step_in_wandb_and_the_resumed_run_continues_
     assert all(row["train/loss"] == json.loads(line)["train/loss"]
                for row, line in zip(offline_history(out), (out / "metrics.jsonl").read_text().splitlines()))
     run_id = (out / "wandb-run-id").read_text().strip()
+    # The progress lines reach this pipe through Ray's log forwarding, which may lag the worker by
+    # seconds on a loaded machine: the newest checkpoint at the stop may be 16 rather than 8.
+    newest = find_checkpoints(out)[-1].step
+    assert newest in (8, 16, 24) and newest <= written[-1], (newest, written[-1])
 
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert not (out / "wandb-follower.pid").exists()  # a finished run has finished its W&B run
-    assert "resumed from step 8" in r.stdout + r.stderr
+    assert f"resumed from step {newest}," in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     assert metric_steps(out) == list(range(1, 31))
     assert (out / "wandb-run-id").read_text().strip() == run_id
     files = list((out / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
