@@ -148,22 +148,26 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, start_pos=start_pos, caches=caches, positions_BT=positions_BT, mask_BTS=mask_BTS)
         return self.head(self.norm(h))
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, positions_BT=None,
+             mask_BTS=None) -> tuple[torch.Tensor, dict]:
         """Main cross-entropy + mtp_loss_weight * mean MTP cross-entropy (+ the sequence-wise aux loss
         of every MoE layer this call ran, MTP's included) -> (loss, metrics as floats)."""
-        total, terms = self.loss_terms(tokens, targets, ignore_index=ignore_index)
+        total, terms = self.loss_terms(tokens, targets, ignore_index=ignore_index, positions_BT=positions_BT, mask_BTS=mask_BTS)
         return total, {k: v.item() for k, v in terms.items()}
 
-    def loss_terms(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> tuple[torch.Tensor, dict]:
+    def loss_terms(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, positions_BT=None,
+                   mask_BTS=None) -> tuple[torch.Tensor, dict]:
         """`loss` with its metrics as detached 0-d tensors: no host sync, so the whole training
-        forward compiles as one graph (`torch.compile(model.loss_terms, fullgraph=True)`, issue 24)."""
+        forward compiles as one graph (`torch.compile(model.loss_terms, fullgraph=True)`, issue 24).
+        With packed documents (`positions_BT`, `mask_BTS`: data/sft.py) the MTP modules, whose
+        attention takes no mask, are left out: the loss is the main head's (and the aux loss)."""
         for m in self.moe_layers():
             m.aux_loss = None  # set again by each MoE layer that runs below
-        h = self.hidden(tokens)
+        h = self.hidden(tokens, positions_BT=positions_BT, mask_BTS=mask_BTS)
         ce = self.head(self.norm(h), targets, mode="ce", ignore_index=ignore_index)
         total, metrics = ce, {"ce_loss": ce.detach()}
         T = tokens.size(1)
-        if self.mtp and T > len(self.mtp):
+        if self.mtp and T > len(self.mtp) and mask_BTS is None:
             mtp_losses = []
             h_prev = h
             for k, mod in enumerate(self.mtp, start=1):

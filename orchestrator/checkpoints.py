@@ -202,3 +202,36 @@ def model_args(run_dir: Path, ckpt: Checkpoint) -> ModelArgs:
     raise ConfigError(f"--from {run_dir}: the GRPO run's init model ({cfg.grpo.init}) has no config.json "
                       f"(an HF directory, or a run with an `hf/` export), so its model shape is unknown; "
                       f"run export from the directory the GRPO run was started in")
+
+
+def resolve_model_source(init: str | None, tokenizer: str | None, section: str) -> tuple[Path, Path]:
+    """(HF model directory, tokenizer.json) from `<section>.init`: a pretraining, GRPO or SFT run
+    directory (its `hf/` export), or a Hugging Face directory. The tokenizer is `<section>.tokenizer`
+    when set, else the one the model source holds (find_tokenizer): ours or any Hugging Face
+    tokenizer (tokenizer.json + tokenizer_config.json). A missing one is a ConfigError naming the key."""
+    if not init:
+        raise ConfigError(f"key '{section}.init' is required: a `sputnik pretrain`, `sputnik grpo` or `sputnik sft` run directory, "
+                          f"or a Hugging Face directory")
+    src = Path(init)
+    if not src.is_dir():
+        raise ConfigError(f"key '{section}.init': {src} is not a directory")
+    summary = src / "summary.json"
+    if (src / "config.json").is_file():
+        hf = src
+    elif summary.is_file():
+        hf = Path(json.loads(summary.read_text()).get("hf_export", src / "hf"))
+    else:
+        raise ConfigError(f"key '{section}.init': {src} holds neither an HF model (config.json) nor a run (summary.json)")
+    if not (hf / "config.json").is_file():
+        raise ConfigError(f"key '{section}.init': no HF model in {hf} (was the run finished and exported?)")
+    if tokenizer:
+        tok = Path(tokenizer)
+        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        if not tok.is_file():
+            raise ConfigError(f"key '{section}.tokenizer': {tok} does not exist")
+        return hf, tok
+    tok = find_tokenizer(src)
+    if tok is None:
+        raise ConfigError(f"key '{section}.tokenizer': no tokenizer.json in {hf} or the run {src}; set {section}.tokenizer "
+                          f"to a tokenizer.json or a Hugging Face tokenizer directory")
+    return hf, tok

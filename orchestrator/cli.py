@@ -1,4 +1,4 @@
-"""The `sputnik` command line: demo, pretrain, grpo, eval, export, plan.
+"""The `sputnik` command line: demo, pretrain, sft, sample, distill, grpo, eval, export, plan, config.
 
 Every subcommand takes `--config FILE`, `--out DIR` and dotted overrides (`grpo.group_size=8`).
 The config is validated before anything starts: a bad key or value, or any other error a user can
@@ -23,6 +23,9 @@ EXIT_CONFIG = 2
 COMMANDS = {
     "demo": ("the whole pipeline on this machine: corpus, pretraining, GRPO, report", "demo.yaml", "orchestrator.demo:run"),
     "pretrain": ("pretrain the MoE model with Ray Train + DeepSpeed", "pretrain_tiny.yaml", "orchestrator.pretrain:run"),
+    "sft": ("supervised fine-tuning on a prompt/completion or chat table, from a run or HF model", "sft_math.yaml", "orchestrator.sft:run"),
+    "sample": ("rejection sampling: a teacher's completions the verifier accepts, as an SFT table", "grpo_math.yaml", "orchestrator.sample:run"),
+    "distill": ("rejection-sample a teacher and fine-tune a (smaller) student on what it kept", "grpo_math.yaml", "orchestrator.distill:run"),
     "grpo": ("R1-Zero-style GRPO with rollout samplers, reward evaluators and policy learners", "grpo_math.yaml", "orchestrator.grpo:run"),
     "eval": ("score a model, or given completions, on a task set: HumanEval, reasoning-gym, GSM8K/MATH files (pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
     "export": ("export a pretraining or GRPO checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run"),

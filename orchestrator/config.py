@@ -107,6 +107,55 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass
+class SFTConfig(PretrainConfig):
+    """Supervised fine-tuning (`sputnik sft`, issue 22): pretraining's keys, with fine-tuning's
+    defaults, plus the model to start from and the table to learn."""
+
+    __pydantic_config__ = _STRICT
+    workers: PositiveInt = 1
+    micro_batch_size: PositiveInt = 8
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 1e-4
+    min_lr_ratio: Fraction = 0.1
+    warmup_steps: NonNegInt = 5
+    weight_decay: NonNegFloat = 0.0
+    init: Optional[str] = None  # a pretraining, GRPO or SFT run directory, or an HF directory
+    tokenizer: Optional[str] = None  # tokenizer.json or an HF tokenizer directory; default: the init model's
+    data: Optional[str] = None  # a .jsonl/.parquet table: prompt + completion columns (or chat messages), optional split
+    seq_len: Optional[PositiveInt] = None  # positions per packed row (default: data.seq_len)
+    eval_every: PositiveInt = 20  # steps between held-out loss/accuracy evaluations (and the last step)
+    heldout_size: PositiveInt = 256  # held-out examples evaluated (the table's heldout split)
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Rejection sampling (`sputnik sample`, issue 22): a teacher's completions of train-split tasks,
+    kept where the task's verifier accepts them, as an SFT table."""
+
+    __pydantic_config__ = _STRICT
+    teacher: Optional[str] = None  # a pretraining, GRPO or SFT run directory, or an HF directory
+    tokenizer: Optional[str] = None  # tokenizer.json or an HF tokenizer directory; default: the teacher's
+    tasks: str = "arithmetic"  # as grpo.tasks: arithmetic, code, humaneval, reasoning-gym:<generator>, or a task file
+    prompts: PositiveInt = 512  # train-split prompts sampled
+    samples: PositiveInt = 8  # completions per prompt (G)
+    temperature: Optional[NonNegFloat] = None  # None: rollout.temperature
+    keep: Literal["all", "shortest", "distinct"] = "distinct"  # accepted completions kept per prompt: every one, the shortest, or distinct texts
+    max_per_prompt: PositiveInt = 4  # at most this many kept per prompt (keep=all|distinct)
+    batch_prompts: PositiveInt = 64  # prompts per round (a progress line after each)
+    sft_heldout_percent: Annotated[int, Field(ge=0, le=50)] = 5  # kept rows marked split=heldout (by task id), for SFT's held-out loss
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """`sputnik distill` (issue 22): rejection-sample the teacher (the `sample:` section), then
+    fine-tune the student on what it kept (the `sft:` section, with sft.init the student)."""
+
+    __pydantic_config__ = _STRICT
+    student: Optional[str] = None  # a run or HF directory; None: a fresh model of `student_preset`
+    student_preset: Optional[str] = None  # a model preset (configs/models) initialised at random with the teacher's tokenizer
+
+
+@dataclasses.dataclass
 class RolloutConfig:
     """Sampling settings of the RolloutSampler actors."""
 
@@ -212,6 +261,9 @@ class RunConfig:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     rewards: dict[str, Any] = dataclasses.field(default_factory=dict)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)

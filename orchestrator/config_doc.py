@@ -19,7 +19,15 @@ _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
 
 def _comments(cls) -> dict[str, str]:
-    """field name -> the comment beside it, or the comment lines just above it."""
+    """field name -> the comment beside it, or the comment lines just above it; a subclass's
+    fields without a comment of their own keep their base class's (SFTConfig's pretraining keys)."""
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in inspect.getmro(cls) if k is not object]):
+        out.update({k: v for k, v in _own_comments(klass).items() if v or k not in out})
+    return out
+
+
+def _own_comments(cls) -> dict[str, str]:
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):

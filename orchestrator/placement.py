@@ -107,8 +107,10 @@ def roles_for(cfg: RunConfig, command: str, cluster_gpus: float) -> list[Role]:
     learner_gpus = _auto_gpus(c.gpus_per_learner, cluster_gpus)
     if command == "pretrain":
         return [Role("pretrain worker", cfg.pretrain.workers, c.cpus_per_learner, learner_gpus, "PACK")]
+    if command == "sft":
+        return [Role("sft worker", cfg.sft.workers, c.cpus_per_learner, learner_gpus, "PACK")]
     if command not in ("grpo", "eval", "demo"):
-        raise ConfigError(f"sputnik plan: no placement for command {command!r} (grpo, eval, pretrain or demo)")
+        raise ConfigError(f"sputnik plan: no placement for command {command!r} (grpo, eval, pretrain, sft or demo)")
     roles = [] if command == "eval" else [Role("learner", cfg.grpo.learners, c.cpus_per_learner, learner_gpus, "PACK")]
     if command != "eval" and cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "actor":
         roles.append(Role("reference", 1, c.cpus_per_learner, learner_gpus, "PACK"))

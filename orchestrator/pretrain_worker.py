@@ -51,6 +51,14 @@ class WorkerSpec:
     eos_id: int
     threads: int = 1  # torch threads per worker on CPU
     peak_flops: float | None = None  # per device, for MFU; None where unknown
+    # supervised fine-tuning (orchestrator/sft.py) runs the same loop: the model starts from an HF
+    # directory and the batches are packed examples (data/sft.py) with a held-out loss
+    job: str = "pretrain"  # the progress lines' prefix
+    init_dir: Path | None = None  # start from this HF model instead of a fresh initialisation
+    sft_examples: Path | None = None  # encoded training examples (data.sft.save_examples)
+    sft_heldout: Path | None = None  # encoded held-out examples
+    pad_id: int = 0
+    eval_every: int = 0  # steps between held-out evaluations (and the last step); 0: none
 
 
 class LossModule(nn.Module):
@@ -60,8 +68,12 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, targets):
-        return self.model.loss(tokens, targets)
+    def forward(self, tokens, targets, positions=None, doc=None):
+        if doc is None:
+            return self.model.loss(tokens, targets)
+        from data.sft import doc_mask
+
+        return self.model.loss(tokens, targets, positions_BT=positions, mask_BTS=doc_mask(doc))
 
 
 def rng_state() -> dict:
@@ -93,9 +105,17 @@ def train_loop(loop_config: dict) -> None:
     flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
     bf16 = p.precision == "bf16" or (p.precision == "auto" and on_gpu)
     engine, scheduler = build_engine(model, p, world, bf16=bf16)
-    loader = PackedLoader(spec.shard_dir, seq_len=spec.seq_len, batch_size=p.micro_batch_size * world, bos_id=spec.bos_id,
-                          eos_id=spec.eos_id, seed=spec.seed, rank=rank, world_size=world)
-    start_step = resume(engine, loader, rank, world, Path(spec.run_dir))
+    if spec.sft_examples is not None:
+        from data.sft import SFTLoader, load_examples
+
+        loader = SFTLoader(load_examples(spec.sft_examples), seq_len=spec.seq_len, batch_size=p.micro_batch_size * world,
+                           pad_id=spec.pad_id, seed=spec.seed, rank=rank, world_size=world)
+        heldout = load_examples(spec.sft_heldout) if spec.sft_heldout is not None else []
+    else:
+        loader = PackedLoader(spec.shard_dir, seq_len=spec.seq_len, batch_size=p.micro_batch_size * world, bos_id=spec.bos_id,
+                              eos_id=spec.eos_id, seed=spec.seed, rank=rank, world_size=world)
+        heldout = []
+    start_step = resume(engine, loader, rank, world, Path(spec.run_dir), spec.job)
 
     last_step = min(p.steps, p.stop_after or p.steps)
     log = StepLog(spec, world, flops_per_token, last_step) if rank == 0 else None
@@ -105,9 +125,14 @@ def train_loop(loop_config: dict) -> None:
         t0 = time.perf_counter()
         losses, loads_LE = train_step(engine, model, loader, p.grad_accum, device, world)
         dt = time.perf_counter() - t0
+        extra = {}
+        if heldout and (step % spec.eval_every == 0 or step == last_step):
+            from orchestrator.sft import heldout_metrics
+
+            extra = heldout_metrics(model, heldout, spec, device, rank, world)
         if log is not None:
             log.step(step, losses, loads_LE, model.expert_bias().cpu(), lr=scheduler.get_last_lr()[0],
-                     grad_norm=float(engine.get_global_grad_norm() or 0.0), dt=dt)
+                     grad_norm=float(engine.get_global_grad_norm() or 0.0), dt=dt, extra=extra)
         if step % p.checkpoint_every == 0 or step == last_step:
             report_checkpoint(engine, loader, step, rank, world, {"loss": losses["loss"], "step": step})
     if log is not None:
@@ -118,7 +143,12 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
     """The Transformer, identical on every rank, with FP8, activation checkpointing and expert parallel as configured."""
     p, args = spec.pretrain, spec.model
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = Transformer(args)
+    if spec.init_dir is not None:
+        from model.hf import from_hf_pretrained
+
+        model = from_hf_pretrained(spec.init_dir)
+    else:
+        model = Transformer(args)
     if p.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
         from model.fp8 import apply_fp8
 
@@ -158,7 +188,7 @@ def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: boo
     return engine, scheduler
 
 
-def resume(engine, loader, rank: int, world: int, run_dir: Path) -> int:
+def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pretrain") -> int:
     """Restore engine, loader and RNG from the newest checkpoint; the step it was taken after (0: none).
 
     That is Ray Train's latest registered checkpoint, or a newer complete one in the run directory:
@@ -180,7 +210,7 @@ def resume(engine, loader, rank: int, world: int, run_dir: Path) -> int:
     set_rng_state(state["rng"])
     if rank == 0:
         how = "the run directory (newer than Ray Train's last registered one)" if on_disk else "Ray Train's last checkpoint"
-        print(f"pretrain: resumed from step {step}, from {how}", flush=True)
+        print(f"{job}: resumed from step {step}, from {how}", flush=True)
     return step
 
 
@@ -190,7 +220,8 @@ def train_step(engine, model: Transformer, loader, grad_accum: int, device, worl
     sums: dict[str, float] = {}
     for _ in range(grad_accum):
         batch = next(loader)
-        loss, metrics = engine(batch["tokens"].to(device), batch["targets"].to(device))
+        packed = [batch[k].to(device) for k in ("positions", "doc")] if "doc" in batch else []  # SFT: documents kept apart
+        loss, metrics = engine(batch["tokens"].to(device), batch["targets"].to(device), *packed)
         engine.backward(loss)
         engine.step()  # DeepSpeed updates the weights at the accumulation boundary only
         for k, v in metrics.items():
@@ -225,9 +256,9 @@ class StepLog:
         self.peak = spec.peak_flops * world if spec.peak_flops else None
 
     def step(self, step: int, losses: dict[str, float], loads_LE: torch.Tensor, bias_LE: torch.Tensor, *,
-             lr: float, grad_norm: float, dt: float) -> None:
+             lr: float, grad_norm: float, dt: float, extra: dict | None = None) -> None:
         heatmap = step % self.spec.tracking.heatmap_every == 0 or step == self.last_step
-        if not (heatmap or self.tracker.should_log(step, self.last_step)):
+        if not (heatmap or extra or self.tracker.should_log(step, self.last_step)):
             return
         on_gpu = torch.cuda.is_available()
         # namespaces as in the GRPO runs: train/, perf/, timing/, moe/ (the MTP layer is the last row)
@@ -247,9 +278,11 @@ class StepLog:
             if self.spec.tracking.wandb_mode != "disabled":
                 (Path(self.spec.run_dir) / "expert_load").mkdir(exist_ok=True)
                 np.save(heatmap_file(self.spec.run_dir, step), rel_LE.numpy())
+        rec.update(extra or {})
         self.tracker.log(rec, step=step)
-        print(f"pretrain: step {step}/{self.spec.pretrain.steps} loss {losses['loss']:.4f} lr {lr:.2e} "
-              f"{rec['perf/tokens_per_s']:.0f} tok/s", flush=True)
+        held = "".join(f" {k.split('/')[-1].replace('_', ' ')} {v:.4f}" for k, v in (extra or {}).items())
+        print(f"{self.spec.job}: step {step}/{self.spec.pretrain.steps} loss {losses['loss']:.4f} lr {lr:.2e} "
+              f"{rec['perf/tokens_per_s']:.0f} tok/s{' held-out' + held if held else ''}", flush=True)
 
     def layer_names(self, n: int) -> list[str]:
         """Rows of the expert loads: the main MoE layers by index, then the MTP modules' MoE layers."""

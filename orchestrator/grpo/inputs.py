@@ -8,7 +8,6 @@ Test: `pytest tests/orchestrator/test_orch_grpo.py`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,38 +16,11 @@ from orchestrator.config import ConfigError, RunConfig
 
 
 def resolve_init(cfg: RunConfig) -> tuple[Path, Path]:
-    """(HF model directory, tokenizer.json) from `grpo.init`: a pretraining or GRPO run directory (its
-    `hf/` export), or a Hugging Face directory. The tokenizer is `grpo.tokenizer` when set, else the
-    one the model source holds (orchestrator/checkpoints.py: find_tokenizer): ours or any Hugging
-    Face tokenizer (tokenizer.json + tokenizer_config.json)."""
-    from orchestrator.checkpoints import find_tokenizer
+    """(HF model directory, tokenizer.json) of `grpo.init` and `grpo.tokenizer`
+    (orchestrator/checkpoints.py: resolve_model_source)."""
+    from orchestrator.checkpoints import resolve_model_source
 
-    g = cfg.grpo
-    if not g.init:
-        raise ConfigError("key 'grpo.init' is required: a `sputnik pretrain` or `sputnik grpo` run directory, or a Hugging Face directory")
-    init = Path(g.init)
-    if not init.is_dir():
-        raise ConfigError(f"key 'grpo.init': {init} is not a directory")
-    summary = init / "summary.json"
-    if (init / "config.json").is_file():
-        hf = init
-    elif summary.is_file():
-        hf = Path(json.loads(summary.read_text()).get("hf_export", init / "hf"))
-    else:
-        raise ConfigError(f"key 'grpo.init': {init} holds neither an HF model (config.json) nor a run (summary.json)")
-    if not (hf / "config.json").is_file():
-        raise ConfigError(f"key 'grpo.init': no HF model in {hf} (was the run finished and exported?)")
-    if g.tokenizer:
-        tok = Path(g.tokenizer)
-        tok = tok / "tokenizer.json" if tok.is_dir() else tok
-        if not tok.is_file():
-            raise ConfigError(f"key 'grpo.tokenizer': {tok} does not exist")
-        return hf, tok
-    tok = find_tokenizer(init)
-    if tok is None:
-        raise ConfigError(f"key 'grpo.tokenizer': no tokenizer.json in {hf} or the run {init}; set grpo.tokenizer "
-                          f"to a tokenizer.json or a Hugging Face tokenizer directory")
-    return hf, tok
+    return resolve_model_source(cfg.grpo.init, cfg.grpo.tokenizer, "grpo")
 
 
 def task_set_rows(spec: str, *, seed: int, key: str) -> list[dict]:

@@ -25,12 +25,12 @@ def sputnik(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def test_help_lists_the_subcommands():
     r = sputnik("--help")
     assert r.returncode == 0
-    for name in ("demo", "pretrain", "grpo", "eval", "export", "plan", "config"):
+    for name in ("demo", "pretrain", "sft", "sample", "distill", "grpo", "eval", "export", "plan", "config"):
         assert name in r.stdout
-    assert set(COMMANDS) == {"demo", "pretrain", "grpo", "eval", "export", "plan", "config"}
+    assert set(COMMANDS) == {"demo", "pretrain", "sft", "sample", "distill", "grpo", "eval", "export", "plan", "config"}
 
 
-@pytest.mark.parametrize("name", ["demo", "pretrain", "grpo", "eval", "export", "plan", "config"])
+@pytest.mark.parametrize("name", ["demo", "pretrain", "sft", "sample", "distill", "grpo", "eval", "export", "plan", "config"])
 def test_each_subcommand_has_help_with_config_and_out(name):
     r = sputnik(name, "--help")
     assert r.returncode == 0, r.stderr
