@@ -226,16 +226,26 @@ class GRPOConfig:
     keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     table_every: PositiveInt = 10  # a W&B Table of sample rollouts every K steps
     stop_after: Optional[PositiveInt] = None  # stop (with a checkpoint) after this step; for tests
+    max_seconds: Optional[PositiveFloat] = None  # a time budget: the step that ends past it (from the first step) is the last, evaluated and saved
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    """`sputnik demo`: the second GRPO stage, on synthetic programming tasks scored in the sandbox.
-    (Held-out sampling follows `grpo.heldout_samples`.)"""
+    """`sputnik demo`: the second GRPO stage, on synthetic programming tasks scored in the sandbox,
+    and the distillation stage. (Held-out sampling follows `grpo.heldout_samples`.)"""
 
     __pydantic_config__ = _STRICT
     code_steps: NonNegInt = 0  # 0 skips the programming stage (needs data.code_docs > 0)
     code_heldout_size: PositiveInt = 64  # held-out programming tasks evaluated
+    # the distillation stage (issue 22; 0 skips it): a student preset pretrained as the teacher was,
+    # fine-tuned on the GRPO policy's rejection-sampled completions, beside the same pretrained
+    # student trained by GRPO directly for the same wall-clock time (DeepSeek-R1's comparison)
+    distill_steps: NonNegInt = 0  # SFT steps of the student on the teacher's samples
+    student_preset: str = "micro"  # the student's model preset (configs/models)
+    distill_prompts: PositiveInt = 2048  # train-split prompts the teacher samples
+    distill_samples: PositiveInt = 2  # completions per prompt; the distinct accepted ones are kept
+    distill_lr: PositiveFloat = 3e-3  # the student's SFT peak learning rate
+    distill_compare: bool = True  # also GRPO the pretrained student for the distillation's wall-clock time
 
 
 @dataclasses.dataclass

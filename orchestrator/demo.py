@@ -10,7 +10,9 @@
 3. GRPO on the arithmetic train split (`<run>/grpo/`), then the same measurements.
 4. With `demo.code_steps` > 0, a second GRPO stage on synthetic programming tasks scored by
    running their tests in the sandbox (`<run>/grpo-code/`), then the same measurements.
-5. `report.md` with plots (orchestrator/report.py) and `summary.json`.
+5. With `demo.distill_steps` > 0, distillation into a smaller student beside the same student
+   trained by GRPO directly for as long (orchestrator/demo_distill.py).
+6. `report.md` with plots (orchestrator/report.py) and `summary.json`.
 
 Test: `pytest tests/orchestrator/test_orch_demo.py`.
 """
@@ -76,7 +78,7 @@ def run(cfg: RunConfig, cli_args) -> int:
 
     t0 = time.time()
     code_stage = cfg.demo.code_steps > 0
-    n = 4 if code_stage else 3
+    n = 3 + code_stage + (cfg.demo.distill_steps > 0)
     top = create_run_dir(cfg, cli_args.out).resolve()
     print(f"demo: run directory {top}", flush=True)
     print(f"demo: 1/{n} corpus and pretraining (tiny MoE, 2 DeepSpeed workers on Ray Train)", flush=True)
@@ -110,14 +112,33 @@ def run(cfg: RunConfig, cli_args) -> int:
         _say(final, "code", res["after"])
         print(f"demo: {n}/{n} held-out arithmetic after GRPO on programming tasks", flush=True)
         points[final].update(measure(cfg, code_dir, {"arithmetic": tasks["arithmetic"]}, final))
+    students = None
+    if cfg.demo.distill_steps > 0:
+        from orchestrator.demo_distill import distill_stage
+
+        print(f"demo: {n}/{n} distillation: a {cfg.demo.student_preset} student pretrained as the teacher was, fine-tuned on the "
+              f"GRPO policy's verified samples" + (", and trained by GRPO directly for as long" if cfg.demo.distill_compare else ""), flush=True)
+        students, s_times, s_fig = distill_stage(cfg, top, grpo_dir, {"arithmetic": tasks["arithmetic"]}, measure, grpo_stage)
+        times.update(s_times)
+        students = {"points": students, "figures": s_fig}
     points = {stage: {k: p[k] for k in tasks} for stage, p in points.items()}  # the same task order at every stage
     # every held-out evaluation of the run: the GRPO stages' own (before, periodic, after) from their
     # metrics, and the demo's measurements of the other task set
     own = {(stage, name) for stage, name in (("pretrained", "code"), ("after code GRPO", "arithmetic")) if code_stage}
     times["evaluation"] = (sum(grpo_eval_seconds(d) for d in (grpo_dir, code_dir) if d)
                            + sum(points[stage][name].seconds for stage, name in own if name in points.get(stage, {})))
+    if students is not None:  # the students' measurements, and the directly trained student's own evaluations
+        times["evaluation"] += sum(r["arithmetic"].seconds for stage, r in students["points"].items() if stage != "student after GRPO")
+        g = students["figures"].get("student_grpo_dir")
+        times["evaluation"] += grpo_eval_seconds(Path(g)) if g else 0.0
     times["total"] = time.time() - t0
     summary = summarize(cfg, points, final, tasks, times, pre_dir=pre_dir, grpo_dir=grpo_dir, code_dir=code_dir, final_dir=final_dir)
+    if students is not None:
+        sp = students["points"]
+        summary["distillation"] = {**students["figures"], "teacher_greedy": points[final]["arithmetic"].greedy,
+                                   "teacher_pass@1": points[final]["arithmetic"].sampled,
+                                   "heldout_greedy": {k: v["arithmetic"].greedy for k, v in sp.items()},
+                                   "heldout_pass@1": {k: v["arithmetic"].sampled for k, v in sp.items()}}
     (top / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from orchestrator.report import demo_plots, write_demo_report
 

@@ -201,6 +201,7 @@ class Driver:
         after, line = None, ProgressLine("grpo", start, g.steps)
         pending = deque([self.sample_step(start + 1)] if start < last else [])  # steps sampled, in order
         launched = start + len(pending)  # the last step whose sampling was submitted
+        t_loop, out_of_time = time.perf_counter(), False
         for step in range(start + 1, last + 1):
             t_step = time.perf_counter()
             batch = self.collect(pending.popleft(), step)
@@ -214,7 +215,9 @@ class Driver:
                 pending.append(self.sample_step(launched))
             metrics = step_metrics(batch, adv, {**adv_m, **learn}, self.rewards, version=self.version,
                                    seconds=time.perf_counter() - t_step)
-            evaluated = step % g.eval_every == 0 or step == g.steps
+            # grpo.max_seconds: this step is the last once the loop has run that long (a time budget)
+            out_of_time = g.max_seconds is not None and time.perf_counter() - t_loop >= g.max_seconds and step < last
+            evaluated = step % g.eval_every == 0 or step == g.steps or out_of_time
             if evaluated:
                 after = self.evaluate(step)
                 metrics.update(after.metrics() if after is not None else {})
@@ -225,7 +228,10 @@ class Driver:
                 self.tracker.table(*rollout_table(self.ray.get(batch.gen[0]), batch.records, adv, self.rewards, step))
                 self.tracker.histograms({"rollout/response_length": [x.length for x in batch.records],
                                          "reward/distribution": [x.reward for x in batch.records]}, step=step)
-            if step % g.checkpoint_every == 0 or step == last:
+            if step % g.checkpoint_every == 0 or step == last or out_of_time:
                 self.save(step)
             self.step = step
-        return {"before": before, "after": after if last == g.steps else None}
+            if out_of_time:
+                print(f"grpo: stopped after step {step}: grpo.max_seconds ({g.max_seconds:.0f} s) reached", flush=True)
+                break
+        return {"before": before, "after": after if last == g.steps or out_of_time else None}
