@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from data.sft import IGNORE, SFTDataError, SFTLoader, build_row, doc_mask, encode_examples, pack_rows, read_sft_table
-from model import ModelArgs, Transformer
 
 
-def small_model(mtp: int = 1) -> Transformer:
+def small_model(mtp: int = 1):
+    # imported here, not at collection: importing the model imports the kernels, which must see
+    # tests/kernels/conftest.py's TRITON_INTERPRET first when the whole suite runs
+    from model import ModelArgs, Transformer
+
     torch.manual_seed(0)
     args = ModelArgs(vocab=97, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=4,
                      q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
