@@ -1,5 +1,6 @@
 """`sputnik sft` end to end (issue 22): a tiny random policy fine-tuned on worked sums through Ray
-Train + DeepSpeed, stopped halfway and resumed with the same --out; held-out loss and token
+Train + DeepSpeed, stopped halfway and resumed with the same --out (its losses those of an
+uninterrupted run); held-out loss and token
 accuracy on completion tokens; the export loads in transformers and continues a held-out prompt
 as our model does. Bad input exits 2 in one line naming the row, before Ray starts."""
 
@@ -68,6 +69,13 @@ def test_sft_learns_worked_sums_resumes_and_exports(tmp_path, policy_dir):
     print("held-out (step, loss, token accuracy):", evals)
     # measured: loss 2.51 -> 1.23, token accuracy 0.41 -> 0.61 from step 10 to 40 (a random model starts near 1/512)
     assert evals[-1][1] < 0.7 * evals[0][1] and evals[-1][2] > evals[0][2] + 0.15, evals
+    # resume exactness: an uninterrupted run of the same schedule, to step 24, has the same losses
+    ref = tmp_path / "ref"
+    r = sputnik(*args, "sft.stop_after=24", "--out", str(ref))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ref_loss = {x["step"]: x["train/loss"] for x in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())}
+    got = {x["step"]: x["train/loss"] for x in recs}
+    assert [got[s] for s in range(1, 25)] == pytest.approx([ref_loss[s] for s in range(1, 25)], rel=1e-5), (got, ref_loss)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_token_accuracy"] == evals[-1][2] and (out / "report.md").is_file()
 
