@@ -114,6 +114,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
 def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
     from orchestrator.pretrain_worker import WorkerSpec
 
+    check_cluster(cfg, run_dir, {shard_dir: f"the corpus cache ({CACHE_ENV})"})  # before anything else: a bad plan fails now
     p = cfg.pretrain
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
     spec = WorkerSpec(
@@ -121,29 +122,38 @@ def fit(cfg: RunConfig, run_dir: Path, shard_dir: Path, tok):
         shard_dir=Path(shard_dir), seq_len=cfg.data.seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
         threads=max(1, cpus // p.workers), peak_flops=peak_flops(),
     )
-    return train_workers(cfg, spec, {shard_dir: f"the corpus cache ({CACHE_ENV})"})
+    return train_workers(cfg, spec)
 
 
-def train_workers(cfg: RunConfig, spec, shared: dict[Path, str], command: str = "pretrain"):
-    """Ray Train over `spec.pretrain.workers` workers running pretrain_worker.train_loop (pretraining
-    and SFT); `shared` names the directories every node must see, by the key that set them."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def check_cluster(cfg: RunConfig, run_dir: Path, shared: dict[Path, str], command: str = "pretrain") -> None:
+    """Start or join Ray; refuse an impossible placement of the workers and storage that not every
+    node sees (`shared`: directories every node must see, by the key that set them)."""
+    import ray
 
     from orchestrator.placement import check_placement, check_shared_storage, cluster_gpus, roles_for
-    from orchestrator.pretrain_worker import train_loop
     from orchestrator.ray_local import init_ray
 
-    run_dir, p = spec.run_dir, spec.pretrain
     init_ray(cfg.cluster)
     # the workers' bundles as `sputnik plan` places them: an impossible plan fails now, with the reason
     check_placement(ray, cfg.cluster, roles_for(cfg, command, cluster_gpus(ray)))
-    storage = str(cfg.cluster.storage_path or run_dir / "checkpoints")
     if cfg.cluster.storage_path:
-        check_shared_storage(ray, storage, key="cluster.storage_path")
+        check_shared_storage(ray, str(cfg.cluster.storage_path), key="cluster.storage_path")
     check_shared_storage(ray, run_dir, key="--out")  # metrics, checkpoints, the HF export
     for path, key in shared.items():
         check_shared_storage(ray, path, key=key)
+
+
+def train_workers(cfg: RunConfig, spec):
+    """Ray Train over `spec.pretrain.workers` workers running pretrain_worker.train_loop (pretraining
+    and SFT), after check_cluster."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.placement import cluster_gpus
+    from orchestrator.pretrain_worker import train_loop
+
+    run_dir, p = spec.run_dir, spec.pretrain
+    storage = str(cfg.cluster.storage_path or run_dir / "checkpoints")
     use_gpu = (cfg.cluster.gpus_per_learner if cfg.cluster.gpus_per_learner is not None else cluster_gpus(ray)) > 0
     trainer = TorchTrainer(
         train_loop,

@@ -67,7 +67,7 @@ def prepare(cfg: RunConfig):
 def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     """Fine-tune into `out` (or a new run directory) and return the run directory."""
     from data.sft import save_examples
-    from orchestrator.pretrain import peak_flops, train_workers
+    from orchestrator.pretrain import check_cluster, peak_flops, train_workers
     from orchestrator.pretrain_worker import WorkerSpec
     from orchestrator.rundir import create_run_dir
     from orchestrator.tracking import Tracker, start_follower
@@ -97,7 +97,8 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     follower = start_follower(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="sft",
                               media="orchestrator.pretrain_worker:heatmap_media")
     try:
-        train_workers(cfg, spec, {hf: "sft.init"}, command="sft")
+        check_cluster(cfg, run_dir, {hf: "sft.init"}, command="sft")
+        train_workers(cfg, spec)
         final = export_run(run_dir, args, tok_dir / "tokenizer.json", cfg.data.template)
     except BaseException as e:
         if follower:
