@@ -23,7 +23,24 @@ import torch
 from data.shards import ShardError, read_shard_tokens
 
 
-class PackedLoader:
+class ResumableCursor:
+    """(epoch, batch) of a seeded, deterministic loader: what a checkpoint keeps so that the batch
+    after a resume is the one the uninterrupted run would have produced (PackedLoader, data.sft.SFTLoader)."""
+
+    epoch: int
+    batch: int
+    seed: int
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class PackedLoader(ResumableCursor):
     def __init__(self, shard_dir: str | Path, *, seq_len: int, batch_size: int, bos_id: int, eos_id: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size % world_size:
@@ -100,10 +117,3 @@ class PackedLoader:
     def total_tokens(self) -> int:
         return int(self.doc_len.sum())
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -23,13 +23,13 @@ Test: `pytest tests/data/test_data_sft.py`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.tasks import split_of
+from data.loader import ResumableCursor
+from data.tasks import read_records, split_of
 
 IGNORE = -100  # target id that contributes no loss (Transformer.loss's ignore_index)
 
@@ -43,27 +43,7 @@ def read_sft_table(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such SFT table")
-    if path.suffix == ".jsonl":
-        records = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
-    elif path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            records = pq.read_table(path).to_pylist()
-        except (pa.ArrowInvalid, OSError) as e:
-            raise SFTDataError(f"{path}: not a readable Parquet file ({e})") from None
-    else:
-        raise SFTDataError(f"{path}: unsupported SFT table type {path.suffix!r} (use .jsonl or .parquet)")
-    if not records:
-        raise SFTDataError(f"{path}: the table holds no rows")
+    records = read_records(path, SFTDataError, kind="SFT table", empty="the table holds no rows")
     return [_row(r, path, i) for i, r in enumerate(records)]
 
 
@@ -176,7 +156,7 @@ def doc_mask(doc_BT: torch.Tensor) -> torch.Tensor:
     return (same & causal) | torch.eye(T, dtype=torch.bool, device=doc_BT.device)
 
 
-class SFTLoader:
+class SFTLoader(ResumableCursor):
     """Packed SFT batches: {"tokens", "targets", "positions", "doc"} [B/W, seq_len] (module docstring)."""
 
     def __init__(self, examples: list[tuple[list[int], int]], *, seq_len: int, batch_size: int, pad_id: int,
@@ -215,11 +195,3 @@ class SFTLoader:
         built = [build_row(self.examples, rows[first + k], self.seq_len, self.pad_id) for k in range(per_rank)]
         self.batch += 1
         return {k: torch.stack([b[k] for b in built]) for k in built[0]}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

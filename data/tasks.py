@@ -259,13 +259,10 @@ def _verifier(tests: str) -> str | None:
     return str(spec.get("verifier")) if isinstance(spec, dict) and "verifier" in spec else None
 
 
-def read_tasks(path: str | Path) -> pa.Table:
-    """Tasks from .jsonl or .parquet: our schema, GSM8K style (#### answer) or MATH style (\\boxed{}).
-
-    A math row without an answer, or a code row whose tests check nothing, is refused (TaskFileError naming the row)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
+def read_records(path: Path, error: type[ValueError], *, kind: str, empty: str) -> list[dict]:
+    """The rows of a .jsonl or .parquet file (task files, SFT tables) as dicts. A row that is not
+    UTF-8 or not JSON, an unreadable Parquet file, another suffix or no rows raise `error` in one
+    line naming the file (and the row); `kind` names the file type, `empty` the no-rows message."""
     if path.suffix == ".jsonl":
         records = []
         with open(path, "rb") as f:
@@ -273,20 +270,31 @@ def read_tasks(path: str | Path) -> pa.Table:
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError:
-                    raise TaskFileError(f"{path}: row {i} is not UTF-8 text") from None
+                    raise error(f"{path}: row {i} is not UTF-8 text") from None
                 if not text.strip():
                     continue
                 try:
                     records.append(json.loads(text))
                 except json.JSONDecodeError as e:
-                    raise TaskFileError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+                    raise error(f"{path}: row {i} is not valid JSON ({e.msg})") from None
     elif path.suffix == ".parquet":
         try:
             records = pq.read_table(path).to_pylist()
         except (pa.ArrowInvalid, OSError) as e:
-            raise TaskFileError(f"{path}: not a readable Parquet file ({e})") from None
+            raise error(f"{path}: not a readable Parquet file ({e})") from None
     else:
-        raise TaskFileError(f"{path}: unsupported task file type {path.suffix!r} (use .jsonl or .parquet)")
+        raise error(f"{path}: unsupported {kind} type {path.suffix!r} (use .jsonl or .parquet)")
     if not records:
-        raise TaskFileError(f"{path}: the file holds no tasks")
+        raise error(f"{path}: {empty}")
+    return records
+
+
+def read_tasks(path: str | Path) -> pa.Table:
+    """Tasks from .jsonl or .parquet: our schema, GSM8K style (#### answer) or MATH style (\\boxed{}).
+
+    A math row without an answer, or a code row whose tests check nothing, is refused (TaskFileError naming the row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    records = read_records(path, TaskFileError, kind="task file", empty="the file holds no tasks")
     return make_table(_check_row(_row_from_record(r, path, i), path, i) for i, r in enumerate(records))

@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import RunConfig
 from orchestrator.rundir import create_run_dir
 
 
@@ -69,10 +69,7 @@ def sample_tasks(cfg: RunConfig) -> list[dict]:
 
     s = cfg.sample
     g = dataclasses.replace(cfg.grpo, tasks=s.tasks, train_size=s.prompts)
-    try:
-        train, _ = load_tasks(dataclasses.replace(cfg, grpo=g))
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("grpo.tasks", "sample.tasks")) from None
+    train, _ = load_tasks(dataclasses.replace(cfg, grpo=g), key="sample.tasks")
     return train[: s.prompts]
 
 

@@ -37,7 +37,7 @@ def task_set_rows(spec: str, *, seed: int, key: str) -> list[dict]:
         raise ConfigError(f"key '{key}': {e}") from None
 
 
-def load_tasks(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+def load_tasks(cfg: RunConfig, key: str = "grpo.tasks") -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows) as lists of dicts: the generators' own splits, or a task set's
     rows split by prompt hash (held-out capped at grpo.heldout_size)."""
     g, d = cfg.grpo, cfg.data
@@ -55,11 +55,11 @@ def load_tasks(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         train = generate_code_tasks(g.train_size, seed=cfg.seed, split="train", **kw)
         heldout = generate_code_tasks(g.heldout_size, seed=cfg.seed + 1, split="heldout", **kw)
         return train.to_pylist(), heldout.to_pylist()
-    rows = task_set_rows(g.tasks, seed=cfg.seed, key="grpo.tasks")
+    rows = task_set_rows(g.tasks, seed=cfg.seed, key=key)
     train = [r for r in rows if r["split"] == "train"]
     heldout = [r for r in rows if r["split"] != "train"][: g.heldout_size]
     if not train:
-        raise ConfigError(f"key 'grpo.tasks': {g.tasks} has no train-split tasks")
+        raise ConfigError(f"key '{key}': {g.tasks} has no train-split tasks")
     names = [s.name for s in reward_config(cfg).rewards]
     if any(r["kind"] == "code" for r in train) and "code_tests" not in names and not any(n.rpartition(":")[0].endswith(".py") for n in names):
         # the weighted reward would never look at whether a program works
