@@ -102,21 +102,33 @@ class Tracker:
             self.wandb_run.log({**{k: v for k, v in record.items() if k != "step"}, **media}, step=int(step))
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        """Rows for reading (sample rollouts): `<name>.jsonl` in the run directory and a W&B Table."""
+        """Rows for reading (sample rollouts): `<name>.jsonl` in the run directory and a W&B Table.
+        A followed tracker leaves the table to its follower (`wandb-media.jsonl`): log it before
+        the step's metrics, which the follower sends it with."""
         with open(self.run_dir / f"{name}.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(dict(zip(columns, row)), default=str) + "\n")
-        if self.wandb_run is not None:
+        if self.followed:
+            self._media({"step": int(step), "table": name, "columns": columns, "rows": rows})
+        elif self.wandb_run is not None:
             import wandb
 
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=int(step))
 
     def histograms(self, values: Mapping[str, list[float]], step: int) -> None:
-        """Distributions (response lengths, rewards) as W&B histograms; nothing without W&B."""
-        if self.wandb_run is not None and values:
+        """Distributions (response lengths, rewards) as W&B histograms; nothing without W&B (a
+        followed tracker: through its follower, as `table`)."""
+        values = {k: [float(x) for x in v] for k, v in values.items() if len(v)}
+        if self.followed and values:
+            self._media({"step": int(step), "histograms": values})
+        elif self.wandb_run is not None and values:
             import wandb
 
-            self.wandb_run.log({k: wandb.Histogram(list(v)) for k, v in values.items() if len(v)}, step=int(step))
+            self.wandb_run.log({k: wandb.Histogram(v) for k, v in values.items()}, step=int(step))
+
+    def _media(self, record: dict) -> None:
+        with open(self.run_dir / MEDIA_FILE, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
 
     def summary(self, figures: Mapping[str, Any]) -> None:
         """Final figures: `summary.json` in the run directory (merged with earlier ones) and W&B."""
@@ -171,8 +183,8 @@ class MetricsFollower:
     CLOSED = "metrics.closed"
 
     def __init__(self, run_dir: Path, cfg: TrackingConfig, *, name: str, config: Mapping[str, Any] | None = None,
-                 job_type: str | None = None, media: Callable[[int], Mapping[str, Any]] | None = None,
-                 poll_s: float = 0.5):
+                 job_type: str | None = None, group: str | None = None,
+                 media: Callable[[int], Mapping[str, Any]] | None = None, poll_s: float = 0.5):
         self.run_dir, self.media, self.poll_s = Path(run_dir), media, poll_s
         self.path = self.run_dir / "metrics.jsonl"
         step_file = self.run_dir / self.STEP_FILE
@@ -182,7 +194,7 @@ class MetricsFollower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.wandb_run = _start_wandb(self.run_dir, cfg, name=name, config=config, job_type=job_type,
-                                      group=cfg.group or name) if cfg.wandb_mode != "disabled" else None
+                                      group=cfg.group or group or name) if cfg.wandb_mode != "disabled" else None
         self._thread = None
         if self.wandb_run is not None:
             self.drain()  # what a stopped run wrote after its last send, before new workers rewrite it
@@ -254,6 +266,44 @@ class MetricsFollower:
         self.close()
 
 
+MEDIA_FILE = "wandb-media.jsonl"
+
+
+def followed_media(run_dir: Path) -> Callable[[int], dict]:
+    """For MetricsFollower: the W&B tables and histograms a followed Tracker wrote for a step
+    (`wandb-media.jsonl`, written before the step's metrics). A step logged again after a resume
+    gets its latest media."""
+    path, offset, pending = Path(run_dir) / MEDIA_FILE, 0, {}
+
+    def media(step: int) -> dict:
+        nonlocal offset
+        import wandb
+
+        if path.is_file():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            offset += end
+            for line in data[:end].splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                pending.setdefault(rec["step"], {})
+                if "table" in rec:
+                    pending[rec["step"]][rec["table"]] = ("table", rec["columns"], rec["rows"])
+                for k, v in rec.get("histograms", {}).items():
+                    pending[rec["step"]][k] = ("histogram", v)
+        for s in [s for s in pending if s < step]:  # steps never logged: nothing will ask for them
+            del pending[s]
+        out = {}
+        for k, v in pending.pop(step, {}).items():
+            out[k] = wandb.Table(columns=v[1], data=v[2]) if v[0] == "table" else wandb.Histogram(v[1])
+        return out
+    return media
+
+
 FOLLOWER_SPEC, FOLLOWER_PID, FOLLOWER_STOP = "wandb-follower.json", "wandb-follower.pid", "wandb-follower.stop"
 
 
@@ -289,7 +339,8 @@ def wait_follower(run_dir: Path, timeout_s: float) -> bool:
 
 
 def start_follower(run_dir: Path, cfg: TrackingConfig, *, name: str, config: Mapping[str, Any] | None = None,
-                   job_type: str | None = None, media: str | None = None) -> FollowerProcess | None:
+                   job_type: str | None = None, group: str | None = None,
+                   media: str | None = None) -> FollowerProcess | None:
     """Start a MetricsFollower for `run_dir` in a process of its own, outside this process's tree
     (double fork, new session): it follows until this process ends or `stop()` is called, then
     finishes the W&B run. `media` names a "module:function" that, given the run directory, returns
@@ -304,7 +355,7 @@ def start_follower(run_dir: Path, cfg: TrackingConfig, *, name: str, config: Map
     wait_follower(run_dir, 60)  # a previous follower of this run directory (a resumed run) finishes first
     (run_dir / FOLLOWER_STOP).unlink(missing_ok=True)
     spec = {"tracking": dataclasses.asdict(cfg), "name": name, "config": dict(config or {}), "job_type": job_type,
-            "media": media, "driver_pid": os.getpid()}
+            "group": group, "media": media, "driver_pid": os.getpid()}
     (run_dir / FOLLOWER_SPEC).write_text(json.dumps(spec, default=str))
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -344,7 +395,8 @@ def follow(run_dir: Path) -> None:
             module, func = spec["media"].split(":")
             media = getattr(importlib.import_module(module), func)(run_dir)
         follower = MetricsFollower(run_dir, TrackingConfig(**spec["tracking"]), name=spec["name"], config=spec["config"],
-                                   job_type=spec["job_type"], media=media, poll_s=1e9)  # this loop drains
+                                   job_type=spec["job_type"], group=spec.get("group"), media=media,
+                                   poll_s=1e9)  # this loop drains
         try:
             while _alive(spec["driver_pid"]) and not (run_dir / FOLLOWER_STOP).exists():
                 time.sleep(0.5)

@@ -52,7 +52,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     from orchestrator.placement import check_shared_storage
     from orchestrator.ray_local import init_ray
     from orchestrator.report import write_grpo_report
-    from orchestrator.tracking import Tracker, wandb_group
+    from orchestrator.tracking import start_follower, wandb_group
 
     validate(cfg)
     resolve_init(cfg)
@@ -63,7 +63,29 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     random.seed(cfg.seed)
     ray = init_ray(cfg.cluster)
     check_shared_storage(ray, run_dir)
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo", group=wandb_group(cfg.grpo.init)) as tracker, \
+    # The W&B run belongs to a detached follower of metrics.jsonl (and of the rollouts tables and
+    # histograms beside it), as in pretraining: `ray job stop` sends SIGTERM to this process and all
+    # its descendants, wandb's service included, which would lose what it had not written yet.
+    follower = start_follower(run_dir, cfg.tracking, name=cfg.name, config=to_dict(cfg), job_type="grpo",
+                              group=wandb_group(cfg.grpo.init), media="orchestrator.tracking:followed_media")
+    try:
+        result = _run(cfg, run_dir, follower is not None)
+    except BaseException:  # the follower finishes the W&B run with what was logged
+        if follower:
+            follower.stop()
+        raise
+    write_grpo_report(run_dir)
+    if follower and not follower.stop(wait_s=120):
+        print(f"grpo: the W&B run is still being finished (log: {run_dir / 'wandb-follower.log'})", flush=True)
+    return run_dir, result
+
+
+def _run(cfg: RunConfig, run_dir: Path, followed: bool) -> dict:
+    import dataclasses
+
+    from orchestrator.tracking import Tracker
+
+    with Tracker(run_dir, dataclasses.replace(cfg.tracking, wandb_mode="disabled"), name=cfg.name, followed=followed) as tracker, \
             Driver(cfg, run_dir, tracker) as driver:
         result = driver.run()
         figures = {"grpo_steps": driver.step, "policy_version": driver.version, "tokenizer": str(driver.tok_path)}
@@ -79,8 +101,7 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
             print(f"grpo: held-out accuracy after GRPO {result['after'].greedy:.3f} greedy"
                   + (f", pass@1 {result['after'].sampled:.3f} sampled" if result["after"].sampled is not None else ""), flush=True)
         tracker.summary(figures)
-    write_grpo_report(run_dir)
-    return run_dir, result
+    return result
 
 
 def run(cfg: RunConfig, cli_args) -> int:

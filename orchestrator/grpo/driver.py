@@ -221,13 +221,14 @@ class Driver:
             if evaluated:
                 after = self.evaluate(step)
                 metrics.update(after.metrics() if after is not None else {})
-            if evaluated or step % t.log_every == 0 or step == last:
-                self.tracker.log(metrics, step=step)
-                line.show(step, metrics, out=sys.stdout)
-            if step % g.table_every == 0 or step == 1:
+            tabled = step % g.table_every == 0 or step == 1
+            if tabled:  # before the step's metrics: W&B's follower sends them with that record
                 self.tracker.table(*rollout_table(self.ray.get(batch.gen[0]), batch.records, adv, self.rewards, step))
                 self.tracker.histograms({"rollout/response_length": [x.length for x in batch.records],
                                          "reward/distribution": [x.reward for x in batch.records]}, step=step)
+            if evaluated or tabled or step % t.log_every == 0 or step == last:
+                self.tracker.log(metrics, step=step)
+                line.show(step, metrics, out=sys.stdout)
             if step % g.checkpoint_every == 0 or step == last or out_of_time:
                 self.save(step)
             self.step = step

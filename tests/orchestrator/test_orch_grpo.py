@@ -6,6 +6,7 @@ samplers and reward workers are restarted and every prompt of the step is scored
 dynamic sampling drops zero-variance groups, and a resumed run repeats the uninterrupted one.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -318,17 +319,24 @@ def test_quiet_teardown_hook_hides_only_the_intended_exit():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigterm_flushes_the_run_and_a_resubmission_resumes_it(policy_dir, tmp_path):
-    """What `ray job stop` does (SIGTERM) after step 2: exit 143 with one line, the metrics of the
-    finished steps and the offline W&B run kept; the same command again resumes from the step-2
-    checkpoint, continues the same W&B run, and metrics.jsonl ends with one record per step."""
+    """What `ray job stop` does (SIGTERM to the entrypoint) after step 3. (It signals the whole
+    process group; here that group would also hold the local Ray that `sputnik grpo` started, which
+    a job's cluster is not, so only the driver is signalled. The W&B follower is outside the group
+    either way.) exit 143 with one line; the W&B run, finished by its detached follower,
+    holds every step of metrics.jsonl, the rollouts table and the histograms; the same command again
+    resumes from the step-2 checkpoint, continues the same W&B run, and metrics.jsonl and W&B end
+    with one record per step."""
+    from orchestrator.tracking import offline_history, wait_follower
+
     root, _ = policy_dir
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "orchestrator.cli", "grpo", f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}",
            "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.heldout_size=4", "grpo.train_size=64", "rollout.max_new_tokens=24",
            "tracking.wandb_mode=offline", "cluster.num_cpus=2", "grpo.steps=6", "grpo.checkpoint_every=2", "grpo.eval_every=100",
-           "--out", str(out)]
+           "grpo.table_every=2", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         for line in p.stdout:
             if line.startswith("grpo: step 3/6"):
@@ -336,16 +344,28 @@ def test_sigterm_flushes_the_run_and_a_resubmission_resumes_it(policy_dir, tmp_p
                 break
         _, err = p.communicate(timeout=120)
     finally:
-        p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 143 and "stopped (SIGTERM)" in err, err[-2000:]
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[:4] == [0, 1, 2, 3]
+    assert wait_follower(out, 60), (out / "wandb-follower.log").read_text()
+
+    def steps_and_history():
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records], offline_history(out), records
+
+    steps, history, records = steps_and_history()
+    assert steps[:4] == [0, 1, 2, 3] and [h["_step"] for h in history] == steps  # every step written, once
+    assert all(h["reward/mean"] == r["reward/mean"] for h, r in zip(history[1:], records[1:]))
+    # W&B's history flattens a media object into its fields: a table is "rollouts/_type" == "table-file"
+    tabled = [h["_step"] for h in history if h.get("rollouts/_type") == "table-file"]
+    assert tabled == [1, 2], history
+    assert all(h.get("rollout/response_length/_type") == "histogram" for h in history if h["_step"] in tabled), history
     run_id = (out / "wandb-run-id").read_text().strip()
-    first = list((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert first and first[0].stat().st_size > 1000
     r = sputnik(*cmd[3:])
     assert "resumed from step" in r.stdout + r.stderr
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 6 and set(range(1, 7)) <= set(steps)
+    assert wait_follower(out, 60), (out / "wandb-follower.log").read_text()
+    steps, history, _ = steps_and_history()
+    assert steps == [h["_step"] for h in history] == list(range(7)), (steps, [h["_step"] for h in history])
+    assert [h["_step"] for h in history if h.get("rollouts/_type") == "table-file"] == [1, 2, 4, 6]
     assert (out / "wandb-run-id").read_text().strip() == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) >= 2  # the same W&B run, continued
