@@ -6,9 +6,13 @@ the synthetic corpus (two-digit additions; 90% of the word problems worked step 
 bare sums), then 20 GRPO steps on bare sums, then greedy accuracy and pass@1 at temperature 1 (4
 samples per task) on 128 held-out bare sums that appear neither in pretraining nor in GRPO
 training. Measured (2026-12-05): seed 0 greedy 0.305 -> 0.992, pass@1 0.520 -> 0.943, held-out
-response length 25 -> 43 tokens; seed 1 greedy 0.055 -> 1.000 (BENCHMARKS.md, "Demo"). The standard error of one
-accuracy on 128 tasks is at most 0.044 (0.063 for a difference), so the bars (greedy at most 0.35
-before, a rise of at least 0.40) sit more than four standard errors inside the measured figures.
+response length 25 -> 43 tokens; seed 1 greedy 0.055 -> 1.000 (BENCHMARKS.md, "Demo"). The same
+seed on another 2-core machine: greedy 0.539 -> 0.984, pass@1 0.520 -> 0.955 (600 CPU steps do not
+reproduce bit for bit across CPUs, and whether greedy decoding starts a bare sum by working it is
+close to a coin flip for the pretrained model: 51% of its samples did there). The standard error
+of one accuracy on 128 tasks is at most 0.044 (0.063 for a difference), so the bars (greedy at
+most 0.6 before and at least 0.9 after, a rise of at least 0.3) sit more than two standard errors
+inside every figure measured.
 Corpus reuse by a second run is tested in tests/data/test_data_shards.py. The demo's distillation
 stage (a smaller student, rejection sampling, SFT, and GRPO on the student for the same time) runs
 here too: it is the end-to-end distillation test (issue 22).
@@ -41,7 +45,7 @@ def test_demo_grpo_teaches_a_skill_on_heldout_tasks(tmp_path):
     run = tmp_path / "a"
     summary = json.loads((run / "summary.json").read_text())
     g0, g1 = summary["heldout_greedy_accuracy_before"]["arithmetic"], summary["heldout_greedy_accuracy_after"]["arithmetic"]
-    assert g0 <= 0.35 and g1 - g0 >= 0.40, (g0, g1)
+    assert g0 <= 0.6 and g1 >= 0.9 and g1 - g0 >= 0.3, (g0, g1)
     before, after = summary["heldout_accuracy_before"]["arithmetic"], summary["heldout_accuracy_after"]["arithmetic"]
     assert after - before >= 0.3, (before, after)
     # R1-Zero in miniature: the policy learns to work the sum, and its responses grow longer
