@@ -58,21 +58,34 @@ def rank_file(path: Path, rank: int) -> Path:
     return Path(path) / f"rank{rank}.pt"
 
 
-def save_pretrain_part(engine, path: Path, *, step: int, rank: int, world: int, worker_state: dict) -> None:
-    """This rank's part of a pretraining checkpoint in `path` (call on every rank)."""
+def save_pretrain_part(engine, path: Path, *, step: int, rank: int, world: int, worker_state: dict, experts=None) -> None:
+    """This rank's part of a pretraining checkpoint in `path` (call on every rank); `experts`: the
+    rank's ExpertShard (owned experts), saved per slice in `path/experts/`."""
     engine.save_checkpoint(str(path), tag=DS_TAG)
+    if experts is not None:
+        experts.save(path)
     torch.save(worker_state, rank_file(path, rank))
     if rank == 0:  # written last: its presence marks rank 0's part complete
-        (Path(path) / META).write_text(json.dumps({"step": step, "world_size": world, "tag": DS_TAG}))
+        (Path(path) / META).write_text(json.dumps({"step": step, "world_size": world, "tag": DS_TAG,
+                                                   "expert_parallel": experts.ep if experts is not None else 1}))
 
 
-def load_pretrain_part(engine, path: Path, *, rank: int, world: int) -> tuple[int, dict]:
-    """Restore `engine` from a pretraining checkpoint; returns (step, this rank's worker state)."""
+def load_pretrain_part(engine, path: Path, *, rank: int, world: int, experts=None) -> tuple[int, dict]:
+    """Restore `engine` (and `experts`, at any EP degree) from a pretraining checkpoint; returns
+    (step, this rank's worker state)."""
     meta = json.loads((Path(path) / META).read_text())
     if meta["world_size"] != world:
         raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} workers, not {world}: "
                            f"resuming on another world size is not supported")
+    from orchestrator.expert_shard import expert_layout
+
+    if (experts is None) != (expert_layout(path) is None):
+        raise RuntimeError(f"checkpoint {path} was written with expert parallel {meta.get('expert_parallel', 1)} "
+                           f"and {'owned' if expert_layout(path) else 'replicated'} experts: resume it with owned experts "
+                           f"exactly when it has them (pretrain.expert_weights)")
     engine.load_checkpoint(str(path), tag=meta["tag"])
+    if experts is not None:
+        experts.load(path)
     return meta["step"], torch.load(rank_file(path, rank), weights_only=False)
 
 
@@ -98,6 +111,8 @@ def _pretrain_checkpoint(folder: Path) -> Checkpoint | None:
         return None
     tag = meta.get("tag", DS_TAG)
     ranks_ok = all(rank_file(folder, r).is_file() for r in range(meta.get("world_size", 1)))
+    ep = meta.get("expert_parallel", 1)
+    ranks_ok = ranks_ok and (ep == 1 or all((folder / "experts" / f"part{j}-of{ep}.pt").is_file() for j in range(ep)))
     return Checkpoint(meta["step"], "pretrain", folder, tag) if ranks_ok and _has_model_states(folder / tag) else None
 
 
@@ -146,7 +161,13 @@ def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.ds_dir), tag=ckpt.tag)
     else:  # ZeRO 0: the module is saved whole, optimizer included
         sd = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    from orchestrator.expert_shard import expert_layout, read_expert_parts
+
+    if expert_layout(ckpt.ds_dir) is not None:  # owned experts: every slice, reassembled
+        parts = read_expert_parts(ckpt.ds_dir)
+        sd.update({k: v["weight"].float() for k, v in parts.items() if k != "step"})
+    return sd
 
 
 def _hf_config(source: Path) -> Path | None:

@@ -98,9 +98,12 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
     grad_clip: NonNegFloat = 1.0  # clip the global gradient norm to this (0: off)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
-    # ranks per expert-parallel group: each computes n_routed_experts / expert_parallel experts for the
-    # group's tokens (all-to-all); weights stay whole for ZeRO (model/parallel.py, shard_weights=False)
+    # ranks per expert-parallel group: each owns n_routed_experts / expert_parallel experts (their weights,
+    # gradients, optimizer state) and computes them for the group's tokens (all-to-all); orchestrator/expert_shard.py
     expert_parallel: PositiveInt = 1
+    # owned: each rank holds only its experts; replicated: every rank holds all of them and ZeRO shards
+    # them like any weight, only the compute is split (the layout before owned experts, kept to compare)
+    expert_weights: Literal["owned", "replicated"] = "owned"
     checkpoint_every: PositiveInt = 50  # steps between checkpoints (and the last step)
     keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     max_failures: NonNegInt = 0  # worker failures Ray Train recovers from by restarting at the last checkpoint

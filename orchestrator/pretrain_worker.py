@@ -104,7 +104,10 @@ def train_loop(loop_config: dict) -> None:
     model = build_model(spec, rank, world)
     flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
     bf16 = p.precision == "bf16" or (p.precision == "auto" and on_gpu)
+    experts = own_experts(model, p, rank, world, bf16=bf16)
     engine, scheduler = build_engine(model, p, world, bf16=bf16)
+    if experts is not None:
+        experts.hook_global_norm(engine)
     if spec.sft_examples is not None:
         from data.sft import SFTLoader, load_examples
 
@@ -115,7 +118,7 @@ def train_loop(loop_config: dict) -> None:
         loader = PackedLoader(spec.shard_dir, seq_len=spec.seq_len, batch_size=p.micro_batch_size * world, bos_id=spec.bos_id,
                               eos_id=spec.eos_id, seed=spec.seed, rank=rank, world_size=world)
         heldout = []
-    start_step = resume(engine, loader, rank, world, Path(spec.run_dir), spec.job)
+    start_step = resume(engine, loader, rank, world, Path(spec.run_dir), spec.job, experts=experts)
 
     last_step = min(p.steps, p.stop_after or p.steps)
     log = StepLog(spec, world, flops_per_token, last_step) if rank == 0 else None
@@ -123,7 +126,7 @@ def train_loop(loop_config: dict) -> None:
         log.tracker.drop_after(start_step)  # steps logged after the checkpoint we resumed from run again
     for step in range(start_step + 1, last_step + 1):
         t0 = time.perf_counter()
-        losses, loads_LE = train_step(engine, model, loader, p.grad_accum, device, world)
+        losses, loads_LE = train_step(engine, model, loader, p.grad_accum, device, world, experts=experts)
         dt = time.perf_counter() - t0
         extra = {}
         if heldout and (step % spec.eval_every == 0 or step == last_step):
@@ -134,7 +137,7 @@ def train_loop(loop_config: dict) -> None:
             log.step(step, losses, loads_LE, model.expert_bias().cpu(), lr=scheduler.get_last_lr()[0],
                      grad_norm=float(engine.get_global_grad_norm() or 0.0), dt=dt, extra=extra)
         if step % p.checkpoint_every == 0 or step == last_step:
-            report_checkpoint(engine, loader, step, rank, world, {"loss": losses["loss"], "step": step})
+            report_checkpoint(engine, loader, step, rank, world, {"loss": losses["loss"], "step": step}, experts=experts)
     if log is not None:
         log.close()
 
@@ -158,16 +161,34 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
             print(f"pretrain: FP8 block-scaled GEMMs in {len(converted)} modules ({where})", flush=True)
     if p.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if p.expert_parallel > 1:
+    if p.expert_parallel > 1 and p.expert_weights == "replicated":
         # consecutive ranks form an expert-parallel group; the weights stay whole (and identical on
         # every rank), so DeepSpeed's data-parallel average is the exact global-batch gradient
         ep = p.expert_parallel
         groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]  # every rank creates every group
         apply_expert_parallel(model, groups[rank // ep], shard_weights=False)
         if rank == 0:
-            print(f"pretrain: expert parallel {ep}: each worker computes {args.n_routed_experts // ep} of "
+            print(f"pretrain: expert parallel {ep} (replicated weights): each worker computes {args.n_routed_experts // ep} of "
                   f"{args.n_routed_experts} routed experts per MoE layer", flush=True)
     return model
+
+
+def own_experts(model: Transformer, p: PretrainConfig, rank: int, world: int, *, bf16: bool):
+    """With `pretrain.expert_parallel` K > 1 (owned experts): this rank's E/K routed experts per MoE
+    layer taken out of the model into an ExpertShard, which reduces, clips and updates them beside
+    the DeepSpeed engine; None otherwise."""
+    if p.expert_parallel == 1 or p.expert_weights != "owned":
+        return None
+    from orchestrator.expert_shard import ExpertShard
+
+    shard = ExpertShard(model, ep=p.expert_parallel, rank=rank, world=world, lr=p.lr, betas=tuple(p.betas),
+                        weight_decay=p.weight_decay, grad_clip=p.grad_clip,
+                        dtype=torch.bfloat16 if bf16 else torch.float32)
+    if rank == 0:
+        e = model.args.n_routed_experts
+        print(f"pretrain: expert parallel {p.expert_parallel}: each worker owns and computes {e // p.expert_parallel} of "
+              f"{e} routed experts per MoE layer", flush=True)
+    return shard
 
 
 def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: bool):
@@ -188,7 +209,7 @@ def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: boo
     return engine, scheduler
 
 
-def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pretrain") -> int:
+def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pretrain", experts=None) -> int:
     """Restore engine, loader and RNG from the newest checkpoint; the step it was taken after (0: none).
 
     That is Ray Train's latest registered checkpoint, or a newer complete one in the run directory:
@@ -205,7 +226,7 @@ def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pre
         path = on_disk[-1].ds_dir if on_disk else (Path(d) if d is not None else None)
         if path is None:
             return 0
-        step, state = load_pretrain_part(engine, path, rank=rank, world=world)
+        step, state = load_pretrain_part(engine, path, rank=rank, world=world, experts=experts)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     if rank == 0:
@@ -214,18 +235,27 @@ def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pre
     return step
 
 
-def train_step(engine, model: Transformer, loader, grad_accum: int, device, world: int) -> tuple[dict[str, float], torch.Tensor]:
+def train_step(engine, model: Transformer, loader, grad_accum: int, device, world: int,
+               experts=None) -> tuple[dict[str, float], torch.Tensor]:
     """One optimizer step. Returns the LOSSES averaged over micro-batches and ranks, and the expert
-    loads loads_LE [MoE layers, routed experts] (tokens routed, summed over ranks) on the CPU."""
+    loads loads_LE [MoE layers, routed experts] (tokens routed, summed over ranks) on the CPU.
+    `experts` (an ExpertShard): owned experts, reduced before DeepSpeed's step (whose clipping then
+    sees their norm) and updated after it at the same learning rate and clip factor."""
     sums: dict[str, float] = {}
-    for _ in range(grad_accum):
+    lr = engine.lr_scheduler.get_last_lr()[0]  # this step's (the scheduler moves on in engine.step)
+    for i in range(grad_accum):
         batch = next(loader)
         packed = [batch[k].to(device) for k in ("positions", "doc")] if "doc" in batch else []  # SFT: documents kept apart
         loss, metrics = engine(batch["tokens"].to(device), batch["targets"].to(device), *packed)
         engine.backward(loss)
+        if experts is not None and i == grad_accum - 1:
+            experts.reduce()
         engine.step()  # DeepSpeed updates the weights at the accumulation boundary only
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v / grad_accum
+    if experts is not None:
+        norm = engine.get_global_grad_norm()
+        experts.step(lr, float(norm) if norm is not None else None)
     # auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): loads over the whole data-parallel group
     loads_LE = model.expert_loads().to(device)
     if world > 1:
@@ -331,11 +361,11 @@ def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
-def report_checkpoint(engine, loader, step: int, rank: int, world: int, metrics: dict) -> None:
+def report_checkpoint(engine, loader, step: int, rank: int, world: int, metrics: dict, experts=None) -> None:
     """Save this rank's part of the checkpoint after `step` and report it to Ray Train (every rank)."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix=f"ckpt-{step}-rank{rank}-") as d:
         state = {"loader": loader.state_dict(), "rng": rng_state(), "step": step}
-        save_pretrain_part(engine, Path(d), step=step, rank=rank, world=world, worker_state=state)
+        save_pretrain_part(engine, Path(d), step=step, rank=rank, world=world, worker_state=state, experts=experts)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

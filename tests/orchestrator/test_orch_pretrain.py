@@ -99,7 +99,7 @@ def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, 
         out = tmp_path / f"w{workers}z{stage}ep{ep}"
         r = sputnik(*common, f"pretrain.workers={workers}", f"pretrain.micro_batch_size={8 // workers}", f"pretrain.zero_stage={stage}",
                     f"pretrain.expert_parallel={ep}", "--out", str(out), cache=cache)
-        assert (ep > 1) == ("expert parallel 2: each worker computes 4 of 8" in r.stdout + r.stderr)
+        assert (ep > 1) == ("expert parallel 2: each worker owns and computes 4 of 8" in r.stdout + r.stderr)
         got = losses(out)
         for step in ref:
             assert abs(got[step] - ref[step]) < 1e-4 * abs(ref[step]), (workers, stage, ep, step, got[step], ref[step])

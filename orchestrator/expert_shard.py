@@ -1,0 +1,234 @@
+"""Owned experts: with expert parallel degree K, each rank holds the weights, gradients and AdamW
+state of E/K routed experts per MoE layer, beside the DeepSpeed engine that holds the rest.
+
+Ranks [g*K, (g+1)*K) form expert-parallel group g: they exchange tokens all-to-all
+(model/parallel.py) and rank g*K + j computes experts [j*E/K, (j+1)*E/K). Ranks j, j+K, j+2K, ...
+own the same experts: that is expert-data-parallel group j, over which those experts' gradients are
+summed. Every other parameter stays with DeepSpeed (ZeRO 0-3 over all ranks). The update equals the
+single-process one:
+- gradients: a rank's expert slice receives, through the all-to-all backward, the gradients of every
+  token its EP group routed there; summed over the expert-data-parallel group that is every rank's
+  tokens, and divided by the world size it is the data-parallel mean DeepSpeed takes of the rest
+  (DeepSpeed's engine.backward has already divided the loss by the accumulation steps);
+- clipping: by the norm of all gradients. The ZeRO optimizer's own norm is widened to include the
+  experts' (`hook_global_norm`), so DeepSpeed clips its part by the global norm, and `step` clips
+  the experts by the same factor;
+- AdamW with DeepSpeed's hyperparameters and learning rate of the step (torch's AdamW, as
+  DeepSpeed runs on CPU with torch_adam).
+
+Why beside DeepSpeed and not through its MoE parameter groups (`allreduce=False`, `group_name`):
+DeepSpeed refuses its native MoE under ZeRO-3 ("MoE not supported with Stage 3"), and its groups
+would tie the experts' optimizer state to DeepSpeed's checkpoint layout, which cannot change world
+size. Here the experts are plain tensors the engine never sees (no ZeRO hooks, no broadcast from
+rank 0), checkpointed per expert (`save`/`load`), so a checkpoint loads at another EP degree and
+`checkpoints.load_model_state` reassembles the full model for export.
+
+Under bf16 the module computes with a bf16 copy of each owned tensor and the fp32 masters stay here.
+
+Test: `pytest tests/orchestrator/test_orch_expert_shard.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model.moe import MoE
+from model.parallel import apply_expert_parallel
+
+EXPERT_DIR = "experts"  # in a checkpoint folder: one file per slice of the experts, and the layout
+
+
+def expert_groups(world: int, ep: int) -> tuple[list, list]:
+    """(expert-parallel groups, expert-data-parallel groups); every rank must create both, in order."""
+    ep_groups = [dist.new_group(list(range(s, s + ep))) for s in range(0, world, ep)]
+    edp_groups = [dist.new_group(list(range(j, world, ep))) for j in range(ep)]
+    return ep_groups, edp_groups
+
+
+class ExpertShard:
+    """This rank's routed experts of `model` (every MoE layer, MTP's included) and their optimizer."""
+
+    def __init__(self, model: torch.nn.Module, *, ep: int, rank: int, world: int, lr: float,
+                 betas: tuple[float, float], weight_decay: float, grad_clip: float, eps: float = 1e-8,
+                 dtype: torch.dtype = torch.float32):
+        if world % ep:
+            raise ValueError(f"expert parallel {ep} does not divide the world size {world}")
+        self.ep, self.rank, self.world, self.grad_clip = ep, rank, world, grad_clip
+        self.ep_groups, self.edp_groups = expert_groups(world, ep)
+        self.part = rank % ep  # which slice of every layer's experts this rank owns
+        apply_expert_parallel(model, self.ep_groups[rank // ep], shard_weights=True)
+        self.compute: dict[str, torch.Tensor] = {}  # what the module computes with, by state-dict key
+        self.master: dict[str, torch.Tensor] = {}  # fp32 weights the optimizer updates
+        self.n_experts: dict[str, int] = {}
+        for mname, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
+            for w in ("w1", "w2", "w3"):
+                p = moe.experts._parameters.pop(w)  # no longer a parameter: DeepSpeed never sees it
+                key = f"{mname}.experts.{w}"
+                master = p.detach().float().clone().requires_grad_(True)
+                comp = master if dtype == torch.float32 else master.detach().to(dtype).requires_grad_(True)
+                setattr(moe.experts, w, comp)
+                self.master[key], self.compute[key] = master, comp
+                self.n_experts[key] = moe.n_experts
+        self.optimizer = torch.optim.AdamW(list(self.master.values()), lr=lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay)
+        self.norm = 0.0  # the experts' gradient norm of the last reduce()
+
+    # --- one optimizer step: reduce (before engine.step), then step (after) --------------------
+
+    def reduce(self) -> float:
+        """Sum the owned gradients over the expert-data-parallel group, divide by the world size,
+        and compute the experts' gradient norm over all ranks (kept for the global clip)."""
+        edp = self.edp_groups[self.part]
+        sq = torch.zeros((), dtype=torch.float64)
+        for key, comp in self.compute.items():
+            g = comp.grad.float() if comp.grad is not None else torch.zeros_like(self.master[key])
+            if self.world // self.ep > 1:
+                dist.all_reduce(g, group=edp)
+            g /= self.world
+            comp.grad = None  # before setting the master's: under fp32 they are the same tensor
+            self.master[key].grad = g
+            sq += g.double().pow(2).sum()
+        if self.ep > 1:  # the other slices live on the other ranks of the EP group
+            dist.all_reduce(sq, group=self.ep_groups[self.rank // self.ep])
+        self.norm = math.sqrt(sq.item())
+        return self.norm
+
+    def step(self, lr: float, global_norm: float | None) -> None:
+        """AdamW on the owned experts at learning rate `lr`, clipped as DeepSpeed clips by `global_norm`."""
+        if self.grad_clip > 0 and global_norm is not None and math.isfinite(global_norm):
+            clip = (global_norm + 1e-6) / self.grad_clip  # DeepSpeed ZeRO's formula
+            if clip > 1:
+                for m in self.master.values():
+                    m.grad.div_(clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for key, comp in self.compute.items():
+                if comp is not self.master[key]:
+                    comp.copy_(self.master[key])
+
+    def hook_global_norm(self, engine) -> None:
+        """Make the DeepSpeed engine's gradient norm (its clipping and get_global_grad_norm) the norm
+        of all gradients: its own partitions' and the owned experts' (from the last `reduce`)."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        opt, stage = engine.optimizer, engine.zero_optimization_stage()
+        if stage in (1, 2):
+            inner = opt.scaled_global_norm
+
+            def scaled_global_norm(norm_type=2):
+                own = inner(norm_type)
+                return torch.sqrt(own.float() ** 2 + (self.norm * opt.loss_scale) ** 2)
+            opt.scaled_global_norm = scaled_global_norm
+        elif stage == 3:
+            inner = opt._get_norm_groups
+
+            def get_norm_groups():
+                groups = inner()
+                return [*groups, torch.tensor(self.norm * opt.loss_scale, dtype=torch.float, device=groups[0].device)]
+            opt._get_norm_groups = get_norm_groups
+        else:  # ZeRO 0: the engine clips the module's (already averaged) gradients itself
+            def clip_fp32_gradients():
+                params = [p for p in engine.module.parameters() if p.grad is not None]
+                own = clip_grad_norm_(params, max_norm=float("inf"))  # the norm only
+                total = math.sqrt(float(own) ** 2 + self.norm ** 2)
+                coef = engine.gradient_clipping() / (total + 1e-6)
+                if coef < 1:
+                    for p in params:
+                        p.grad.mul_(coef)
+                engine._global_grad_norm = total
+            engine.clip_fp32_gradients = clip_fp32_gradients
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for its experts: parameters (masters and compute copies),
+        gradients, optimizer state."""
+        params = sum(t.numel() * t.element_size() for t in self.master.values())
+        params += sum(c.numel() * c.element_size() for k, c in self.compute.items() if c is not self.master[k])
+        grads = sum(t.numel() * 4 for t in self.master.values())  # fp32 gradients during the step
+        optim = sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+        if not self.optimizer.state:  # before the first step: AdamW's two moments to come
+            optim = 2 * sum(t.numel() * 4 for t in self.master.values())
+        return {"parameters": params, "gradients": grads, "optimizer": optim}
+
+    # --- checkpoints: one file per slice of the experts, loadable at any EP degree ---------------
+
+    def save(self, folder: Path) -> None:
+        """The owned experts and their AdamW state into `folder/experts/part{j}-of{K}.pt` (one rank
+        per slice writes it: the ranks of expert-parallel group 0)."""
+        if self.rank >= self.ep:
+            return
+        d = Path(folder) / EXPERT_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for key, master in self.master.items():
+            s = self.optimizer.state.get(master, {})
+            state[key] = {"weight": master.detach(), **{k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}}
+        step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
+        torch.save({"tensors": state, "step": step}, d / f"part{self.part}-of{self.ep}.pt")
+        if self.rank == 0:
+            (d / "layout.json").write_text(json.dumps({"expert_parallel": self.ep, "n_experts": self.n_experts}))
+
+    def load(self, folder: Path) -> None:
+        """Restore the owned experts from a checkpoint saved at any EP degree that divides E."""
+        parts = read_expert_parts(Path(folder), keys=self.master, select=lambda n: _slice(n, self.part, self.ep))
+        with torch.no_grad():
+            for key, master in self.master.items():
+                t = parts[key]
+                master.copy_(t["weight"])
+                if "exp_avg" in t:
+                    self.optimizer.state[master] = {"step": torch.tensor(parts["step"]), "exp_avg": t["exp_avg"].clone(),
+                                                    "exp_avg_sq": t["exp_avg_sq"].clone()}
+                comp = self.compute[key]
+                if comp is not master:
+                    comp.copy_(master)
+
+
+def _slice(n: int, part: int, k: int) -> slice:
+    return slice(part * n // k, (part + 1) * n // k)
+
+
+def expert_layout(folder: Path) -> dict | None:
+    path = Path(folder) / EXPERT_DIR / "layout.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_expert_parts(folder: Path, *, keys=None, select=None) -> dict:
+    """{key: {"weight", "exp_avg", "exp_avg_sq"}, "step"} from a checkpoint's expert files, each
+    tensor the experts `select(n_experts)` (a slice; all when None) of that key, read with mmap from
+    the parts that hold them."""
+    layout = expert_layout(folder)
+    if layout is None:
+        raise FileNotFoundError(f"{Path(folder) / EXPERT_DIR / 'layout.json'}: not a checkpoint with owned experts")
+    k = layout["expert_parallel"]
+    files = [Path(folder) / EXPERT_DIR / f"part{j}-of{k}.pt" for j in range(k)]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: a part of the checkpoint's experts is missing")
+    loaded: dict[int, dict] = {}
+    out: dict = {}
+    for key in (keys if keys is not None else layout["n_experts"]):
+        n = layout["n_experts"][key]
+        want = select(n) if select else slice(0, n)
+        pieces: dict[str, list] = {}
+        for j in range(k):
+            have = _slice(n, j, k)
+            lo, hi = max(want.start, have.start), min(want.stop, have.stop)
+            if lo >= hi:
+                continue
+            if j not in loaded:
+                loaded[j] = torch.load(files[j], map_location="cpu", mmap=True, weights_only=True)
+            for name, t in loaded[j]["tensors"][key].items():
+                pieces.setdefault(name, []).append(t[lo - have.start:hi - have.start])
+        out[key] = {name: torch.cat(ts).clone() for name, ts in pieces.items()}
+    out["step"] = next(iter(loaded.values()))["step"] if loaded else 0.0
+    return out
