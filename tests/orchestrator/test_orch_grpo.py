@@ -326,7 +326,8 @@ def test_sigterm_flushes_the_run_and_a_resubmission_resumes_it(policy_dir, tmp_p
     holds every step of metrics.jsonl, the rollouts table and the histograms; the same command again
     resumes from the step-2 checkpoint, continues the same W&B run, and metrics.jsonl and W&B end
     with one record per step."""
-    from orchestrator.tracking import offline_history, wait_follower
+    from orchestrator.tracking import wait_follower
+    from orchestrator.wandb_offline import offline_history
 
     root, _ = policy_dir
     out = tmp_path / "run"

@@ -192,7 +192,7 @@ def ray_job(head: str, *args, **kw):
 
 
 def history_steps(run_dir: Path) -> list[int]:
-    from orchestrator.tracking import offline_history
+    from orchestrator.wandb_offline import offline_history
 
     return [row["_step"] for row in offline_history(run_dir)]
 

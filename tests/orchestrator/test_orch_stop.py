@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoints import find_checkpoints
-from orchestrator.tracking import offline_history, wait_follower
+from orchestrator.tracking import wait_follower
+from orchestrator.wandb_offline import offline_history
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_DEFAULT_STOP_WAIT_S = 3

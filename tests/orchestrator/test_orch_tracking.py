@@ -109,7 +109,8 @@ def test_follower_sends_each_written_step_once_across_a_stop_and_a_resume(tmp_pa
     the steps after the last one sent, though the resumed worker rewrote steps 3-4."""
     import wandb
 
-    from orchestrator.tracking import FollowerClosed, MetricsFollower, offline_history
+    from orchestrator.tracking import FollowerClosed, MetricsFollower
+    from orchestrator.wandb_offline import offline_history
 
     cfg = TrackingConfig(wandb_mode="offline")
     follower = MetricsFollower(tmp_path, cfg, name="f", poll_s=0.05)
