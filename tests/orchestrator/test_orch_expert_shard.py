@@ -86,7 +86,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,ep,stage", [(2, 2, 1), (2, 2, 3), (4, 2, 2), (4, 4, 3)])
+@pytest.mark.parametrize("world,ep,stage", [(2, 2, 1), (4, 2, 2), (4, 4, 3)])
 def test_owned_experts_give_the_single_process_losses(reference, tmp_path, world, ep, stage):
     ref, _ = reference
     got, _ = run(tmp_path, "run", world, ep, stage)
