@@ -50,12 +50,23 @@ def deepspeed_config(
     grad_clip: float,
     bf16: bool,
     offload_optimizer: bool = False,
+    n_params: int | None = None,
 ) -> dict[str, Any]:
+    """`n_params`: the parameters DeepSpeed will hold; its communication buckets are capped at that
+    (DeepSpeed's defaults, 5e8 elements for reduction, allocate a 2 GB fp32 buffer per ZeRO-3 rank
+    whatever the model's size: a 7.6M-parameter model's ZeRO-3 rank held 1.95 GB of tensors, 69 MB
+    with the cap; benchmarks/expert_memory.py --stage 3)."""
     on_gpu = torch.cuda.is_available()
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage > 0:
         # Round-robin-free contiguous buckets keep results independent of the world size.
         zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True})
+        if n_params is not None:
+            cap = max(int(n_params), 1)
+            zero.update({"reduce_bucket_size": min(int(5e8), cap), "allgather_bucket_size": min(int(5e8), cap)})
+            if zero_stage == 3:
+                zero.update({"stage3_prefetch_bucket_size": min(int(5e7), cap),
+                             "stage3_param_persistence_threshold": min(int(1e5), cap)})
     if offload_optimizer and zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     return {

@@ -198,6 +198,7 @@ def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: boo
         micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, world_size=world,
         zero_stage=p.zero_stage, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
         grad_clip=p.grad_clip, bf16=bf16, offload_optimizer=p.offload_optimizer,
+        n_params=sum(q.numel() for q in model.parameters()),  # owned experts are no longer parameters
     )
 
     def schedule(optimizer):  # a LambdaLR, so DeepSpeed saves its state in every checkpoint

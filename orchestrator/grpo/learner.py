@@ -97,7 +97,8 @@ class PolicyLearner(MinibatchUpdates):
             self.ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False))
         ds_cfg = deepspeed_config(
             micro_batch_size=max(1, grpo_cfg.minibatch_size // world), grad_accum=1, world_size=world, zero_stage=grpo_cfg.zero_stage,
-            lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas), weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip, bf16=on_gpu)
+            lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas), weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip, bf16=on_gpu,
+            n_params=sum(q.numel() for q in model.parameters()))
         self.engine, *_ = deepspeed.initialize(model=LogProbs(model), model_parameters=model.parameters(), config=ds_cfg)
         self.device = self.engine.device
         self.version = 0
