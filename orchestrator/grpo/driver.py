@@ -201,7 +201,7 @@ class Driver:
         after, line = None, ProgressLine("grpo", start, g.steps)
         pending = deque([self.sample_step(start + 1)] if start < last else [])  # steps sampled, in order
         launched = start + len(pending)  # the last step whose sampling was submitted
-        t_loop, out_of_time = time.perf_counter(), False
+        t_loop, out_of_time, table_due = time.perf_counter(), False, False
         for step in range(start + 1, last + 1):
             t_step = time.perf_counter()
             batch = self.collect(pending.popleft(), step)
@@ -221,12 +221,14 @@ class Driver:
             if evaluated:
                 after = self.evaluate(step)
                 metrics.update(after.metrics() if after is not None else {})
-            tabled = step % g.table_every == 0 or step == 1
-            if tabled:  # before the step's metrics: W&B's follower sends them with that record
+            logged = evaluated or step % t.log_every == 0 or step == last
+            table_due = table_due or step % g.table_every == 0 or step == 1  # shown at the next logged step
+            if logged and table_due:  # before the step's metrics: W&B's follower sends them with that record
+                table_due = False
                 self.tracker.table(*rollout_table(self.ray.get(batch.gen[0]), batch.records, adv, self.rewards, step))
                 self.tracker.histograms({"rollout/response_length": [x.length for x in batch.records],
                                          "reward/distribution": [x.reward for x in batch.records]}, step=step)
-            if evaluated or tabled or step % t.log_every == 0 or step == last:
+            if logged:
                 self.tracker.log(metrics, step=step)
                 line.show(step, metrics, out=sys.stdout)
             if step % g.checkpoint_every == 0 or step == last or out_of_time:
