@@ -97,7 +97,8 @@ def worker(rank, port, ep, layout, stage, steps, n_experts, out):
     grads = [q.grad for q in model.parameters() if q.grad is not None]
     held = tensor_bytes(grads)
     # at rest, as `held` is: the experts' gradients exist only within the step
-    owned = experts.state_bytes()["parameters"] + experts.state_bytes()["optimizer"] if experts is not None else 0
+    state = experts.state_bytes() if experts is not None else {"parameters": 0, "optimizer": 0}
+    owned = state["parameters"] + state["optimizer"]
     stats = torch.tensor([held, owned], dtype=torch.float64)
     every = [torch.zeros_like(stats) for _ in range(WORLD)]
     dist.all_gather(every, stats)

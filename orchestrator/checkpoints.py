@@ -79,9 +79,10 @@ def load_pretrain_part(engine, path: Path, *, rank: int, world: int, experts=Non
                            f"resuming on another world size is not supported")
     from orchestrator.expert_shard import expert_layout
 
-    if (experts is None) != (expert_layout(path) is None):
+    owned = expert_layout(path) is not None
+    if (experts is not None) != owned:
         raise RuntimeError(f"checkpoint {path} was written with expert parallel {meta.get('expert_parallel', 1)} "
-                           f"and {'owned' if expert_layout(path) else 'replicated'} experts: resume it with owned experts "
+                           f"and {'owned' if owned else 'replicated'} experts: resume it with owned experts "
                            f"exactly when it has them (pretrain.expert_weights)")
     engine.load_checkpoint(str(path), tag=meta["tag"])
     if experts is not None:
@@ -112,7 +113,10 @@ def _pretrain_checkpoint(folder: Path) -> Checkpoint | None:
     tag = meta.get("tag", DS_TAG)
     ranks_ok = all(rank_file(folder, r).is_file() for r in range(meta.get("world_size", 1)))
     ep = meta.get("expert_parallel", 1)
-    ranks_ok = ranks_ok and (ep == 1 or all((folder / "experts" / f"part{j}-of{ep}.pt").is_file() for j in range(ep)))
+    if ep > 1:
+        from orchestrator.expert_shard import expert_part_files
+
+        ranks_ok = ranks_ok and all(f.is_file() for f in expert_part_files(folder, ep))
     return Checkpoint(meta["step"], "pretrain", folder, tag) if ranks_ok and _has_model_states(folder / tag) else None
 
 

@@ -174,7 +174,7 @@ class ExpertShard:
             s = self.optimizer.state.get(master, {})
             state[key] = {"weight": master.detach(), **{k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}}
         step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
-        torch.save({"tensors": state, "step": step}, d / f"part{self.part}-of{self.ep}.pt")
+        torch.save({"tensors": state, "step": step}, expert_part_files(folder, self.ep)[self.part])
         if self.rank == 0:
             (d / "layout.json").write_text(json.dumps({"expert_parallel": self.ep, "n_experts": self.n_experts}))
 
@@ -191,6 +191,11 @@ class ExpertShard:
                 comp = self.compute[key]
                 if comp is not master:
                     comp.copy_(master)
+
+
+def expert_part_files(folder: Path, k: int) -> list[Path]:
+    """The files of a checkpoint's experts saved at EP degree `k`, one per slice."""
+    return [Path(folder) / EXPERT_DIR / f"part{j}-of{k}.pt" for j in range(k)]
 
 
 def _slice(n: int, part: int, k: int) -> slice:
@@ -210,7 +215,7 @@ def read_expert_parts(folder: Path, *, keys=None, select=None) -> dict:
     if layout is None:
         raise FileNotFoundError(f"{Path(folder) / EXPERT_DIR / 'layout.json'}: not a checkpoint with owned experts")
     k = layout["expert_parallel"]
-    files = [Path(folder) / EXPERT_DIR / f"part{j}-of{k}.pt" for j in range(k)]
+    files = expert_part_files(folder, k)
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: a part of the checkpoint's experts is missing")
