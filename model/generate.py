@@ -9,8 +9,17 @@ against the cache (absorbed MLA: only kv_lora_rank + qk_rope_head_dim values per
 emits one of `stop_token_ids` (the stop token is included in the output) or after max_new_tokens.
 Rows that have stopped are dropped from the batch once they are `compact_fraction` of it (GRPO
 rollouts stop at very different lengths), so the remaining steps cost only what the unfinished rows
-need. Greedy outputs are the same whatever the fraction; sampled ones are not (a draw depends on
-the batch it is made from).
+need. Each row's draw at each step uses its own uniform number (one per row and step from the
+seeded generator, inverse-CDF sampling), so a row's tokens do not depend on which other rows share
+its batch: the same whatever the fraction, and the same when the rows are split over processes.
+
+Expert-parallel sampling (issue 21, `group=`): a model whose routed experts are split over the K
+processes of a group (model/parallel.py `apply_expert_parallel`) samples as one. Every member calls
+`sample` with the same prompts and seed; each decodes a contiguous share of the rows (its own
+attention and latent cache: data-parallel attention, as DeepSeek-V3 serves), the MoE layers send
+each (token, expert) pair to the expert's owner all-to-all, the members step in lockstep until the
+last row of the group stops, and every member returns the whole batch's Generation. The tokens are
+those of one process holding the whole model (up to rounding in the logits).
 
 `sample(...)` returns the same tokens with what RL needs from the sampler (issue 20): per generated
 token the log-probability under the distribution it was drawn from (after temperature and top-p;
@@ -25,12 +34,16 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from model.transformer import Transformer
 
 
-def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy when temperature == 0, else nucleus sampling at the given temperature: [B]."""
+def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                uniform_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy when temperature == 0, else nucleus sampling at the given temperature: [B].
+    Inverse-CDF: row b takes the first token whose cumulative probability exceeds uniform_B[b] (drawn
+    from `generator` when not given), so a row's draw depends on its own logits and number only."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
     probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
@@ -40,7 +53,13 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, ge
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform_B is None:
+        uniform_B = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)  # non-decreasing: a token with no mass never owns an interval
+    idx = torch.searchsorted(cdf, uniform_B.to(cdf.device).unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+    # a draw at the very top (rounding) would land past the end: the last token with mass
+    last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(idx, last)
 
 
 def sampled_logprob(logits_BV: torch.Tensor, tokens_B: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
@@ -78,10 +97,11 @@ def generate(
     seed: int | None = None,
     pad_id: int = 0,
     compact_fraction: float = 0.25,
+    group: dist.ProcessGroup | None = None,
 ) -> list[list[int]]:
     """New tokens of each prompt (`sample` without the routed experts: see there)."""
     return sample(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
-                  seed=seed, pad_id=pad_id, compact_fraction=compact_fraction, record_experts=False).tokens
+                  seed=seed, pad_id=pad_id, compact_fraction=compact_fraction, record_experts=False, group=group).tokens
 
 
 @torch.no_grad()
@@ -97,24 +117,60 @@ def sample(
     pad_id: int = 0,
     compact_fraction: float = 0.25,
     record_experts: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> Generation:
     """New tokens of each prompt, their sampling log-probs and (with record_experts) routed experts.
     compact_fraction: finished rows leave the batch once they are this fraction of it (0: as soon
     as one finishes, 1: never). At 0.25 the copy of the caches is paid back within a few steps;
-    benchmarks/model_generate.py --rollout times it against 1."""
+    benchmarks/model_generate.py --rollout times it against 1. group: the expert-parallel group the
+    model's routed experts are split over (see the module docstring); every member passes the same
+    arguments and gets the same Generation."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and no empty prompt")
     if not 0 <= compact_fraction <= 1:
         raise ValueError(f"compact_fraction must be in [0, 1] (got {compact_fraction})")
     max_prompt = max(len(p) for p in prompts)
-    total = max_prompt + max_new_tokens
-    if total > model.args.max_seq_len:
+    if max_prompt + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"longest prompt ({max_prompt}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.args.max_seq_len}")
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids, seed=seed,
+              pad_id=pad_id, compact_fraction=compact_fraction, record_experts=record_experts)
     was_training = model.training
     model.eval()
+    try:
+        if group is None or dist.get_world_size(group) == 1:
+            return _sample_rows(model, prompts, first_row=0, total_rows=len(prompts), group=None, **kw)
+        ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        bounds = [len(prompts) * r // ep for r in range(ep + 1)]  # member r decodes rows bounds[r]:bounds[r + 1]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        # a member with no rows still takes part in every exchange, with one throw-away row
+        mine = _sample_rows(model, prompts[lo:hi] or [[pad_id]], first_row=lo, total_rows=len(prompts), group=group, **kw)
+        parts: list = [None] * ep
+        dist.all_gather_object(parts, mine if hi > lo else None, group=group)
+        parts = [p for p in parts if p is not None]
+        return Generation(tokens=[t for p in parts for t in p.tokens], logprobs=[t for p in parts for t in p.logprobs],
+                          experts=[t for p in parts for t in p.experts] if record_experts and parts[0].experts is not None else None)
+    finally:
+        model.train(was_training)
+
+
+def _all_done(done: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Every row finished: of this batch, or of every member's batch (one small all-reduce a step)."""
+    left = torch.tensor([int((~done).sum())])
+    if group is not None:
+        dist.all_reduce(left, group=group)
+    return int(left) == 0
+
+
+def _sample_rows(model: Transformer, prompts: list[list[int]], *, first_row: int, total_rows: int, group: dist.ProcessGroup | None,
+                 max_new_tokens: int, temperature: float, top_p: float, stop_token_ids, seed: int | None, pad_id: int,
+                 compact_fraction: float, record_experts: bool) -> Generation:
+    """`sample` for rows first_row .. first_row + len(prompts) of a batch of total_rows (their
+    random numbers), in lockstep with the other members of `group`."""
     device = model.embed.weight.device
     B = len(prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    max_prompt = max(len(p) for p in prompts)
+    total = max_prompt + max_new_tokens
     pad_BS = torch.tensor([max_prompt - len(p) for p in prompts], device=device)
     tokens = torch.full((B, max_prompt), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
@@ -143,7 +199,9 @@ def sample(
     if moe:
         experts_LBSK[:, :, :max_prompt] = model.routed_experts().view(len(moe), B, max_prompt, K).to(experts_LBSK.dtype)
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)
+        # one number per row of the whole batch and step, whichever rows are left here
+        u = torch.rand(total_rows, generator=generator, device=device)[first_row + rows] if temperature > 0 else None
+        nxt = sample_next(logits, temperature=temperature, top_p=top_p, uniform_B=u)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[rows, i] = nxt
         logp_out[rows, i] = sampled_logprob(logits, nxt, temperature=temperature, top_p=top_p)
@@ -151,12 +209,13 @@ def sample(
         lengths[rows[hit]] = i + 1
         done |= hit
         n_done = int(done.sum())
-        if n_done == len(rows) or i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or _all_done(done, group):
             break
-        if n_done and n_done >= compact_fraction * len(rows):
+        if n_done and n_done >= compact_fraction * len(rows) and len(rows) > 1:
             # Enough of the batch has finished: drop those rows (their cache slots, positions and
-            # masks too), so that later steps cost only what the unfinished rows need.
-            keep = (~done).nonzero().squeeze(1)
+            # masks too), so that later steps cost only what the unfinished rows need. A member of
+            # an expert-parallel group whose rows have all finished keeps one, to step with the others.
+            keep = (~done).nonzero().squeeze(1) if n_done < len(rows) else torch.zeros(1, dtype=torch.long, device=device)
             rows, nxt, done = rows[keep], nxt[keep], done[keep]
             valid_BS, positions_BS = valid_BS[keep], positions_BS[keep]
             for c in caches:
@@ -166,7 +225,6 @@ def sample(
         logits = model(nxt.unsqueeze(1), start_pos=pos, caches=caches, positions_BT=positions_BS[:, pos : pos + 1], mask_BTS=step_mask)[:, -1]
         if moe:
             experts_LBSK[:, rows, pos] = model.routed_experts().to(experts_LBSK.dtype)
-    model.train(was_training)
     n = [int(x) for x in lengths]
     pads = [max_prompt - len(p) for p in prompts]
     return Generation(
