@@ -30,6 +30,19 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".experts.w" in n]
 
 
+def expert_shard_state(state: dict[str, torch.Tensor], part: int, k: int) -> dict[str, torch.Tensor]:
+    """A whole model's state dict with the routed experts cut to part `part` of `k` (the state an
+    expert-parallel rank loads): other tensors as they are, experts as copies of their slice (a
+    view would pickle, and so travel with, the whole storage)."""
+    out = {}
+    for name, t in state.items():
+        if ".experts.w" in name:
+            n = t.shape[0] // k
+            t = t[part * n : (part + 1) * n].clone()
+        out[name] = t
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the reverse exchange."""
 
@@ -83,7 +96,8 @@ def apply_expert_parallel(model: Transformer, group=None, shard_weights: bool = 
     ordinary parameters) is exactly the gradient of the global batch — this is how pretraining
     runs expert parallelism inside DeepSpeed, whose ZeRO stage then shards the weights and their
     optimizer states. Gate, shared experts and all other weights stay replicated. Call before
-    building the optimizer.
+    building the optimizer. A model that already holds only this rank's experts (loaded with
+    `from_hf_pretrained(experts=(rank, ep))`) keeps them as they are.
     """
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
@@ -91,7 +105,10 @@ def apply_expert_parallel(model: Transformer, group=None, shard_weights: bool = 
             raise ValueError(f"expert-parallel size {ep} does not divide n_routed_experts {moe.n_experts}")
         n_local = moe.n_experts // ep
         sl = slice(rank * n_local, (rank + 1) * n_local)
-        if shard_weights:
+        held = moe.experts.w1.shape[0]
+        if held != moe.n_experts and not (shard_weights and held == n_local):
+            raise ValueError(f"a MoE layer holds {held} of {moe.n_experts} experts: neither all nor this rank's {n_local}")
+        if shard_weights and held == moe.n_experts:
             for name in ("w1", "w2", "w3"):
                 full = getattr(moe.experts, name)
                 setattr(moe.experts, name, nn.Parameter(full.detach()[sl].clone()))

@@ -111,8 +111,11 @@ def _init_mtp(model: Transformer) -> None:
             mod.block.ffn.gate.bias.zero_()
 
 
-def from_hf_pretrained(path: str | Path) -> Transformer:
-    """Build our Transformer (fp32) from a Hugging Face DeepseekV3 checkpoint directory."""
+def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = None) -> Transformer:
+    """Build our Transformer (fp32) from a Hugging Face DeepseekV3 checkpoint directory.
+    experts=(part, k): only routed experts [part * E/k, (part + 1) * E/k) of every MoE layer are
+    allocated and read (the others are never materialised): the shard an expert-parallel rank owns,
+    ready for model.parallel.apply_expert_parallel."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -122,6 +125,16 @@ def from_hf_pretrained(path: str | Path) -> Transformer:
     files = checkpoint_files(path)
     with torch.device("meta"):
         model = Transformer(args)
+    owned = range(args.n_routed_experts)
+    if experts is not None:
+        part, k = experts
+        if args.n_routed_experts % k or not 0 <= part < k:
+            raise ValueError(f"expert part {part} of {k}: {k} must divide n_routed_experts {args.n_routed_experts}")
+        owned = range(part * args.n_routed_experts // k, (part + 1) * args.n_routed_experts // k)
+        for moe in model.moe_layers():
+            for w in ("w1", "w2", "w3"):
+                full = getattr(moe.experts, w)
+                setattr(moe.experts, w, torch.nn.Parameter(torch.empty(len(owned), *full.shape[1:], device="meta")))
     model = model.to_empty(device="cpu")  # one uninitialised copy; the checkpoint fills it
     model.freqs_cis = precompute_freqs_cis(args)
     if args.tie_embeddings:
@@ -143,6 +156,9 @@ def from_hf_pretrained(path: str | Path) -> Transformer:
         in_mtp = bool(mtp) and hf.startswith(mtp)
         if (in_mtp and hf.endswith(shared_copies)) or (args.tie_embeddings and hf == "lm_head.weight"):
             continue  # copies of tensors our model shares: the main embedding / head is read once
+        expert = names[hf][0].partition("#")[2]
+        if expert and int(expert) not in owned:
+            continue  # another rank's expert
         if hf in files:
             wanted[files[hf]].append(hf)
         elif not (in_mtp and not has_mtp):  # transformers saves no MTP layers: those start fresh (below)
@@ -171,7 +187,7 @@ def from_hf_pretrained(path: str | Path) -> Transformer:
                     raise ValueError(f"{files[scale_name]}: {scale_name!r} scales {hf!r}, which is {t.dtype}, not FP8")
                 ours, transpose = names[hf]
                 name, _, expert = ours.partition("#")
-                target = sd[name][int(expert)] if expert else sd[name]
+                target = sd[name][int(expert) - owned.start] if expert else sd[name]
                 if transpose:
                     t = t.t()
                 if t.shape != target.shape:

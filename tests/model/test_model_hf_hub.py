@@ -48,6 +48,26 @@ def test_fp8_sharded_hub_checkpoint_matches_transformers(hub):
     assert torch.equal(ours.mtp[0].enorm.weight, dequant[f"model.layers.{L}.enorm.weight"])
 
 
+
+def test_an_expert_parallel_rank_materialises_only_its_experts(hub):
+    """from_hf_pretrained(experts=(part, k)): each MoE layer holds experts part*E/k .. (part+1)*E/k,
+    equal to that slice of the whole import; every other tensor equal; nothing else allocated."""
+    from model.parallel import expert_shard_state
+
+    hub_dir, _, _ = hub
+    whole = from_hf_pretrained(hub_dir).state_dict()
+    E = next(v for k, v in whole.items() if k.endswith("experts.w1")).shape[0]
+    for part in range(2):
+        shard = from_hf_pretrained(hub_dir, experts=(part, 2)).state_dict()
+        want = expert_shard_state(whole, part, 2)
+        assert shard.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(shard[k], v), k
+        experts = [k for k in shard if ".experts.w" in k]
+        assert experts and all(shard[k].shape[0] == E // 2 for k in experts)
+    with pytest.raises(ValueError, match="must divide"):
+        from_hf_pretrained(hub_dir, experts=(0, 3))
+
 def _copy(hub_dir, tmp_path):
     d = tmp_path / "c"
     shutil.copytree(hub_dir, d)
