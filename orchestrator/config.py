@@ -163,13 +163,17 @@ class RolloutConfig:
     """Sampling settings of the RolloutSampler actors."""
 
     __pydantic_config__ = _STRICT
-    num_samplers: PositiveInt = 1  # RolloutSampler actors, each with a copy of the policy
+    num_samplers: PositiveInt = 1  # RolloutSampler actors, each with a copy of the policy (or its share: expert_parallel)
     max_new_tokens: PositiveInt = 128  # generation budget per completion
     temperature: NonNegFloat = 1.0  # sampling temperature (0: greedy)
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
     # batch-invariant decoding and log-probs (model/exact.py): sampler and learner log-probs agree bit for
     # bit on CPU fp32 with the same weights; ~2x slower decoding, ~5x slower learner passes (tiny, CPU); not with grpo.zero_stage=3
     exact: bool = False
+    # samplers per model copy: each group of expert_parallel samplers holds one model with the routed
+    # experts split among them (tokens exchanged all-to-all in decoding), for models one process cannot
+    # hold; must divide num_samplers and n_routed_experts; weights then sync through the object store
+    expert_parallel: PositiveInt = 1
 
 
 @dataclasses.dataclass

@@ -88,7 +88,7 @@ class Driver:
         self.learners = [Learner.options(**opts("learner", i)).remote(
             str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
             seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens, exact=cfg.rollout.exact) for i in range(g.learners)]
-        self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g)
+        self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g, sampler_ep=cfg.rollout.expert_parallel)
 
     @property
     def version(self) -> int:
@@ -112,7 +112,7 @@ class Driver:
         """Submit the step's prompts (no waiting); `collect` waits for them."""
         g = self.cfg.grpo
         gen, score = self.rollouts.launch(self.stream.take(g.prompts_per_step), seed_key=(step, 0), group_size=g.group_size,
-                                          temperature=self.cfg.rollout.temperature, weights=self.weights.weights_ref, version=self.version)
+                                          temperature=self.cfg.rollout.temperature, weights=self.weights.sampler_weights, version=self.version)
         return StepRollouts(gen=gen, scored=score)
 
     def collect(self, pending: StepRollouts, step: int) -> StepRollouts:
@@ -130,7 +130,7 @@ class Driver:
             first = 1 + max(rec.group for rec in batch.records)
             gen, score = self.rollouts.launch(
                 self.stream.take(missing), seed_key=(step, batch.refill_rounds), group_size=g.group_size, first_group=first,
-                temperature=self.cfg.rollout.temperature, weights=self.weights.weights_ref, version=self.version)
+                temperature=self.cfg.rollout.temperature, weights=self.weights.sampler_weights, version=self.version)
             batch.scored += self.ray.get(score)
             batch.gen += gen
         batch.wait_s = time.perf_counter() - t0
@@ -166,7 +166,7 @@ class Driver:
         if not self.heldout_rows:
             return None
         res = heldout(self.rollouts, self.heldout_rows, samples=self.cfg.grpo.heldout_samples, temperature=self.cfg.rollout.temperature,
-                      weights=self.weights.weights_ref, version=self.version)
+                      weights=self.weights.sampler_weights, version=self.version)
         write_rows(self.run_dir / "heldout.jsonl", res, step=step)
         return res
 

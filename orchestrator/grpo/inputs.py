@@ -113,6 +113,7 @@ def validate(cfg: RunConfig) -> None:
     g = cfg.grpo
     if g.learners > 1 and g.minibatch_size < g.learners:
         raise ConfigError(f"key 'grpo.minibatch_size' ({g.minibatch_size}) must be at least grpo.learners ({g.learners})")
+    check_sampler_ep(cfg)
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:  # the embedded Ray: one node of num_cpus
         from orchestrator.placement import Node, PlanError, make_plan, roles_for
 
@@ -120,6 +121,27 @@ def validate(cfg: RunConfig) -> None:
             make_plan(roles_for(cfg, "grpo", 0), [Node(float(cfg.cluster.num_cpus))])
         except PlanError as e:
             raise ConfigError(f"key 'cluster.num_cpus' ({cfg.cluster.num_cpus}) is too small: {e}") from None
+
+
+def check_sampler_ep(cfg: RunConfig) -> None:
+    """`rollout.expert_parallel` K: groups of K samplers, each member one K-th of the routed experts."""
+    import json
+
+    r, K = cfg.rollout, cfg.rollout.expert_parallel
+    if K == 1:
+        return
+    if r.num_samplers % K:
+        raise ConfigError(f"key 'rollout.expert_parallel' ({K}) must divide rollout.num_samplers ({r.num_samplers})")
+    if r.exact:
+        raise ConfigError("key 'rollout.exact' decodes with the whole model in one process: set rollout.expert_parallel to 1")
+    if cfg.grpo.weight_sync == "collective":
+        raise ConfigError("key 'grpo.weight_sync' collective broadcasts the whole policy to every sampler; expert-parallel "
+                          "samplers take their shards from the object store: set it to auto or object_store")
+    hf_dir, _ = resolve_init(cfg)
+    experts = json.loads((hf_dir / "config.json").read_text()).get("n_routed_experts") or 0
+    if experts % K or not experts:
+        raise ConfigError(f"key 'rollout.expert_parallel' ({K}) must divide the model's routed experts "
+                          f"(n_routed_experts {experts} in {hf_dir / 'config.json'})")
 
 
 class TaskStream:

@@ -1,7 +1,13 @@
 """The rollout roles, and the driver's handle on them.
 
 - `RolloutSampler` holds an inference copy of the policy and generates G completions per prompt
-  with `model.generate` (MLA latent KV cache). Every `generate` call names the weights it must use
+  with `model.generate` (MLA latent KV cache). With `rollout.expert_parallel=K` the samplers form
+  groups of K that hold one copy each, the routed experts split K ways (issue 21): each member
+  loads only its experts, every member of a group gets the same calls, decodes its share of the
+  rows and exchanges tokens with the others all-to-all (model/generate.py), and member 0 returns
+  the chunk. Weights reach each member as its own shard (weight_sync.py). A group's members cannot
+  rejoin a group once one of them is gone, so expert-parallel samplers are not restarted: a crash
+  ends the run with the member's error. Every `generate` call names the weights it must use
   (an ObjectRef the driver got from the learners, and its version): a sampler that Ray restarted
   after a crash, or one that missed a sync, loads them before sampling, so a retried call samples
   from the same policy as the original would have. With each completion it returns what the
@@ -55,10 +61,10 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_policy(init_dir: str | Path):
+def load_policy(init_dir: str | Path, experts: tuple[int, int] | None = None):
     from model.hf import from_hf_pretrained
 
-    return from_hf_pretrained(init_dir)
+    return from_hf_pretrained(init_dir, experts=experts)
 
 
 @dataclasses.dataclass
@@ -95,14 +101,31 @@ class ScoredChunk:
 
 
 class RolloutSampler:
-    def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1, exact: bool = False):
+    def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1, exact: bool = False,
+                 expert_group: tuple[str, int, int, int] | None = None, group_timeout_s: float = 600.0):
+        """expert_group=(addr, port, rank, K): member `rank` of an expert-parallel sampler group whose
+        store member 0 hosts at addr:port (the constructor returns once all K have joined)."""
         from data.tokenizer import load_tokenizer
 
         torch.set_num_threads(threads)
         self.tok = load_tokenizer(tokenizer_path)
         self.template = template
-        self.model = load_policy(init_dir).set_exact(exact)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a GPU only to GPU samplers
+        self.group, self.ep_rank = None, 0
+        if expert_group is None:
+            self.model = load_policy(init_dir).set_exact(exact)
+        else:
+            import datetime
+
+            import torch.distributed as dist
+            from model.parallel import apply_expert_parallel
+
+            addr, port, self.ep_rank, k = expert_group
+            self.model = load_policy(init_dir, experts=(self.ep_rank, k))  # this member's experts only
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
+                                    rank=self.ep_rank, world_size=k, timeout=datetime.timedelta(seconds=group_timeout_s))
+            self.group = dist.group.WORLD
+            apply_expert_parallel(self.model, self.group, shard_weights=True)
         self.model.to(self.device).eval()
         self.version = 0
         self.loads = 0  # how many times weights were loaded (restarts and syncs)
@@ -143,7 +166,7 @@ class RolloutSampler:
         return state_hash(self.model.state_dict())
 
     def generate(self, tasks: list[dict], groups: list[int], weights: list | None, version: int, *, group_size: int,
-                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> RolloutChunk:
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> RolloutChunk | None:
         """G completions for each task with the policy at `version`; `weights` is `[ObjectRef]` of
         that state (wrapped in a list so that Ray does not fetch it: only a sampler that does not
         hold `version`, after a restart or a missed sync, reads it from the object store)."""
@@ -158,7 +181,9 @@ class RolloutSampler:
         batch = [p for p in prompts for _ in range(group_size)]
         stops = self.tok.stop_ids
         gen = sample(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id)
+                     stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id, group=self.group)
+        if self.ep_rank:
+            return None  # every member holds the group's output; member 0 returns it
         outs = gen.tokens
         return RolloutChunk(
             tasks=[tasks[i // group_size] for i in range(len(outs))], groups=[groups[i // group_size] for i in range(len(outs))],
@@ -237,13 +262,20 @@ class Rollouts:
                  num_evaluators: int, seed: int):
         self.ray, self.cfg, self.seed = ray, rollout_cfg, seed
         # Samplers and reward workers come back after a crash (into their bundle, rescheduled if
-        # their node died) and their calls are retried.
+        # their node died) and their calls are retried; expert-parallel samplers cannot rejoin their group.
         restart = dict(max_restarts=-1, max_task_retries=-1)
-        Sampler = ray.remote(**restart)(RolloutSampler)
+        K = self.ep = rollout_cfg.expert_parallel
+        Sampler = ray.remote(**(restart if K == 1 else dict(max_restarts=0)))(RolloutSampler)
         Scorer = ray.remote(**restart)(RewardWorker)
-        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(str(hf_dir), str(tok_path), template=template,
-                                                                                   exact=rollout_cfg.exact)
-                         for i in range(rollout_cfg.num_samplers)]
+        groups = {}
+        if K > 1:
+            from orchestrator.grpo.weight_sync import rendezvous_at
+
+            groups = {i: rendezvous_at(ray, placement, "sampler", i) for i in range(0, rollout_cfg.num_samplers, K)}
+        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(
+            str(hf_dir), str(tok_path), template=template, exact=rollout_cfg.exact,
+            expert_group=(*groups[i - i % K], i % K, K) if K > 1 else None) for i in range(rollout_cfg.num_samplers)]
+        self.followers: list = []  # calls to members 1.. of expert-parallel groups (they return None)
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
                         for i in range(num_evaluators)]
         self._check_started()
@@ -263,18 +295,25 @@ class Rollouts:
     def launch(self, tasks: list[dict], *, seed_key: tuple[int, ...], group_size: int, temperature: float,
                weights=None, version: int = 0, first_group: int = 0) -> tuple[list, list]:
         """Submit generation + scoring for `tasks`; returns (RolloutChunk refs, ScoredChunk refs), no waiting.
-        `weights`: ObjectRef of the policy state at `version` (None: the init checkpoint)."""
-        S = len(self.samplers)
+        `weights`: ObjectRef of the policy state at `version` (None: the init checkpoint), or with
+        expert-parallel samplers one per expert part (WeightSync.sampler_weights)."""
+        S, K = len(self.samplers) // self.ep, self.ep  # S model copies of K samplers each
+        if self.followers:  # a member that failed: its error now, not a peer's timeout later
+            done, self.followers = self.ray.wait(self.followers, num_returns=len(self.followers), timeout=0)
+            self.ray.get(done)
         per = max(1, math.ceil(len(tasks) / (S * 2)))  # two chunks per sampler: scoring overlaps generation
         gen, score = [], []
         for c, lo in enumerate(range(0, len(tasks), per)):
             chunk = tasks[lo : lo + per]
             seed = int(np.random.default_rng([self.seed, *seed_key, c]).integers(2**31))
-            ref = self.samplers[c % S].generate.remote(
-                chunk, list(range(first_group + lo, first_group + lo + len(chunk))), None if weights is None else [weights], version,
-                group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, top_p=self.cfg.top_p, seed=seed)
-            gen.append(ref)
-            score.append(self.scorers[c % len(self.scorers)].score.remote(ref))
+            kw = dict(group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, top_p=self.cfg.top_p, seed=seed)
+            groups = list(range(first_group + lo, first_group + lo + len(chunk)))
+            refs = [member.generate.remote(chunk, groups, None if weights is None else [weights[r] if isinstance(weights, list) else weights],
+                                           version, **kw)
+                    for r, member in enumerate(self.samplers[(c % S) * K : (c % S + 1) * K])]
+            gen.append(refs[0])
+            self.followers += refs[1:]
+            score.append(self.scorers[c % len(self.scorers)].score.remote(refs[0]))
         return gen, score
 
     def close(self) -> None:

@@ -2,7 +2,10 @@
 
 `WeightSync` is the driver's side. Each update every learner rank publishes its state (ZeRO-3
 gathers on all ranks); rank 0's state becomes one ObjectRef, tagged with the policy version, which
-every `generate` call names, so a restarted sampler loads it. The samplers get it either from the
+every `generate` call names, so a restarted sampler loads it. Expert-parallel samplers
+(`rollout.expert_parallel=K`, issue 21) get one ObjectRef per expert part instead, cut from that
+state on learner 0's node (`model.parallel.expert_shard_state`): each member receives the
+non-expert weights and its own E/K experts only, always through the object store. The samplers get it either from the
 object store (the default on CPU) or by a broadcast from learner rank 0 (`grpo.weight_sync`
 collective, the default on GPUs); a failed broadcast falls back to the object store for that
 sync and makes a new group for the next.
@@ -130,22 +133,27 @@ def rendezvous() -> tuple[str, int]:
         return addr, s.getsockname()[1]
 
 
-def rendezvous_at(ray, placement) -> tuple[str, int]:
-    """An address and port on learner 0's node, for a process group hosted by learner rank 0."""
-    opts = {**placement.options("learner", 0), "num_cpus": 0, "num_gpus": 0}
+def rendezvous_at(ray, placement, role: str = "learner", index: int = 0) -> tuple[str, int]:
+    """An address and port on the node of `role` `index` (learner 0 by default), for a process group
+    that instance hosts."""
+    opts = {**placement.options(role, index), "num_cpus": 0, "num_gpus": 0}
     return ray.get(ray.remote(rendezvous).options(**opts).remote())
 
 
 class WeightSync:
     """The driver's side of weight sync: the current policy version and its ObjectRef."""
 
-    def __init__(self, ray, placement, learners: list, samplers: list, grpo_cfg):
+    def __init__(self, ray, placement, learners: list, samplers: list, grpo_cfg, sampler_ep: int = 1):
         self.ray, self.placement, self.learners, self.samplers = ray, placement, learners, samplers
         self.timeout_s = grpo_cfg.sync_timeout_s
         self.version = 0
         self.weights_ref = None  # ObjectRef of the latest policy state (None: the init checkpoint)
+        self.ep = sampler_ep  # samplers per model copy (rollout.expert_parallel)
+        self._parts: list | None = None  # with ep > 1: weights_ref cut into one ObjectRef per expert part
         on_gpu = bool(learners) and ray.get(learners[0].device_type.remote()) == "cuda"
-        self.collective = bool(learners) and (grpo_cfg.weight_sync == "collective" or (grpo_cfg.weight_sync == "auto" and on_gpu))
+        # a broadcast sends everything to every sampler: expert-parallel samplers take their shards from the object store
+        self.collective = bool(learners) and sampler_ep == 1 and (
+            grpo_cfg.weight_sync == "collective" or (grpo_cfg.weight_sync == "auto" and on_gpu))
         self.groups = 0  # weight-sync groups made so far (a new one after a failed broadcast)
         self.fallbacks = 0  # syncs that went through the object store because a broadcast failed
         self.ready = self.collective and self.make_group()
@@ -170,6 +178,20 @@ class WeightSync:
         print(f"grpo: weight sync by {backend} broadcast from learner 0 to {len(self.samplers)} sampler(s)", flush=True)
         return True
 
+    @property
+    def sampler_weights(self):
+        """What a `generate` call names: weights_ref, or with expert-parallel samplers one ObjectRef
+        per expert part (None: the init checkpoint)."""
+        if self.weights_ref is None or self.ep == 1:
+            return self.weights_ref
+        if self._parts is None:
+            from model.parallel import expert_shard_state
+
+            opts = {**self.placement.options("learner", 0), "num_cpus": 0, "num_gpus": 0}  # beside the state, on learner 0's node
+            cut = self.ray.remote(expert_shard_state).options(**opts)
+            self._parts = [cut.remote(self.weights_ref, part, self.ep) for part in range(self.ep)]
+        return self._parts
+
     def sync(self, version: int) -> None:
         """Publish the learners' policy as `version` and bring every sampler to it."""
         ray = self.ray
@@ -178,8 +200,8 @@ class WeightSync:
             self.ready = self.make_group()
         broadcast = self.collective and self.ready
         outs = [l.publish.options(num_returns=3).remote(broadcast) for l in self.learners]  # all ranks: ZeRO-3 gathers
-        self.weights_ref = outs[0][1]
-        lagging = self.samplers
+        self.weights_ref, self._parts = outs[0][1], None
+        lagging = list(range(len(self.samplers)))  # indexes of the samplers that still need the weights
         if broadcast:
             try:
                 got = ray.get([s.receive_weights.remote(version) for s in self.samplers], timeout=self.timeout_s + 30)
@@ -187,14 +209,15 @@ class WeightSync:
             except Exception as e:
                 print(f"grpo: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
                 got, sent = [False] * len(self.samplers), False
-            lagging = [s for s, ok in zip(self.samplers, got) if not (ok and sent)]
+            lagging = [i for i, ok in enumerate(got) if not (ok and sent)]
             if lagging:
                 self.ready, self.fallbacks = False, self.fallbacks + 1
                 print(f"grpo: {len(lagging)} sampler(s) missed the broadcast of version {version}: loading it from the object store, "
                       "and a new weight-sync group for the next step", flush=True)
         ray.get([o[0] for o in outs])
         if lagging:
-            ray.get([s.load_weights.remote(self.weights_ref, version) for s in lagging])
+            refs = self.sampler_weights
+            ray.get([self.samplers[i].load_weights.remote(refs[i % self.ep] if self.ep > 1 else refs, version) for i in lagging])
 
     def metrics(self) -> dict:
         return {"weight_sync/collective": float(self.collective and self.ready), "weight_sync/fallbacks": self.fallbacks}

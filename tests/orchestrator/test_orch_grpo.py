@@ -71,6 +71,68 @@ def test_weight_sync_is_bit_identical_and_versioned(policy_dir, ray_session, tmp
     tracker.close()
 
 
+
+@pytest.mark.ray
+def test_an_expert_parallel_sampler_group_samples_as_one_sampler(policy_dir, ray_session, tmp_path):
+    """rollout.expert_parallel=2 (issue 21): two sampler actors hold one policy, each half of the
+    routed experts; their chunks have the tokens, log-probs and routed experts of one in-process
+    sampler holding the whole model with the same seeds, before and after an update; each member
+    receives only its shard of the new weights."""
+    import numpy as np
+
+    from model.parallel import expert_shard_state
+    from orchestrator.grpo.rollout import RolloutSampler, state_hash
+
+    cfg = make_cfg(policy_dir, "rollout.num_samplers=2", "rollout.expert_parallel=2", "grpo.lr=1e-2")
+    root, _ = policy_dir
+    ray = ray_session
+    one = RolloutSampler(str(root / "hf"), str(root / "tokenizer.json"), template=cfg.data.template)
+    d, tracker = driver_for(cfg, tmp_path)
+    members = ray.get([s.weights_hash.remote() for s in d.rollouts.samplers])
+    full = one.model.state_dict()
+    assert members == [state_hash(expert_shard_state(full, r, 2)) for r in range(2)]  # each holds only its experts
+    E = next(v for k, v in full.items() if k.endswith("experts.w1")).shape[0]
+
+    def same_as_one_sampler(step):
+        tasks = d.stream.take(4)
+        gen, _ = d.rollouts.launch(tasks, seed_key=(step, 0), group_size=4, temperature=1.0, weights=d.weights.sampler_weights,
+                                   version=d.version)
+        chunks = ray.get(gen)
+        per = len(chunks[0].tasks) // 4
+        for c, chunk in enumerate(chunks):
+            seed = int(np.random.default_rng([cfg.seed, step, 0, c]).integers(2**31))
+            want = one.generate(tasks[c * per : (c + 1) * per], chunk.groups[::4], None, d.version, group_size=4,
+                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=1.0, top_p=cfg.rollout.top_p, seed=seed)
+            assert chunk.completion_ids == want.completion_ids
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(chunk.logprobs, want.logprobs))
+            assert all(torch.equal(a, b) for a, b in zip(chunk.experts, want.experts))
+        return chunks
+
+    chunks = same_as_one_sampler(1)
+    assert len({len(ids) for ch in chunks for ids in ch.completion_ids}) > 1  # rows stopped at different steps
+    batch = d.collect(d.sample_step(2), 2)
+    d.learn(batch, [((i % 4) - 1.5) for i in range(len(batch.records))], 2)
+    new = ray.get(d.weights.weights_ref)
+    one.load_weights(new, d.version)
+    assert ray.get([s.weights_hash.remote() for s in d.rollouts.samplers]) == [state_hash(expert_shard_state(new, r, 2)) for r in range(2)]
+    assert members[0] != state_hash(expert_shard_state(new, 0, 2))  # the update reached them
+    parts = ray.get(d.weights.sampler_weights)
+    assert all(t.shape[0] == E // 2 for part in parts for k, t in part.items() if ".experts.w" in k)  # shards travel, not the whole
+    same_as_one_sampler(3)
+    d.close()
+    tracker.close()
+
+
+def test_sampler_expert_parallel_is_checked_before_ray(policy_dir):
+    from orchestrator.config import ConfigError
+    from orchestrator.grpo.inputs import validate
+
+    for over, message in [(["rollout.num_samplers=3", "rollout.expert_parallel=2"], "must divide rollout.num_samplers"),
+                          (["rollout.num_samplers=3", "rollout.expert_parallel=3"], "n_routed_experts 8"),
+                          (["rollout.num_samplers=2", "rollout.expert_parallel=2", "rollout.exact=true"], "rollout.exact")]:
+        with pytest.raises(ConfigError, match=message):
+            validate(make_cfg(policy_dir, *over))
+
 @pytest.mark.ray
 def test_collective_weight_sync_and_recovery_from_a_dead_sampler(policy_dir, ray_session, tmp_path):
     """`grpo.weight_sync=collective` (gloo here, NCCL on GPUs): after an update both samplers hold the
