@@ -140,7 +140,11 @@ def _grpo_checkpoint(marker: Path) -> Checkpoint | None:
     if state is None:
         return None
     ds_dir, tag = marker.parent / "learners", state.get("tag") or marker.stem
-    return Checkpoint(state["step"], "grpo", ds_dir, tag) if _has_model_states(ds_dir / tag) else None
+    from orchestrator.expert_shard import expert_layout, expert_part_files
+
+    layout = expert_layout(ds_dir / tag)  # owned experts (grpo.expert_parallel): every slice present
+    experts_ok = layout is None or all(f.is_file() for f in expert_part_files(ds_dir / tag, layout["expert_parallel"]))
+    return Checkpoint(state["step"], "grpo", ds_dir, tag) if experts_ok and _has_model_states(ds_dir / tag) else None
 
 
 def find_checkpoints(run_dir: Path) -> list[Checkpoint]:
@@ -168,8 +172,9 @@ def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
     from orchestrator.expert_shard import expert_layout, read_expert_parts
 
-    if expert_layout(ckpt.ds_dir) is not None:  # owned experts: every slice, reassembled
-        parts = read_expert_parts(ckpt.ds_dir)
+    folder = ckpt.path if ckpt.kind == "grpo" else ckpt.ds_dir  # a GRPO checkpoint's experts are in its tag folder
+    if expert_layout(folder) is not None:  # owned experts: every slice, reassembled
+        parts = read_expert_parts(folder)
         sd.update({k: v["weight"].float() for k, v in parts.items() if k != "step"})
     return sd
 

@@ -190,6 +190,9 @@ class GRPOConfig:
     group_size: Annotated[int, Field(ge=2)] = 8  # completions per prompt (G): advantages are relative within the group
     learners: PositiveInt = 1  # PolicyLearner ranks (one DeepSpeed group)
     zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage of the learners
+    # ranks per expert-parallel group of learners: each owns n_routed_experts / expert_parallel routed
+    # experts (weights, gradients, AdamW state; orchestrator/expert_shard.py); must divide learners
+    expert_parallel: PositiveInt = 1
     epochs: PositiveInt = 1  # passes over each step's samples
     minibatch_size: PositiveInt = 64  # completions per optimizer step
     lr: PositiveFloat = 1e-4  # learning rate (AdamW, constant)

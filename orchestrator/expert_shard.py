@@ -146,6 +146,16 @@ class ExpertShard:
                 engine._global_grad_norm = total
             engine.clip_fp32_gradients = clip_fp32_gradients
 
+    def gathered(self) -> dict[str, torch.Tensor]:
+        """Every expert of every layer (the compute copies), gathered over this rank's EP group: the
+        whole model's expert tensors by state-dict key, for a weight sync. Every rank calls it."""
+        group, out = self.ep_groups[self.rank // self.ep], {}
+        for key, comp in self.compute.items():
+            parts = [torch.empty_like(comp) for _ in range(self.ep)]
+            dist.all_gather(parts, comp.detach().contiguous(), group=group)
+            out[key] = torch.cat(parts)
+        return out
+
     # --- memory ---------------------------------------------------------------------------------
 
     def state_bytes(self) -> dict[str, int]:

@@ -113,7 +113,7 @@ def validate(cfg: RunConfig) -> None:
     g = cfg.grpo
     if g.learners > 1 and g.minibatch_size < g.learners:
         raise ConfigError(f"key 'grpo.minibatch_size' ({g.minibatch_size}) must be at least grpo.learners ({g.learners})")
-    check_sampler_ep(cfg)
+    check_expert_parallel(cfg)
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:  # the embedded Ray: one node of num_cpus
         from orchestrator.placement import Node, PlanError, make_plan, roles_for
 
@@ -123,10 +123,16 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"key 'cluster.num_cpus' ({cfg.cluster.num_cpus}) is too small: {e}") from None
 
 
-def check_sampler_ep(cfg: RunConfig) -> None:
-    """`rollout.expert_parallel` K: groups of K samplers, each member one K-th of the routed experts."""
-    import json
-
+def check_expert_parallel(cfg: RunConfig) -> None:
+    """`grpo.expert_parallel` and `rollout.expert_parallel` K: groups of K learners or samplers, each
+    member one K-th of the routed experts."""
+    g = cfg.grpo
+    if g.expert_parallel > 1:
+        if g.learners % g.expert_parallel:
+            raise ConfigError(f"key 'grpo.expert_parallel' ({g.expert_parallel}) must divide grpo.learners ({g.learners})")
+        if cfg.rollout.exact:
+            raise ConfigError("key 'rollout.exact' needs whole experts on every learner: set grpo.expert_parallel to 1")
+        _check_divides(cfg, "grpo.expert_parallel", g.expert_parallel)
     r, K = cfg.rollout, cfg.rollout.expert_parallel
     if K == 1:
         return
@@ -137,11 +143,16 @@ def check_sampler_ep(cfg: RunConfig) -> None:
     if cfg.grpo.weight_sync == "collective":
         raise ConfigError("key 'grpo.weight_sync' collective broadcasts the whole policy to every sampler; expert-parallel "
                           "samplers take their shards from the object store: set it to auto or object_store")
+    _check_divides(cfg, "rollout.expert_parallel", K)
+
+
+def _check_divides(cfg: RunConfig, key: str, k: int) -> None:
+    import json
+
     hf_dir, _ = resolve_init(cfg)
     experts = json.loads((hf_dir / "config.json").read_text()).get("n_routed_experts") or 0
-    if experts % K or not experts:
-        raise ConfigError(f"key 'rollout.expert_parallel' ({K}) must divide the model's routed experts "
-                          f"(n_routed_experts {experts} in {hf_dir / 'config.json'})")
+    if experts % k or not experts:
+        raise ConfigError(f"key '{key}' ({k}) must divide the model's routed experts (n_routed_experts {experts} in {hf_dir / 'config.json'})")
 
 
 class TaskStream:

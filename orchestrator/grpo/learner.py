@@ -29,6 +29,13 @@ policy runs in the batch-invariant mode, so that its log-probs equal the sampler
 The comparison is at the sampling temperature; with rollout.top_p < 1 the sampler's log-probs are
 of the truncated distribution it drew from, so the meter and the ratio include the truncation.
 
+Expert parallelism (`grpo.expert_parallel=K`, issue 21): each rank loads and owns E/K routed
+experts per MoE layer (orchestrator/expert_shard.py, as pretraining does): their weights, gradients
+and AdamW state, reduced over the ranks that own the same experts, clipped with DeepSpeed's global
+norm; the rest stays with DeepSpeed. Every rank then runs the same number of forward passes (the
+all-to-all), the published state gathers the experts from their owners, and a checkpoint holds
+them per slice in its tag folder.
+
 Test: `pytest tests/orchestrator/test_orch_grpo.py tests/orchestrator/test_orch_learner.py`.
 """
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -91,7 +99,15 @@ class PolicyLearner(MinibatchUpdates):
             deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.cfg, self.rank, self.world, self.pad_id, self.max_new_tokens = grpo_cfg, rank, world, pad_id, max_new_tokens
         torch.manual_seed(seed)
-        model = load_policy(init_dir).set_exact(exact)
+        ep = grpo_cfg.expert_parallel
+        model = load_policy(init_dir, experts=(rank % ep, ep) if ep > 1 else None).set_exact(exact)  # this rank's experts only
+        self.experts = None
+        if ep > 1:
+            from orchestrator.expert_shard import ExpertShard
+
+            self.experts = ExpertShard(model, ep=ep, rank=rank, world=world, lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas),
+                                       weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip,
+                                       dtype=torch.bfloat16 if on_gpu else torch.float32)  # DeepSpeed runs bf16 on GPUs
         self.ref = None
         if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
             self.ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False))
@@ -100,6 +116,8 @@ class PolicyLearner(MinibatchUpdates):
             lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas), weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip, bf16=on_gpu,
             n_params=sum(q.numel() for q in model.parameters()))
         self.engine, *_ = deepspeed.initialize(model=LogProbs(model), model_parameters=model.parameters(), config=ds_cfg)
+        if self.experts is not None:
+            self.experts.hook_global_norm(self.engine)
         self.device = self.engine.device
         self.version = 0
         self.sync = None  # weight_sync.SyncGroup on rank 0, with grpo.weight_sync=collective
@@ -116,6 +134,8 @@ class PolicyLearner(MinibatchUpdates):
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         else:
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if self.experts is not None:  # owned experts, from every member of the EP group
+            state.update({k: v.cpu() for k, v in self.experts.gathered().items()})
         return state if self.rank == 0 else None
 
     def weights_meta(self):
@@ -229,8 +249,12 @@ class PolicyLearner(MinibatchUpdates):
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        if self.experts is not None:
+            self.experts.save(Path(directory) / tag)
 
     def load(self, directory: str, tag: str) -> dict:
         _, client = self.engine.load_checkpoint(directory, tag=tag)
+        if self.experts is not None:
+            self.experts.load(Path(directory) / tag)
         self.version = int(client["version"])
         return client

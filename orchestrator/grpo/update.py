@@ -20,8 +20,9 @@ class MinibatchUpdates:
 
     def _lockstep(self) -> bool:
         """Whether every rank must run the same number of forward/backward calls: ZeRO-2 reduces
-        gradients in every backward, ZeRO-3 also gathers parameters in every forward."""
-        return self.cfg.zero_stage >= 2 and self.world > 1
+        gradients in every backward, ZeRO-3 also gathers parameters in every forward, expert
+        parallelism exchanges tokens in every forward."""
+        return (self.cfg.zero_stage >= 2 and self.world > 1) or self.experts is not None
 
     def _micro_batches(self, rows: list[int], lengths: list[int]) -> list[list[int]]:
         if self._lockstep():
@@ -121,12 +122,19 @@ class MinibatchUpdates:
             for k, v in mets.items():
                 weighted[k] = weighted.get(k, 0.0) + v * t
         grad_norm = None
+        if self.experts is not None:  # owned experts: summed over their owners, their norm joins DeepSpeed's
+            self.experts.reduce()
         if cfg.zero_stage == 0:  # DeepSpeed records the norm only inside its ZeRO optimizers
             norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
             grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
+            if self.experts is not None:
+                grad_norm = (grad_norm ** 2 + self.experts.norm ** 2) ** 0.5
+        lr = self.engine.get_lr()[0]
         self.engine.step()
         if cfg.zero_stage > 0:
             gn = self.engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
+        if self.experts is not None:
+            self.experts.step(lr, grad_norm)
         mets = {k: v / n_tok if n_tok else 0.0 for k, v in weighted.items()}
         return {"loss": loss_sum, **mets, "ratio_max": ratio_max, "grad_norm": grad_norm}

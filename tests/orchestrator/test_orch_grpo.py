@@ -217,30 +217,45 @@ def test_reference_actor_gives_the_kl_of_the_colocated_reference(policy_dir, ray
 @pytest.mark.ray
 def test_two_learners_with_zero2_make_the_update_of_one(policy_dir, ray_session, tmp_path):
     """The same rollouts and advantages through 1 learner and through 2 (ZeRO-2, each rank half the
-    samples, token-mean rescaled over the group): the same update, to 0.1% of its norm (measured
-    1e-5). Adam divides by the gradient's magnitude, which amplifies reduction-order rounding where
+    samples, token-mean rescaled over the group), and through 2 that own half the routed experts
+    each (grpo.expert_parallel=2, issue 21): the same update, to 0.1% of its norm (measured 1e-5).
+    Adam divides by the gradient's magnitude, which amplifies reduction-order rounding where
     gradients are tiny (single entries up to 7e-5 apart on a 1e-2 step); an update computed from the wrong
-    samples on either rank would differ by a large part of its norm."""
+    samples on either rank would differ by a large part of its norm. The expert-parallel run's
+    checkpoint reassembles (checkpoints.load_model_state, what `sputnik export` reads) to the state
+    the samplers got."""
+    from orchestrator.checkpoints import find_checkpoints, load_model_state
+
     ray = ray_session
     out = {}
-    for n in (1, 2):
-        cfg = make_cfg(policy_dir, f"grpo.learners={n}", "grpo.zero_stage=2", "grpo.lr=1e-2")
-        d, tracker = driver_for(cfg, tmp_path / f"l{n}")
+    for name, over in {"one": ["grpo.learners=1"], "zero2": ["grpo.learners=2"], "ep2": ["grpo.learners=2", "grpo.expert_parallel=2"]}.items():
+        cfg = make_cfg(policy_dir, *over, "grpo.zero_stage=2", "grpo.lr=1e-2")
+        d, tracker = driver_for(cfg, tmp_path / name)
         batch = d.collect(d.sample_step(1), 1)
         adv = [((i % 4) - 1.5) for i in range(len(batch.records))]
         m = d.learn(batch, adv, 1)
-        out[n] = (m, ray.get(d.weights.weights_ref), ray.get(batch.gen))
+        out[name] = (m, ray.get(d.weights.weights_ref), ray.get(batch.gen))
+        if name == "ep2":
+            d.save(1)
+            saved = load_model_state(find_checkpoints(tmp_path / name)[-1])
+            assert saved.keys() == out[name][1].keys()
+            assert all(torch.equal(saved[k], v) for k, v in out[name][1].items())
+            assert ray.get([l.weights_hash.remote() for l in d.learners])[0] is not None
         d.close()
         tracker.close()
     from model.hf import from_hf_pretrained
 
-    (_, w1, g1), (_, w2, g2) = out[1], out[2]
-    assert [c.completion_ids for c in g1] == [c.completion_ids for c in g2]  # same rollouts
+    (m1, w1, g1) = out["one"]
     init = from_hf_pretrained(policy_dir[0] / "hf").state_dict()
     update = torch.cat([(w1[k] - init[k]).flatten() for k in w1]).norm()
-    diff = torch.cat([(w1[k] - w2[k]).flatten() for k in w1]).norm()
     assert update > 1e-2  # the update did something
-    assert diff <= 1e-3 * update, (float(diff), float(update))
+    for name in ("zero2", "ep2"):
+        m2, w2, g2 = out[name]
+        assert [c.completion_ids for c in g1] == [c.completion_ids for c in g2]  # same rollouts
+        assert w2.keys() == w1.keys()
+        diff = torch.cat([(w1[k] - w2[k]).flatten() for k in w1]).norm()
+        assert diff <= 1e-3 * update, (name, float(diff), float(update))
+        assert abs(m2["train/grad_norm"] - m1["train/grad_norm"]) <= 1e-4 * m1["train/grad_norm"], name  # the experts' norm included
 
 
 @pytest.mark.ray
