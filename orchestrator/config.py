@@ -170,9 +170,7 @@ class RolloutConfig:
     # batch-invariant decoding and log-probs (model/exact.py): sampler and learner log-probs agree bit for
     # bit on CPU fp32 with the same weights; ~2x slower decoding, ~5x slower learner passes (tiny, CPU); not with grpo.zero_stage=3
     exact: bool = False
-    # samplers per model copy: each group of expert_parallel samplers holds one model with the routed
-    # experts split among them (tokens exchanged all-to-all in decoding), for models one process cannot
-    # hold; must divide num_samplers and n_routed_experts; weights then sync through the object store
+    # samplers per model copy, the routed experts split among them (all-to-all in decoding); divides num_samplers
     expert_parallel: PositiveInt = 1
 
 
@@ -190,9 +188,7 @@ class GRPOConfig:
     group_size: Annotated[int, Field(ge=2)] = 8  # completions per prompt (G): advantages are relative within the group
     learners: PositiveInt = 1  # PolicyLearner ranks (one DeepSpeed group)
     zero_stage: Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage of the learners
-    # ranks per expert-parallel group of learners: each owns n_routed_experts / expert_parallel routed
-    # experts (weights, gradients, AdamW state; orchestrator/expert_shard.py); must divide learners
-    expert_parallel: PositiveInt = 1
+    expert_parallel: PositiveInt = 1  # learners per expert-parallel group, each owning E/K routed experts; divides learners
     epochs: PositiveInt = 1  # passes over each step's samples
     minibatch_size: PositiveInt = 64  # completions per optimizer step
     lr: PositiveFloat = 1e-4  # learning rate (AdamW, constant)
