@@ -171,18 +171,21 @@ class MoE(nn.Module):
         self.routed = self._routed_local
         self.replay_idx_NK: torch.Tensor | None = None  # router replay: the experts to use (Transformer.routing_replay)
         self.routed_idx_NK: torch.Tensor | None = None  # the experts the last forward used
+        self.recomputing = False  # inside activation checkpointing's recompute (Block.forward): no side effects
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x = x_BTD.reshape(-1, D)
         w_NK, idx_NK, s_NE = self.gate(x, self.replay_idx_NK)
-        self.routed_idx_NK = idx_NK.detach()
-        if self.training:
+        if self.training and not self.recomputing:
             with torch.no_grad():
                 # index_add, not bincount: bincount's output shape depends on the ids (a graph
                 # break and a host sync under torch.compile, issue 24); the counts are the same.
                 self.load.index_add_(0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten(), dtype=self.load.dtype))
-        self.aux_loss = self._seq_aux_loss(s_NE.view(B, T, -1), idx_NK.view(B, T, -1)) if self.training and self.seq_aux_alpha > 0 else None
+        # computed in a recompute too (activation checkpointing replays the same saved tensors), kept only from the forward
+        aux = self._seq_aux_loss(s_NE.view(B, T, -1), idx_NK.view(B, T, -1)) if self.training and self.seq_aux_alpha > 0 else None
+        if not self.recomputing:
+            self.routed_idx_NK, self.aux_loss = idx_NK.detach(), aux
         y = self.routed(x, w_NK.to(x.dtype), idx_NK)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -68,7 +68,22 @@ class Block(nn.Module):
 
     def forward(self, x, freqs, cache=None, start_pos=0, mask=None):
         if self.activation_checkpointing and self.training and cache is None:
-            return checkpoint(self._forward, x, freqs, None, start_pos, mask, use_reentrant=False)
+            calls = [0]
+
+            def run(*a):
+                # The backward's recompute repeats this forward: the MoE must not count its tokens
+                # again nor keep the recomputed graph as its aux loss (which would hold the block's
+                # recomputed activations until the next forward).
+                moe = self.ffn if isinstance(self.ffn, MoE) else None
+                if moe is not None:
+                    moe.recomputing = calls[0] > 0
+                calls[0] += 1
+                try:
+                    return self._forward(*a)
+                finally:
+                    if moe is not None:
+                        moe.recomputing = False
+            return checkpoint(run, x, freqs, None, start_pos, mask, use_reentrant=False)
         return self._forward(x, freqs, cache, start_pos, mask)
 
     def _forward(self, x, freqs, cache, start_pos, mask):

@@ -38,16 +38,25 @@ def test_token_logprobs_match_log_softmax():
 
 
 def test_activation_checkpointing_same_grads():
+    """The same gradients, expert loads and aux losses with and without checkpointing: the backward's
+    recompute neither counts a block's tokens again nor replaces its aux loss by the recomputed graph
+    (which kept the recomputed activations alive until the next forward)."""
     seq = torch.randint(0, 101, (2, 12))
-    grads = []
+    grads, loads, aux = [], [], []
     for ac in (False, True):
-        m = tiny().train()
+        m = tiny(seq_aux_loss_alpha=0.01).train()
         if ac:
             assert apply_activation_checkpointing(m) == 4  # 3 layers + 1 MTP block
         loss, _ = m.loss(seq[:, :-1], seq[:, 1:])
+        before = [moe.aux_loss for moe in m.moe_layers()]
         loss.backward()
+        assert all(moe.aux_loss is a for moe, a in zip(m.moe_layers(), before))  # the forward's, not the recompute's
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        loads.append(m.expert_loads())
+        aux.append(torch.stack([a.detach() for a in before]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.equal(loads[0], loads[1])
+    assert torch.allclose(aux[0], aux[1])
 
 
 def test_a_few_steps_reduce_loss():
