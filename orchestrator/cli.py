@@ -29,7 +29,7 @@ COMMANDS = {
     "grpo": ("R1-Zero-style GRPO with rollout samplers, reward evaluators and policy learners", "grpo_math.yaml", "orchestrator.grpo:run"),
     "eval": ("score a model, or given completions, on a task set: HumanEval, reasoning-gym, GSM8K/MATH files (pass@k)", "grpo_math.yaml", "orchestrator.evaluate:run"),
     "export": ("export a pretraining or GRPO checkpoint as a Hugging Face DeepseekV3 directory", "pretrain_tiny.yaml", "orchestrator.export:run"),
-    "plan": ("print the placement plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run"),
+    "plan": ("print the placement and memory plan of a config for a cluster size", "grpo_math.yaml", "orchestrator.placement:run"),
     "config": ("print every config key: value, default, type, range, description", None, "orchestrator.config_doc:run"),
 }
 
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "head: --node 0 --node 8:1 --node 8:1); replaces --nodes/--*-per-node")
             p.add_argument("--address", dest="plan_address", default=None,
                            help="plan for the nodes of this running Ray cluster (`auto` inside a job)")
+            p.add_argument("--gpu-memory-gib", dest="gpu_memory_gib", type=float, default=None,
+                           help="memory of one GPU in GiB for the memory plan (default 80, an H100; an H200 has 131)")
+            p.add_argument("--host-memory-gib", dest="host_memory_gib", type=float, default=None,
+                           help="CPU memory of one node in GiB, for CPU roles and offloaded optimizer state (default 64)")
+            p.add_argument("--prompt-len", dest="prompt_len", type=int, default=None,
+                           help="longest prompt in tokens, for the samplers' KV cache and the learners' sequences (default 256)")
     return parser
 
 

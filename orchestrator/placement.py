@@ -355,6 +355,8 @@ def plan_nodes(cli_args) -> tuple[list[Node], str]:
 
 
 def run(cfg: RunConfig, cli_args) -> int:
+    from orchestrator import memory_plan
+
     nodes, described = plan_nodes(cli_args)
     command = command_of(cli_args.config)
     commands = ["pretrain", "grpo"] if command == "demo" else [command]
@@ -368,4 +370,15 @@ def run(cfg: RunConfig, cli_args) -> int:
             return 2
         print(f"\nsputnik {cmd}: " + "; ".join(f"{r.count} {r.name}(s) x {r.describe()}, {r.strategy}" for r in roles))
         print(plan.table())
+        host_gib = getattr(cli_args, "host_memory_gib", None) or memory_plan.DEFAULT_HOST_GIB
+        per_node = max(Counter(n for r in roles for n in plan.assignment[r.name]).values())  # CPU roles share a node's memory
+        mems = memory_plan.role_memory(cfg, cmd, roles, gpu_gib=getattr(cli_args, "gpu_memory_gib", None) or memory_plan.DEFAULT_GPU_GIB,
+                                       host_gib=host_gib / per_node, prompt_len=getattr(cli_args, "prompt_len", None) or 256)
+        print(f"\nmemory per rank (GiB) of sputnik {cmd}:")
+        print(memory_plan.table(mems))
+        print(memory_plan.explain(memory_plan.count_parameters(cfg.model)))
+        problem = memory_plan.misfit(mems)
+        if problem:
+            print(f"sputnik plan: does not fit for sputnik {cmd}: {problem}", file=sys.stderr)
+            return 2
     return 0
