@@ -2,7 +2,7 @@
 
 Measured: real pretraining steps (the DeepSpeed engine, owned experts and train_step of
 orchestrator/pretrain_worker.py; gloo, DS_ACCELERATOR=cpu, fp32) for the tiny preset on 1 and 2
-ranks (ZeRO 1, 2 and 3, owned expert parallel 2) and the small preset on 1 rank; the peak of each
+ranks (ZeRO 1, 2 and 3, owned expert parallel 2, activation checkpointing on 1 rank) and the small preset on 1 rank; the peak of each
 rank must be within 15% of the plan's peak for that rank.
 
 How the peak is measured: RSS would include ~400 MB of libraries and the allocator's slack, so we
@@ -27,9 +27,9 @@ from orchestrator.config import PretrainConfig
 from orchestrator.memory_plan import GIB, activation_bytes, count_parameters, pretrain_rank, zero_states
 
 TOLERANCE = 0.15
-# (preset, micro-batch, seq, ZeRO stage, expert parallel) per world size
-ONE_RANK = [("tiny", 8, 128, 2, 1), ("small", 1, 64, 2, 1)]
-TWO_RANKS = [("tiny", 8, 128, 1, 1), ("tiny", 8, 128, 3, 1), ("tiny", 8, 128, 2, 2)]
+# (preset, micro-batch, seq, ZeRO stage, expert parallel, activation checkpointing) per world size
+ONE_RANK = [("tiny", 8, 128, 2, 1, False), ("tiny", 8, 128, 2, 1, True), ("small", 1, 64, 2, 1, False)]
+TWO_RANKS = [("tiny", 8, 128, 1, 1, False), ("tiny", 8, 128, 3, 1, False), ("tiny", 8, 128, 2, 2, False)]
 
 
 def free_port() -> int:
@@ -48,14 +48,15 @@ def peak_bytes(prof) -> int:
     return peak
 
 
-def measure(rank: int, world: int, preset: str, batch: int, seq: int, stage: int, ep: int) -> int:
+def measure(rank: int, world: int, preset: str, batch: int, seq: int, stage: int, ep: int, ac: bool) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from model import Transformer
+    from model.parallel import apply_activation_checkpointing
     from orchestrator.pretrain_worker import build_engine, own_experts, train_step
 
     args = load_model_args(preset)
-    p = PretrainConfig(micro_batch_size=batch, zero_stage=stage, expert_parallel=ep, steps=10, warmup_steps=1)
+    p = PretrainConfig(micro_batch_size=batch, zero_stage=stage, expert_parallel=ep, steps=10, warmup_steps=1, activation_checkpointing=ac)
 
     class Rows:  # this rank's rows of a global batch
         step = 0
@@ -69,6 +70,8 @@ def measure(rank: int, world: int, preset: str, batch: int, seq: int, stage: int
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
         model = Transformer(args)
+        if ac:
+            apply_activation_checkpointing(model)
         experts = own_experts(model, p, rank, world, bf16=False)
         engine, _ = build_engine(model, p, world, bf16=False)
         if experts is not None:
@@ -94,9 +97,9 @@ def worker(rank, world, port, configs, out):
     dist.destroy_process_group()
 
 
-def planned(world: int, preset: str, batch: int, seq: int, stage: int, ep: int) -> float:
+def planned(world: int, preset: str, batch: int, seq: int, stage: int, ep: int, ac: bool) -> float:
     args = load_model_args(preset)
-    p = PretrainConfig(micro_batch_size=batch, zero_stage=stage, expert_parallel=ep)
+    p = PretrainConfig(micro_batch_size=batch, zero_stage=stage, expert_parallel=ep, activation_checkpointing=ac)
     return pretrain_rank(args, count_parameters(args), p, world=world, seq=seq, gpu=False).peak
 
 
