@@ -1,6 +1,6 @@
 """Parallelism applied to a built model, outside the model code (torchtitan style):
-activation checkpointing and expert parallelism (routed experts sharded over a process group,
-tokens exchanged with all_to_all_single).
+activation checkpointing, expert parallelism (routed experts sharded over a process group,
+tokens exchanged with all_to_all_single) and torch.compile of the training entry points.
 
 Test: `pytest tests/model/test_model_parallel.py`.
 """
@@ -23,6 +23,16 @@ def apply_activation_checkpointing(model: Transformer) -> int:
             m.activation_checkpointing = True
             n += 1
     return n
+
+
+def apply_compile(model: Transformer, methods: tuple[str, ...], *, backend: str = "inductor") -> None:
+    """torch.compile(fullgraph=True) each of the model's `methods` (e.g. "loss_terms",
+    "token_logprobs", "hidden") in place, as an instance attribute: the module, its parameter names
+    and DeepSpeed's view of it stay as they are, and callers of model.loss / model.token_logprobs get
+    the compiled graph. dynamic=True: micro-batches change length from call to call (issue 24;
+    tests/model/test_model_compile.py shows the paths have no graph break)."""
+    for name in methods:
+        setattr(model, name, torch.compile(getattr(model, name), fullgraph=True, dynamic=True, backend=backend))
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:

@@ -35,10 +35,7 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message is one line naming the file and key."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Component configs owned by the orchestrator. ModelArgs, DataConfig and RewardConfig live in
-# their own packages and are embedded below.
-# ---------------------------------------------------------------------------------------------
+# Component configs owned by the orchestrator (ModelArgs, DataConfig and RewardConfig live in their own packages).
 
 
 @dataclasses.dataclass
@@ -217,6 +214,8 @@ class GRPOConfig:
     importance: Literal["none", "tis", "mis"] = "none"
     is_cap: Annotated[float, Field(gt=1)] = 2.0  # the cap of tis, the band of mis
     router_replay: bool = False  # the learner's MoE layers route rollout tokens to the sampler's experts (gate weights its own)
+    compile: bool = False  # torch.compile (fullgraph) of the learner's forward passes (issue 24); not with ZeRO-3 or expert_parallel
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: the same graphs without code generation (tests)
     # how new weights reach the samplers: one object in the object store that each sampler fetches,
     # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
     # auto = collective when the learners have GPUs (orchestrator/grpo/weight_sync.py)

@@ -108,6 +108,10 @@ class PolicyLearner(MinibatchUpdates):
             self.experts = ExpertShard(model, ep=ep, rank=rank, world=world, lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas),
                                        weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip,
                                        dtype=torch.bfloat16 if on_gpu else torch.float32)  # DeepSpeed runs bf16 on GPUs
+        if grpo_cfg.compile:  # the trunk and the log-prob head as graphs (issue 24); the engine wraps the same module
+            from model.parallel import apply_compile
+
+            apply_compile(model, ("token_logprobs", "hidden"), backend=grpo_cfg.compile_backend)
         self.ref = None
         if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
             self.ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False))

@@ -313,3 +313,28 @@ def test_train_threads_apply_to_the_update_only(policy_dir):
         assert seen and set(seen) == {2} and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_learner_makes_the_eager_update(policy_dir):
+    """grpo.compile (issue 24): the learner's trunk and log-prob head compiled as graphs (aot_eager:
+    the graphs inductor would compile, without code generation) give the eager learner's losses and
+    weights after a step of two minibatches of length-sorted micro-batches (varied shapes: dynamic)."""
+    from torch._dynamo.utils import counters
+
+    ch = varied_chunk()
+    adv = torch.randn(len(ch.completion_ids), generator=torch.Generator().manual_seed(3)).tolist()
+    out = {}
+    for compiled in (False, True):
+        over = ["grpo.lr=1e-2", "grpo.minibatch_size=8"] + (["grpo.compile=true", "grpo.compile_backend=aot_eager"] if compiled else [])
+        lrn = learner_with(policy_dir, *over)
+        init = lrn.state_dict()
+        counters.clear()
+        m = lrn.train(adv, 3, ch)
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+        out[compiled] = (m, lrn.state_dict())
+    (m0, w0), (m1, w1) = out[False], out[True]
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5) and m1["entropy"] == pytest.approx(m0["entropy"], rel=1e-5)
+    assert any((w0[k] != init[k]).any() for k in w0)  # the step moved the weights
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
