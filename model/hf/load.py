@@ -111,26 +111,105 @@ def _init_mtp(model: Transformer) -> None:
             mod.block.ffn.gate.bias.zero_()
 
 
+def hf_model_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs of a checkpoint directory's config.json."""
+    return _read_config(Path(path))[1]
+
+
+def _read_config(path: Path) -> tuple[dict, ModelArgs]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face checkpoint directory)")
+    cfg = json.loads(cfg_file.read_text())
+    return cfg, from_hf_config(cfg)
+
+
+class _Reader:
+    """Which checkpoint tensor fills which of `model`'s (validated: every tensor of the directory
+    known, every tensor the model needs present), and reading one in our layout (FP8 dequantised,
+    transposed where ours is)."""
+
+    def __init__(self, path: Path, model: Transformer, cfg: dict, owned: range):
+        args = model.args
+        self.path, self.files, self.block, self.names = path, checkpoint_files(path), _fp8_block(cfg), key_map(model)
+        for k, f in self.files.items():
+            if k not in self.names and self._owner(k) is None:
+                raise ValueError(f"{f}: tensor {k!r} is not part of a DeepseekV3 model with this config.json "
+                                 f"(wrong config, or a checkpoint of another architecture)")
+        mtp = mtp_prefixes(args)
+        self.has_mtp = any(k.startswith(mtp) for k in self.files) if mtp else False
+        shared_copies = ("shared_head.head.weight", "embed_tokens.weight")  # MTP's copies of the shared embedding/head
+        self.by_file: dict[Path, list[str]] = defaultdict(list)
+        self.by_target: dict[str, list[str]] = defaultdict(list)  # our tensor -> the checkpoint tensors that fill it
+        for hf in self.names:
+            in_mtp = bool(mtp) and hf.startswith(mtp)
+            if (in_mtp and hf.endswith(shared_copies)) or (args.tie_embeddings and hf == "lm_head.weight"):
+                continue  # copies of tensors our model shares: the main embedding / head is read once
+            name, _, expert = self.names[hf][0].partition("#")
+            if expert and int(expert) not in owned:
+                continue  # another rank's expert
+            if hf in self.files:
+                self.by_file[self.files[hf]].append(hf)
+                self.by_target[name].append(hf)
+            elif not (in_mtp and not self.has_mtp):  # transformers saves no MTP layers: those start fresh
+                raise ValueError(f"{path}: tensor {hf!r} is missing from the checkpoint")
+
+    def _owner(self, k: str) -> str | None:  # the weight a `_scale_inv` tensor belongs to
+        return k[: -len(SCALE_SUFFIX)] if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in self.names else None
+
+    def read(self, fh, hf: str) -> torch.Tensor:
+        """Checkpoint tensor `hf` from its open file `fh`, as our tensor holds it."""
+        f, files = self.files[hf], self.files
+        t = fh.get_tensor(hf)
+        scale_name = hf + SCALE_SUFFIX
+        if t.dtype in FP8_DTYPES:
+            if scale_name not in files:
+                raise ValueError(f"{f}: FP8 tensor {hf!r} has no {scale_name!r}")
+            if files[scale_name] == f:
+                scale = fh.get_tensor(scale_name)
+            else:
+                with safe_open(str(files[scale_name]), framework="pt") as other:
+                    scale = other.get_tensor(scale_name)
+            try:
+                t = dequantize_fp8(t, scale, self.block)
+            except ValueError as e:
+                raise ValueError(f"{f}: tensor {hf!r}: {e}") from None
+        elif scale_name in files:
+            raise ValueError(f"{files[scale_name]}: {scale_name!r} scales {hf!r}, which is {t.dtype}, not FP8")
+        return t.t() if self.names[hf][1] else t
+
+    def copy(self, hf: str, t: torch.Tensor, target: torch.Tensor, owned: range) -> None:
+        """Copy checkpoint tensor `hf` (as `read` gives it) into our tensor `target` (for an
+        expert: the layer's stacked experts)."""
+        expert = self.names[hf][0].partition("#")[2]
+        if expert:
+            target = target[int(expert) - owned.start]
+        if t.shape != target.shape:
+            raise ValueError(f"{self.path}: tensor {hf!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+        target.copy_(t)
+
+
+def _owned(args: ModelArgs, experts: tuple[int, int] | None) -> range:
+    if experts is None:
+        return range(args.n_routed_experts)
+    part, k = experts
+    if args.n_routed_experts % k or not 0 <= part < k:
+        raise ValueError(f"expert part {part} of {k}: {k} must divide n_routed_experts {args.n_routed_experts}")
+    return range(part * args.n_routed_experts // k, (part + 1) * args.n_routed_experts // k)
+
+
+@torch.no_grad()
 def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = None) -> Transformer:
     """Build our Transformer (fp32) from a Hugging Face DeepseekV3 checkpoint directory.
     experts=(part, k): only routed experts [part * E/k, (part + 1) * E/k) of every MoE layer are
     allocated and read (the others are never materialised): the shard an expert-parallel rank owns,
     ready for model.parallel.apply_expert_parallel."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} does not exist (expected a Hugging Face checkpoint directory)")
-    cfg = json.loads(cfg_file.read_text())
-    args: ModelArgs = from_hf_config(cfg)
-    files = checkpoint_files(path)
+    cfg, args = _read_config(path)
     with torch.device("meta"):
         model = Transformer(args)
-    owned = range(args.n_routed_experts)
+    owned = _owned(args, experts)
     if experts is not None:
-        part, k = experts
-        if args.n_routed_experts % k or not 0 <= part < k:
-            raise ValueError(f"expert part {part} of {k}: {k} must divide n_routed_experts {args.n_routed_experts}")
-        owned = range(part * args.n_routed_experts // k, (part + 1) * args.n_routed_experts // k)
         for moe in model.moe_layers():
             for w in ("w1", "w2", "w3"):
                 full = getattr(moe.experts, w)
@@ -139,64 +218,49 @@ def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = No
     model.freqs_cis = precompute_freqs_cis(args)
     if args.tie_embeddings:
         model.head.weight = model.embed.weight
-    names = key_map(model)
-
-    def owner(k: str) -> str | None:  # the weight a `_scale_inv` tensor belongs to
-        return k[: -len(SCALE_SUFFIX)] if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in names else None
-
-    for k, f in files.items():
-        if k not in names and owner(k) is None:
-            raise ValueError(f"{f}: tensor {k!r} is not part of a DeepseekV3 model with this config.json "
-                             f"(wrong config, or a checkpoint of another architecture)")
-    mtp = mtp_prefixes(args)
-    has_mtp = any(k.startswith(mtp) for k in files) if mtp else False
-    shared_copies = ("shared_head.head.weight", "embed_tokens.weight")  # MTP's copies of the shared embedding/head
-    wanted: dict[Path, list[str]] = defaultdict(list)
-    for hf in names:
-        in_mtp = bool(mtp) and hf.startswith(mtp)
-        if (in_mtp and hf.endswith(shared_copies)) or (args.tie_embeddings and hf == "lm_head.weight"):
-            continue  # copies of tensors our model shares: the main embedding / head is read once
-        expert = names[hf][0].partition("#")[2]
-        if expert and int(expert) not in owned:
-            continue  # another rank's expert
-        if hf in files:
-            wanted[files[hf]].append(hf)
-        elif not (in_mtp and not has_mtp):  # transformers saves no MTP layers: those start fresh (below)
-            raise ValueError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-
+    reader = _Reader(path, model, cfg, owned)
     sd = model.state_dict()
-    block = _fp8_block(cfg)
-    for f, keys in wanted.items():  # one shard at a time: its pages are released when it closes
+    for f, keys in reader.by_file.items():  # one shard at a time: its pages are released when it closes
         with safe_open(str(f), framework="pt") as fh:
             for hf in keys:
-                t = fh.get_tensor(hf)
-                scale_name = hf + SCALE_SUFFIX
-                if t.dtype in FP8_DTYPES:
-                    if scale_name not in files:
-                        raise ValueError(f"{f}: FP8 tensor {hf!r} has no {scale_name!r}")
-                    if files[scale_name] == f:
-                        scale = fh.get_tensor(scale_name)
-                    else:
-                        with safe_open(str(files[scale_name]), framework="pt") as other:
-                            scale = other.get_tensor(scale_name)
-                    try:
-                        t = dequantize_fp8(t, scale, block)
-                    except ValueError as e:
-                        raise ValueError(f"{f}: tensor {hf!r}: {e}") from None
-                elif scale_name in files:
-                    raise ValueError(f"{files[scale_name]}: {scale_name!r} scales {hf!r}, which is {t.dtype}, not FP8")
-                ours, transpose = names[hf]
-                name, _, expert = ours.partition("#")
-                target = sd[name][int(expert) - owned.start] if expert else sd[name]
-                if transpose:
-                    t = t.t()
-                if t.shape != target.shape:
-                    raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
-                target.copy_(t)
-                del t
-    if args.mtp_depth and not has_mtp:
+                reader.copy(hf, reader.read(fh, hf), sd[reader.names[hf][0].partition("#")[0]], owned)
+    if args.mtp_depth and not reader.has_mtp:
         _init_mtp(model)
         warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=2)
+    for m in model.moe_layers():
+        m.load.zero_()
+    return model
+
+
+@torch.no_grad()
+def from_hf_pretrained_zero3(path: str | Path, ds_config: dict) -> Transformer:
+    """The model built under DeepSpeed's `zero.Init` (each rank allocates only its 1/world of every
+    parameter as it is created) and filled one parameter at a time: every rank gathers it, rank 0
+    reads the checkpoint tensors that make it, and DeepSpeed partitions it again on leaving the
+    gather. A rank's peak is its partition of the model plus one whole parameter (and, on rank 0,
+    the checkpoint tensor being read): how a ZeRO-3 learner starts from a model larger than one
+    device (issue 19). Buffers (the balancing bias) are read by every rank. Call on every rank of
+    the default process group, then `deepspeed.initialize` with the same config."""
+    import deepspeed
+    import torch.distributed as dist
+
+    path = Path(path)
+    cfg, args = _read_config(path)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(args)
+    owned = range(args.n_routed_experts)
+    reader = _Reader(path, model, cfg, owned)
+    if args.mtp_depth and not reader.has_mtp:
+        raise ValueError(f"{path} holds no MTP layers, which a ZeRO-3 import does not initialise: set mtp_depth 0 or use ZeRO 0-2")
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    rank0 = dist.get_rank() == 0
+    for name, keys in reader.by_target.items():
+        with deepspeed.zero.GatheredParameters([params[name]] if name in params else [], modifier_rank=0):
+            if name in buffers or rank0:  # the other ranks receive the parameter when the gather ends
+                target = buffers[name] if name in buffers else params[name].data
+                for hf in keys:
+                    with safe_open(str(reader.files[hf]), framework="pt") as fh:
+                        reader.copy(hf, reader.read(fh, hf), target, owned)
     for m in model.moe_layers():
         m.load.zero_()
     return model

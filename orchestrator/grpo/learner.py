@@ -77,6 +77,36 @@ class ReferenceModel:
         return out
 
 
+def build_policy(init_dir: str, g, *, rank: int, world: int, exact: bool, on_gpu: bool):
+    """(the policy this rank trains, its ExpertShard or None, the DeepSpeed config). Each rank
+    materialises only what it owns: under ZeRO-3 the model is built partitioned and filled one
+    parameter at a time (issue 19); with grpo.expert_parallel only this rank's experts are read."""
+    from orchestrator.ds_config import deepspeed_config
+
+    def config(n_params: int) -> dict:
+        return deepspeed_config(
+            micro_batch_size=max(1, g.minibatch_size // world), grad_accum=1, world_size=world, zero_stage=g.zero_stage,
+            lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay, grad_clip=g.grad_clip, bf16=on_gpu, n_params=n_params)
+
+    ep = g.expert_parallel
+    if g.zero_stage == 3 and ep == 1:
+        from model.hf import from_hf_pretrained_zero3, hf_model_args
+        from model.transformer import Transformer
+
+        with torch.device("meta"):
+            n_params = sum(q.numel() for q in Transformer(hf_model_args(init_dir)).parameters())
+        ds_cfg = config(n_params)
+        return from_hf_pretrained_zero3(init_dir, ds_cfg), None, ds_cfg
+    model = load_policy(init_dir, experts=(rank % ep, ep) if ep > 1 else None).set_exact(exact)  # this rank's experts only
+    experts = None
+    if ep > 1:
+        from orchestrator.expert_shard import ExpertShard
+
+        experts = ExpertShard(model, ep=ep, rank=rank, world=world, lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay,
+                              grad_clip=g.grad_clip, dtype=torch.bfloat16 if on_gpu else torch.float32)  # DeepSpeed runs bf16 on GPUs
+    return model, experts, config(sum(q.numel() for q in model.parameters()))  # owned experts are no longer parameters
+
+
 class PolicyLearner(MinibatchUpdates):
     """One rank of the learner group; all ranks get the same calls in the same order.
 
@@ -87,7 +117,7 @@ class PolicyLearner(MinibatchUpdates):
     def __init__(self, init_dir: str, grpo_cfg, *, rank: int, world: int, master_addr: str, master_port: int,
                  pad_id: int, seed: int, max_new_tokens: int, threads: int = 1, train_threads: int | None = None,
                  exact: bool = False):
-        from orchestrator.ds_config import deepspeed_config, import_deepspeed
+        from orchestrator.ds_config import import_deepspeed
 
         torch.set_num_threads(threads)
         self.train_threads = train_threads  # torch threads inside train() (sync mode: the idle samplers' cores too)
@@ -99,15 +129,7 @@ class PolicyLearner(MinibatchUpdates):
             deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         self.cfg, self.rank, self.world, self.pad_id, self.max_new_tokens = grpo_cfg, rank, world, pad_id, max_new_tokens
         torch.manual_seed(seed)
-        ep = grpo_cfg.expert_parallel
-        model = load_policy(init_dir, experts=(rank % ep, ep) if ep > 1 else None).set_exact(exact)  # this rank's experts only
-        self.experts = None
-        if ep > 1:
-            from orchestrator.expert_shard import ExpertShard
-
-            self.experts = ExpertShard(model, ep=ep, rank=rank, world=world, lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas),
-                                       weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip,
-                                       dtype=torch.bfloat16 if on_gpu else torch.float32)  # DeepSpeed runs bf16 on GPUs
+        model, self.experts, ds_cfg = build_policy(init_dir, grpo_cfg, rank=rank, world=world, exact=exact, on_gpu=on_gpu)
         if grpo_cfg.compile:  # the trunk and the log-prob head as graphs (issue 24); the engine wraps the same module
             from model.parallel import apply_compile
 
@@ -115,10 +137,6 @@ class PolicyLearner(MinibatchUpdates):
         self.ref = None
         if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
             self.ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False))
-        ds_cfg = deepspeed_config(
-            micro_batch_size=max(1, grpo_cfg.minibatch_size // world), grad_accum=1, world_size=world, zero_stage=grpo_cfg.zero_stage,
-            lr=grpo_cfg.lr, betas=tuple(grpo_cfg.betas), weight_decay=grpo_cfg.weight_decay, grad_clip=grpo_cfg.grad_clip, bf16=on_gpu,
-            n_params=sum(q.numel() for q in model.parameters()))
         self.engine, *_ = deepspeed.initialize(model=LogProbs(model), model_parameters=model.parameters(), config=ds_cfg)
         if self.experts is not None:
             self.experts.hook_global_norm(self.engine)

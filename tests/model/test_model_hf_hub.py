@@ -252,3 +252,85 @@ def test_fp8_checkpoint_is_kept_bit_for_bit_by_fp8_training(hub):
         assert torch.allclose(s, s_hub, rtol=2e-7, atol=0), name
         checked += 1
     assert checked == 3
+
+
+def _rss(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def _zero3_import(rank, port, dirs, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      DS_ACCELERATOR="cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    from model.hf import from_hf_pretrained_zero3
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # every parameter partitioned: DeepSpeed keeps tensors under its persistence threshold (1e5
+    # elements) whole on every rank once gathered
+    ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    result = {}
+    for name, d in dirs.items():
+        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak RSS (VmHWM) to the current RSS
+            fh.write("5")
+        before = _rss("VmRSS")
+        model = from_hf_pretrained_zero3(d, ds_cfg)
+        peak = _rss("VmHWM") - before  # what the load added at its height: tensors, safetensors' mapped pages, the heap
+        held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())  # this rank's partitions
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result[name] = {"state": state, "peak": peak, "held": held}
+    torch.save(result, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_zero3_import_materialises_each_ranks_share(hub, tmp_path):
+    """from_hf_pretrained_zero3 (issue 19): two ranks build a checkpoint partitioned, each holding half
+    of every parameter, and the whole weights they make equal the single-process import (the FP8 hub
+    checkpoint: dequantised, MTP included). The memory a rank's load adds at its height (peak RSS,
+    reset before the load; the hub checkpoint's load before it has imported and warmed up
+    everything the loader uses) stays near its half of the model, on a 10-layer model of ~64 MiB whose
+    largest tensor is a few percent of it: the whole model is never materialised on any rank."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from model import Transformer, load_model_args
+
+    hub_dir, _, _ = hub
+    torch.manual_seed(0)
+    deep = Transformer(load_model_args("tiny", vocab=97, n_layers=10, dim=256, moe_inter_dim=128, inter_dim=512))
+    save_hf_pretrained(deep, tmp_path / "deep")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "z3")
+    # glibc returns every block over 64 KiB to the system when it is freed (its default threshold
+    # grows with the blocks freed, after which freed tensors stay in the heap and in RSS): the
+    # workers' RSS then follows the bytes alive
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        mp.spawn(_zero3_import, args=(port, {"hub": str(hub_dir), "deep": str(tmp_path / "deep")}, out), nprocs=2, join=True)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for name, d in (("hub", hub_dir), ("deep", tmp_path / "deep")):
+        want = from_hf_pretrained(d).state_dict()
+        assert ranks[0][name]["state"].keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(ranks[0][name]["state"][k], v), (name, k)
+    params = [p.numel() * 4 for p in deep.parameters()]
+    whole, largest = sum(params), max(params)
+    assert largest < 0.05 * whole
+    for rank, r in enumerate(ranks):
+        held, peak = r["deep"]["held"], r["deep"]["peak"]
+        print(f"rank {rank}: holds {held / 2**20:.1f} MiB, its load added {peak / 2**20:.1f} MiB at the height; "
+              f"the model {whole / 2**20:.1f} MiB, its largest tensor {largest / 2**20:.2f} MiB")
+        assert held <= whole / 2 + 4096  # its half (DeepSpeed pads each partition a little)
+        assert peak <= 0.7 * whole, (peak / whole, largest / whole)
