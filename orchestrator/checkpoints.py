@@ -5,7 +5,8 @@ Pretraining (orchestrator/pretrain_worker.py; Ray Train merges the workers' part
 `checkpoint_*` folder under RUN/checkpoints/train/):
     <ckpt>/ds/             DeepSpeed `engine.save_checkpoint(<ckpt>, tag="ds")` of every rank
     <ckpt>/rank{r}.pt      rank r's loader position and RNG state
-    <ckpt>/meta.json       {"step", "world_size", "tag"}, written last by rank 0
+    <ckpt>/meta.json       {"step", "world_size", "tag", "expert_parallel", "zero_stage",
+                           "micro_batch_size", "grad_accum"}, written last by rank 0
 GRPO (orchestrator/grpo/checkpoint.py):
     RUN/checkpoints/learners/<tag>/   DeepSpeed `engine.save_checkpoint(RUN/checkpoints/learners, tag)`
     RUN/checkpoints/<tag>.json        {"step", "version", "data_position", "tag"}, written last
@@ -66,28 +67,28 @@ def save_pretrain_part(engine, path: Path, *, step: int, rank: int, world: int, 
         experts.save(path)
     torch.save(worker_state, rank_file(path, rank))
     if rank == 0:  # written last: its presence marks rank 0's part complete
-        (Path(path) / META).write_text(json.dumps({"step": step, "world_size": world, "tag": DS_TAG,
-                                                   "expert_parallel": experts.ep if experts is not None else 1}))
+        (Path(path) / META).write_text(json.dumps({
+            "step": step, "world_size": world, "tag": DS_TAG, "expert_parallel": experts.ep if experts is not None else 1,
+            "zero_stage": engine.zero_optimization_stage(), "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+            "grad_accum": engine.gradient_accumulation_steps()}))
 
 
-def load_pretrain_part(engine, path: Path, *, rank: int, world: int, experts=None) -> tuple[int, dict]:
-    """Restore `engine` (and `experts`, at any EP degree) from a pretraining checkpoint; returns
-    (step, this rank's worker state)."""
-    meta = json.loads((Path(path) / META).read_text())
-    if meta["world_size"] != world:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} workers, not {world}: "
-                           f"resuming on another world size is not supported")
+def load_pretrain_part(engine, path: Path, *, rank: int, world: int, experts=None, job: str = "pretrain") -> tuple[int, dict]:
+    """Restore `engine` (and `experts`) from a pretraining checkpoint saved at any world size, EP
+    degree and ZeRO stage (orchestrator/reshard.py when DeepSpeed cannot load it itself); returns
+    (step, this rank's worker state: the saved rank's, or rank 0's where the world grew)."""
     from orchestrator.expert_shard import expert_layout
+    from orchestrator.reshard import load_resharded, needs_reshard
 
-    owned = expert_layout(path) is not None
-    if (experts is not None) != owned:
-        raise RuntimeError(f"checkpoint {path} was written with expert parallel {meta.get('expert_parallel', 1)} "
-                           f"and {'owned' if owned else 'replicated'} experts: resume it with owned experts "
-                           f"exactly when it has them (pretrain.expert_weights)")
-    engine.load_checkpoint(str(path), tag=meta["tag"])
-    if experts is not None:
-        experts.load(path)
-    return meta["step"], torch.load(rank_file(path, rank), weights_only=False)
+    meta = json.loads((Path(path) / META).read_text())
+    if needs_reshard(meta, engine, world, experts, owned=expert_layout(path) is not None):
+        load_resharded(engine, path, meta, world=world, experts=experts, job=job)
+    else:
+        engine.load_checkpoint(str(path), tag=meta["tag"])
+        if experts is not None:
+            experts.load(path)
+    saved_rank = rank if rank < meta["world_size"] else 0  # the loader's position is the same on every rank
+    return meta["step"], torch.load(rank_file(path, saved_rank), weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,7 +190,11 @@ class ExpertShard:
 
     def load(self, folder: Path) -> None:
         """Restore the owned experts from a checkpoint saved at any EP degree that divides E."""
-        parts = read_expert_parts(Path(folder), keys=self.master, select=lambda n: _slice(n, self.part, self.ep))
+        self.load_state(read_expert_parts(Path(folder), keys=self.master, select=lambda n: _slice(n, self.part, self.ep)))
+
+    def load_state(self, parts: dict) -> None:
+        """Set the owned experts from `parts` ({key: {"weight", and "exp_avg", "exp_avg_sq" once
+        stepped}, "step"}, each tensor already this rank's slice: `owned_slice`)."""
         with torch.no_grad():
             for key, master in self.master.items():
                 t = parts[key]
@@ -210,6 +214,11 @@ def expert_part_files(folder: Path, k: int) -> list[Path]:
 
 def _slice(n: int, part: int, k: int) -> slice:
     return slice(part * n // k, (part + 1) * n // k)
+
+
+def owned_slice(shard: ExpertShard, n_experts: int) -> slice:
+    """The experts of a layer with `n_experts` routed experts that `shard`'s rank owns."""
+    return _slice(n_experts, shard.part, shard.ep)
 
 
 def expert_layout(folder: Path) -> dict | None:

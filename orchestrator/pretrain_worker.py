@@ -227,7 +227,7 @@ def resume(engine, loader, rank: int, world: int, run_dir: Path, job: str = "pre
         path = on_disk[-1].ds_dir if on_disk else (Path(d) if d is not None else None)
         if path is None:
             return 0
-        step, state = load_pretrain_part(engine, path, rank=rank, world=world, experts=experts)
+        step, state = load_pretrain_part(engine, path, rank=rank, world=world, experts=experts, job=job)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     if rank == 0:

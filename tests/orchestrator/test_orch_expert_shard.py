@@ -2,7 +2,9 @@
 expert parallel 2 or 4, each rank holds E/K experts, and 10 steps (AdamW, warmup, gradient clipping
 that bites) give the losses of one process holding the whole model, to 1e-5, with ZeRO 1, 2 and 3
 for the other weights. A checkpoint saved at EP 2 resumes at EP 4 on the losses of the
-uninterrupted run, and its experts reassemble into the single process's full weights."""
+uninterrupted run, and its experts reassemble into the single process's full weights; one saved at
+4 workers resumes, resharded (orchestrator/reshard.py), at 2 workers and at 1 (experts back in the
+engine), and one saved with the experts in the engine under ZeRO 1 resumes at EP 2 under ZeRO 3."""
 
 import os
 import socket
@@ -99,14 +101,24 @@ def test_owned_experts_give_the_single_process_losses(reference, tmp_path, world
         assert abs(a - b) <= 1e-4 * b, (got["norms"], ref["norms"])
 
 
-@pytest.mark.slow
-def test_a_checkpoint_at_ep2_resumes_at_ep4_and_reassembles_the_full_experts(reference, tmp_path):
-    ref, ref_dir = reference
-    _, saved = run(tmp_path, "ep2", 4, 2, 2, save_at=5)
-    resumed, _ = run(tmp_path, "ep4", 4, 4, 2, load_from=saved)
+@pytest.fixture(scope="module")
+def saved_at_4_workers_ep2(tmp_path_factory):
+    """4 workers, EP 2, ZeRO 2, checkpointed after step 5: the checkpoint the resume tests share."""
+    return run(tmp_path_factory.mktemp("ep2"), "ep2", 4, 2, 2, save_at=5)[1]
+
+
+def assert_continues(resumed, ref, case):
     assert len(resumed["losses"]) == STEPS - 5
     for a, b in zip(resumed["losses"], ref["losses"][5:]):
-        assert abs(a - b) <= 1e-5 * abs(b), (resumed["losses"], ref["losses"][5:])
+        assert abs(a - b) <= 1e-5 * abs(b), (case, resumed["losses"], ref["losses"][5:])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_at_ep2_resumes_at_ep4_and_reassembles_the_full_experts(reference, saved_at_4_workers_ep2, tmp_path):
+    ref, ref_dir = reference
+    saved = saved_at_4_workers_ep2
+    resumed, _ = run(tmp_path, "ep4", 4, 4, 2, load_from=saved)
+    assert_continues(resumed, ref, "4 workers / EP 4")
     from orchestrator.checkpoints import DS_TAG, Checkpoint, load_model_state
 
     full = load_model_state(Checkpoint(5, "pretrain", saved, DS_TAG))
@@ -117,3 +129,15 @@ def test_a_checkpoint_at_ep2_resumes_at_ep4_and_reassembles_the_full_experts(ref
     for k in single:
         err = (full[k] - single[k]).abs().max().item()
         assert err <= 3e-4 * single[k].abs().max().item(), (k, err)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_reshards_to_another_world_size_expert_layout_and_zero_stage(reference, saved_at_4_workers_ep2, tmp_path):
+    """Resharded resumes (orchestrator/reshard.py) continue the uninterrupted run's losses: the
+    4-worker EP 2 ZeRO-2 checkpoint at 2 workers / EP 2 and at 1 worker with the experts back in
+    the engine (EP 1); the single process's ZeRO-1 checkpoint at 2 workers / EP 2 under ZeRO 3."""
+    ref, ref_dir = reference
+    for name, world, ep, stage, source in (("w2", 2, 2, 2, saved_at_4_workers_ep2), ("w1", 1, 1, 2, saved_at_4_workers_ep2),
+                                           ("w2z3", 2, 2, 3, ref_dir)):
+        resumed, _ = run(tmp_path, name, world, ep, stage, load_from=source)
+        assert_continues(resumed, ref, name)
