@@ -9,6 +9,8 @@ with the issue's targets above each, so one device session records everything:
   fp8_gemm.py       FP8 block-scaled GEMM vs torch bf16 matmul  target: >= 1.2x at 4096^3
   cross_entropy.py  fused linear cross-entropy vs the materialised head at vocab 129,280
                                                                target: <= 1/4 the memory, <= 1.1x the time
+  mla_decode.py     absorbed MLA decode attention vs the torch path at DeepSeek-V3 shapes (128 heads,
+                    C 512, R 64; 64-128 rows, 1K-4K slots)     target: >= 70% of copy bandwidth
 
 Run: `python benchmarks/kernel_suite.py [--only NAME ...]`. Without a CUDA GPU it says so and exits 0:
 the kernels are then checked by `pytest tests/kernels` (part of the default test run, Triton interpreted on CPU).
@@ -30,6 +32,7 @@ SCRIPTS = {
     "moe_dispatch": ("MoE permute / grouped GEMM / unpermute", "3x or more a per-expert loop; grouped GEMM 60% of bf16 matmul"),
     "fp8_gemm": ("FP8 block-scaled GEMM", "1.2x or more torch's bf16 matmul at 4096^3 (quantisation timed apart)"),
     "cross_entropy": ("fused linear cross-entropy", "a quarter or less of the naive peak memory, at most 1.1x its time"),
+    "mla_decode": ("absorbed MLA decode attention", "70% or more of the measured copy bandwidth reading the latent cache"),
 }
 
 

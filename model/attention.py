@@ -8,7 +8,9 @@ Two paths:
 - training / full forward: expand the latent and run ordinary attention;
 - inference with a `LatentCache`: cache only c_kv and the rotated RoPE key
   (kv_lora_rank + qk_rope_head_dim values per token per layer) and absorb wkv_b into the query
-  (keys) and the output (values), so the cache is never expanded.
+  (keys) and the output (values), so the cache is never expanded. The attention over the cache is
+  sputnik_kernels/mla_decode.py: a Triton kernel on CUDA, torch ops otherwise; without a mask the
+  new tokens attend causally (the last T slots are theirs).
 With `exact` set (Transformer.set_exact, `rollout.exact`), both run the absorbed form with the
 batch-invariant primitives of model/exact.py, so that decoding and training agree bit for bit.
 
@@ -28,6 +30,7 @@ from model import exact as bi
 from model.args import ModelArgs
 from model.norm import RMSNorm
 from model.rope import apply_rotary_emb, yarn_softmax_scale
+from sputnik_kernels.mla_decode import mla_decode
 
 
 @dataclass
@@ -130,14 +133,10 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, C), (H, v, C)
         q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope), w_uk)  # (H, B*T, C)
         q = torch.cat([q_lat.view(H, B, T, C).permute(1, 2, 0, 3), q_pe.to(q_lat.dtype)], dim=-1)  # (B, T, H, C+R)
-        kv = cache_BSL[..., :C]
-        scores = torch.bmm(q.reshape(B, T * H, -1), cache_BSL.transpose(1, 2)).view(B, T, H, -1)
-        scores = scores.float() * self.softmax_scale
-        if mask_BTS is not None:
-            scores = scores.masked_fill(~mask_BTS.unsqueeze(2), float("-inf"))
-        p = scores.softmax(dim=-1).to(cache_BSL.dtype)
-        o_lat = torch.bmm(p.view(B, T * H, -1), kv)  # (B, T*H, C)
-        o = torch.matmul(o_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
+        # scores against the whole cache row, softmax, weighted sum of the latents: one Triton kernel
+        # on CUDA (FlashMLA-style), torch's bmm / softmax / bmm otherwise (sputnik_kernels/mla_decode.py)
+        o_lat = mla_decode(q, cache_BSL, C, self.softmax_scale, mask_BTS)  # (B, T, H, C)
+        o = torch.matmul(o_lat.reshape(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, v)
         return o.transpose(0, 1).view(B, T, H, self.v_dim)
 
     def _forward_exact(self, x_BTD, freqs_BTr, cache, start_pos, mask_BTS):
@@ -157,6 +156,9 @@ class MLA(nn.Module):
             end = start_pos + T
             cache.buf_BSL[:, start_pos:end] = kv_BSL.to(cache.buf_BSL.dtype)
             kv_BSL = cache.buf_BSL[:, :end]
+            if mask_BTS is None and T > 1:  # the new tokens attend causally, as the absorbed path does
+                slots, rows = torch.arange(end, device=x_BTD.device), start_pos + torch.arange(T, device=x_BTD.device)
+                mask_BTS = (slots.unsqueeze(0) <= rows.unsqueeze(1)).unsqueeze(0).expand(B, T, end)
         elif mask_BTS is None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
             mask_BTS = causal.unsqueeze(0).expand(B, T, T)
