@@ -95,6 +95,8 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
     grad_clip: NonNegFloat = 1.0  # clip the global gradient norm to this (0: off)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
+    compile: bool = False  # torch.compile (fullgraph) of the training forward and backward (issue 24); ZeRO 0-2, no EP, FP8 or checkpointing
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: the same graphs without code generation (tests)
     # ranks per expert-parallel group: each owns n_routed_experts / expert_parallel experts (their weights,
     # gradients, optimizer state) and computes them for the group's tokens (all-to-all); orchestrator/expert_shard.py
     expert_parallel: PositiveInt = 1

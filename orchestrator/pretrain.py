@@ -46,10 +46,19 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide pretrain.workers ({p.workers})")
         if m.n_routed_experts % p.expert_parallel:
             raise ConfigError(f"key 'pretrain.expert_parallel' ({p.expert_parallel}) must divide model.n_routed_experts ({m.n_routed_experts})")
+    check_compile(p, "pretrain")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"key 'data.seq_len' ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if p.warmup_steps >= p.steps:
         raise ConfigError(f"key 'pretrain.warmup_steps' ({p.warmup_steps}) must be below pretrain.steps ({p.steps})")
+
+
+def check_compile(p, section: str) -> None:
+    """`compile` needs one graph: no ZeRO-3 gathering hooks, all-to-all with host-side counts, FP8's
+    emulated GEMMs or the checkpointed blocks' recompute bookkeeping inside it."""
+    if p.compile and (p.zero_stage == 3 or p.expert_parallel > 1 or p.fp8 or p.activation_checkpointing):
+        raise ConfigError(f"key '{section}.compile' compiles the training step as one graph: not with {section}.zero_stage=3, "
+                          f"{section}.expert_parallel > 1, {section}.fp8 or {section}.activation_checkpointing")
 
 
 def peak_flops() -> float | None:

@@ -170,6 +170,10 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
         if rank == 0:
             print(f"pretrain: expert parallel {ep} (replicated weights): each worker computes {args.n_routed_experts // ep} of "
                   f"{args.n_routed_experts} routed experts per MoE layer", flush=True)
+    if p.compile:  # the loss, forward and backward, as one graph (issue 24); model.loss and DeepSpeed see the same module
+        from model.parallel import apply_compile
+
+        apply_compile(model, ("loss_terms",), backend=p.compile_backend)
     return model
 
 

@@ -67,13 +67,14 @@ def prepare(cfg: RunConfig):
 def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     """Fine-tune into `out` (or a new run directory) and return the run directory."""
     from data.sft import save_examples
-    from orchestrator.pretrain import check_cluster, peak_flops, train_workers
+    from orchestrator.pretrain import check_cluster, check_compile, peak_flops, train_workers
     from orchestrator.pretrain_worker import WorkerSpec
     from orchestrator.rundir import create_run_dir
     from orchestrator.tracking import Tracker, start_follower
 
     if cfg.sft.warmup_steps >= cfg.sft.steps:
         raise ConfigError(f"key 'sft.warmup_steps' ({cfg.sft.warmup_steps}) must be below sft.steps ({cfg.sft.steps})")
+    check_compile(cfg.sft, "sft")
     hf, tok_path, tok, args, train, heldout, seq_len = prepare(cfg)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # the workers' progress lines (see pretrain.execute)
     cfg = dataclasses.replace(cfg, model=args)  # the run's model is the init's: export and resume read it from config.yaml

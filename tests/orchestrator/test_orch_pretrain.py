@@ -171,3 +171,56 @@ def test_bad_config_fails_before_workers_start(tmp_path, cache):
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and msg in r.stderr, (override, r.stderr[-2000:])
         assert "RayTrainWorker" not in r.stdout + r.stderr
+
+
+def test_compiled_pretraining_step_makes_the_eager_losses(tmp_path):
+    """pretrain.compile (issue 24): the worker's model with its loss compiled as one graph
+    (aot_eager: the graphs inductor compiles, without code generation), under the real DeepSpeed
+    engine (ZeRO-2, one gloo rank), gives the eager losses over 3 steps; refused where it cannot hold."""
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from model import load_model_args
+    from orchestrator.config import ConfigError, PretrainConfig, TrackingConfig, load_config
+    from orchestrator.pretrain import validate
+    from orchestrator.pretrain_worker import WorkerSpec, build_engine, build_model, train_step
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    created = not dist.is_initialized()  # in-process learner tests may have made the one-rank group already
+    if created:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    try:
+        class Rows:
+            step = 0
+
+            def __next__(self):
+                self.step += 1
+                t = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(self.step))
+                return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+        losses = {}
+        for compiled in (False, True):
+            p = PretrainConfig(micro_batch_size=4, zero_stage=2, steps=10, warmup_steps=1, compile=compiled, compile_backend="aot_eager")
+            spec = WorkerSpec(pretrain=p, model=load_model_args("tiny", vocab=97), tracking=TrackingConfig(), seed=0, run_name="t",
+                              run_dir=tmp_path, shard_dir=tmp_path, seq_len=32, bos_id=1, eos_id=2)
+            model = build_model(spec, 0, 1)
+            engine, _ = build_engine(model, p, 1, bf16=False)
+            counters.clear()
+            rows = Rows()
+            losses[compiled] = [train_step(engine, model, rows, 1, torch.device("cpu"), 1)[0]["loss"] for _ in range(3)]
+            assert (counters["stats"]["unique_graphs"] > 0) == compiled and not counters["graph_break"]
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    finally:
+        if created:
+            dist.destroy_process_group()
+    for over in (["pretrain.zero_stage=3"], ["pretrain.fp8=true"], ["pretrain.activation_checkpointing=true"]):
+        with pytest.raises(ConfigError, match="pretrain.compile"):
+            validate(load_config(None, ["pretrain.compile=true", *over]))
