@@ -285,7 +285,7 @@ class Transformer(nn.Module):
             if name.startswith("mtp.") and not include_mtp:
                 continue
             n = p.numel()
-            if activated and ".experts.w" in name:
-                n = n // self.args.n_routed_experts * self.args.n_activated_experts
+            if activated and ".experts.w" in name:  # one expert's size (of however many this rank holds) x top-k
+                n = n // p.shape[0] * self.args.n_activated_experts
             total += n
         return total

@@ -149,7 +149,8 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
     if spec.init_dir is not None:
         from model.hf import from_hf_pretrained
 
-        model = from_hf_pretrained(spec.init_dir)
+        owned = p.expert_parallel > 1 and p.expert_weights == "owned"  # then this rank reads only the experts it will own
+        model = from_hf_pretrained(spec.init_dir, experts=(rank % p.expert_parallel, p.expert_parallel) if owned else None)
     else:
         model = Transformer(args)
     if p.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
