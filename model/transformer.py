@@ -284,8 +284,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("mtp.") and not include_mtp:
                 continue
-            n = p.numel()
+            n, shape = getattr(p, "ds_numel", p.numel()), getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3: the whole size
             if activated and ".experts.w" in name:  # one expert's size (of however many this rank holds) x top-k
-                n = n // p.shape[0] * self.args.n_activated_experts
+                n = n // shape[0] * self.args.n_activated_experts
             total += n
         return total

@@ -150,7 +150,15 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
         from model.hf import from_hf_pretrained
 
         owned = p.expert_parallel > 1 and p.expert_weights == "owned"  # then this rank reads only the experts it will own
-        model = from_hf_pretrained(spec.init_dir, experts=(rank % p.expert_parallel, p.expert_parallel) if owned else None)
+        if p.zero_stage == 3 and not owned and not p.fp8:  # each rank builds only its partition as it reads (issue 19)
+            from model.hf import from_hf_pretrained_zero3
+
+            with torch.device("meta"):
+                n_params = Transformer(args).num_parameters(include_mtp=True)
+            bf16 = p.precision == "bf16" or (p.precision == "auto" and torch.cuda.is_available())
+            model = from_hf_pretrained_zero3(spec.init_dir, ds_config_of(p, world, bf16=bf16, n_params=n_params))
+        else:
+            model = from_hf_pretrained(spec.init_dir, experts=(rank % p.expert_parallel, p.expert_parallel) if owned else None)
     else:
         model = Transformer(args)
     if p.fp8:  # DeepSeek-V3 FP8 linears; parameters stay the master weights (model/fp8.py)
@@ -196,15 +204,18 @@ def own_experts(model: Transformer, p: PretrainConfig, rank: int, world: int, *,
     return shard
 
 
+def ds_config_of(p: PretrainConfig, world: int, *, bf16: bool, n_params: int) -> dict:
+    return deepspeed_config(
+        micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, world_size=world,
+        zero_stage=p.zero_stage, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
+        grad_clip=p.grad_clip, bf16=bf16, offload_optimizer=p.offload_optimizer, n_params=n_params)
+
+
 def build_engine(model: Transformer, p: PretrainConfig, world: int, *, bf16: bool):
     """(DeepSpeed engine over LossModule(model), its LR scheduler)."""
     deepspeed = import_deepspeed()
-    ds_cfg = deepspeed_config(
-        micro_batch_size=p.micro_batch_size, grad_accum=p.grad_accum, world_size=world,
-        zero_stage=p.zero_stage, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
-        grad_clip=p.grad_clip, bf16=bf16, offload_optimizer=p.offload_optimizer,
-        n_params=sum(q.numel() for q in model.parameters()),  # owned experts are no longer parameters
-    )
+    # owned experts are no longer parameters; a model built partitioned (ZeRO-3 import) knows its sizes as ds_numel
+    ds_cfg = ds_config_of(p, world, bf16=bf16, n_params=sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters()))
 
     def schedule(optimizer):  # a LambdaLR, so DeepSpeed saves its state in every checkpoint
         return torch.optim.lr_scheduler.LambdaLR(

@@ -4,6 +4,7 @@ Exact resume, ZeRO-2/3 with 2 workers (and expert parallel 2) against 1 worker, 
 `tracking.log_every`, export of a chosen step.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -173,54 +174,102 @@ def test_bad_config_fails_before_workers_start(tmp_path, cache):
         assert "RayTrainWorker" not in r.stdout + r.stderr
 
 
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo default group for in-process DeepSpeed engines. Made once and kept for the
+    process, as the in-process learner tests do: DeepSpeed keeps the group it first saw, and a group
+    destroyed and made again is one it no longer knows."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    yield
+
+
+class Rows:
+    """Fixed batches of 4 rows x 32 tokens of a 97-token vocabulary, one per step."""
+
+    step = 0
+
+    def __next__(self):
+        import torch
+
+        self.step += 1
+        t = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(self.step))
+        return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+
+def worker_spec(tmp_path, p, **kw):
+    from model import load_model_args
+    from orchestrator.config import TrackingConfig
+    from orchestrator.pretrain_worker import WorkerSpec
+
+    return WorkerSpec(pretrain=p, model=load_model_args("tiny", vocab=97), tracking=TrackingConfig(), seed=0, run_name="t",
+                      run_dir=tmp_path, shard_dir=tmp_path, seq_len=32, bos_id=1, eos_id=2, **kw)
+
+
 def test_compiled_pretraining_step_makes_the_eager_losses(tmp_path):
     """pretrain.compile (issue 24): the worker's model with its loss compiled as one graph
     (aot_eager: the graphs inductor compiles, without code generation), under the real DeepSpeed
     engine (ZeRO-2, one gloo rank), gives the eager losses over 3 steps; refused where it cannot hold."""
-    import os
-    import socket
-
     import torch
-    import torch.distributed as dist
     from torch._dynamo.utils import counters
 
-    from model import load_model_args
-    from orchestrator.config import ConfigError, PretrainConfig, TrackingConfig, load_config
+    from orchestrator.config import ConfigError, PretrainConfig, load_config
     from orchestrator.pretrain import validate
-    from orchestrator.pretrain_worker import WorkerSpec, build_engine, build_model, train_step
+    from orchestrator.pretrain_worker import build_engine, build_model, train_step
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    created = not dist.is_initialized()  # in-process learner tests may have made the one-rank group already
-    if created:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    assert dist.get_world_size() == 1
-    try:
-        class Rows:
-            step = 0
-
-            def __next__(self):
-                self.step += 1
-                t = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(self.step))
-                return {"tokens": t[:, :-1], "targets": t[:, 1:]}
-
-        losses = {}
+    losses = {}
+    with one_rank_group():
         for compiled in (False, True):
             p = PretrainConfig(micro_batch_size=4, zero_stage=2, steps=10, warmup_steps=1, compile=compiled, compile_backend="aot_eager")
-            spec = WorkerSpec(pretrain=p, model=load_model_args("tiny", vocab=97), tracking=TrackingConfig(), seed=0, run_name="t",
-                              run_dir=tmp_path, shard_dir=tmp_path, seq_len=32, bos_id=1, eos_id=2)
-            model = build_model(spec, 0, 1)
+            model = build_model(worker_spec(tmp_path, p), 0, 1)
             engine, _ = build_engine(model, p, 1, bf16=False)
             counters.clear()
             rows = Rows()
             losses[compiled] = [train_step(engine, model, rows, 1, torch.device("cpu"), 1)[0]["loss"] for _ in range(3)]
             assert (counters["stats"]["unique_graphs"] > 0) == compiled and not counters["graph_break"]
-        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     for over in (["pretrain.zero_stage=3"], ["pretrain.fp8=true"], ["pretrain.activation_checkpointing=true"]):
         with pytest.raises(ConfigError, match="pretrain.compile"):
             validate(load_config(None, ["pretrain.compile=true", *over]))
+
+
+def test_a_zero3_worker_from_an_hf_directory_is_built_partitioned(tmp_path):
+    """SFT / pretraining from an HF directory under ZeRO-3 (issue 19): the worker's model is built
+    partitioned as it is read (every parameter a DeepSpeed partition from the start), holds the
+    checkpoint's weights, counts its parameters as the whole model (MFU), and trains as the same
+    weights loaded whole do."""
+    import deepspeed
+    import torch
+
+    from model import Transformer, load_model_args
+    from model.hf import from_hf_pretrained, save_hf_pretrained
+    from orchestrator.config import PretrainConfig
+    from orchestrator.pretrain_worker import build_engine, build_model, train_step
+
+    torch.manual_seed(3)
+    save_hf_pretrained(Transformer(load_model_args("tiny", vocab=97)), tmp_path / "hf")
+    want = from_hf_pretrained(tmp_path / "hf")
+    losses = {}
+    with one_rank_group():
+        for stage in (2, 3):
+            p = PretrainConfig(micro_batch_size=4, zero_stage=stage, steps=10, warmup_steps=1)
+            model = build_model(worker_spec(tmp_path, p, init_dir=tmp_path / "hf"), 0, 1)
+            assert all(hasattr(q, "ds_tensor") for q in model.parameters()) == (stage == 3)
+            assert model.num_parameters(activated=True) == want.num_parameters(activated=True)
+            engine, _ = build_engine(model, p, 1, bf16=False)
+            if stage == 3:
+                with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                    got = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+            rows = Rows()
+            losses[stage] = [train_step(engine, model, rows, 1, torch.device("cpu"), 1)[0]["loss"] for _ in range(2)]
+    assert losses[3] == pytest.approx(losses[2], rel=1e-5)
