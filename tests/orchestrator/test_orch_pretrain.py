@@ -242,27 +242,40 @@ def test_compiled_pretraining_step_makes_the_eager_losses(tmp_path):
             validate(load_config(None, ["pretrain.compile=true", *over]))
 
 
-def test_a_zero3_worker_from_an_hf_directory_is_built_partitioned(tmp_path):
+@pytest.mark.parametrize("source", ["export", "fp8-hub"])
+def test_a_zero3_worker_from_an_hf_directory_is_built_partitioned(tmp_path, source):
     """SFT / pretraining from an HF directory under ZeRO-3 (issue 19): the worker's model is built
     partitioned as it is read (every parameter a DeepSpeed partition from the start), holds the
     checkpoint's weights, counts its parameters as the whole model (MFU), and trains as the same
-    weights loaded whole do."""
+    weights loaded whole (ZeRO-2) do; from our export and from the FP8 hub-layout checkpoint
+    (3 shards, e4m3 with block scales, MTP: tests/hf_hub_checkpoint.py)."""
+    import dataclasses
+    import importlib.util
+
     import deepspeed
     import torch
 
     from model import Transformer, load_model_args
-    from model.hf import from_hf_pretrained, save_hf_pretrained
+    from model.hf import from_hf_pretrained, hf_model_args, save_hf_pretrained
     from orchestrator.config import PretrainConfig
     from orchestrator.pretrain_worker import build_engine, build_model, train_step
 
-    torch.manual_seed(3)
-    save_hf_pretrained(Transformer(load_model_args("tiny", vocab=97)), tmp_path / "hf")
-    want = from_hf_pretrained(tmp_path / "hf")
+    if source == "export":
+        torch.manual_seed(3)
+        hf = tmp_path / "hf"
+        save_hf_pretrained(Transformer(load_model_args("tiny", vocab=97)), hf)
+    else:
+        spec_ = importlib.util.spec_from_file_location("hf_hub_checkpoint", REPO / "tests" / "hf_hub_checkpoint.py")
+        hub = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(hub)
+        hf, _, _ = hub.make_hub_checkpoint(tmp_path / "hub")
+    want = from_hf_pretrained(hf)
     losses = {}
     with one_rank_group():
         for stage in (2, 3):
             p = PretrainConfig(micro_batch_size=4, zero_stage=stage, steps=10, warmup_steps=1)
-            model = build_model(worker_spec(tmp_path, p, init_dir=tmp_path / "hf"), 0, 1)
+            spec = dataclasses.replace(worker_spec(tmp_path, p, init_dir=hf), model=hf_model_args(hf))  # the init's model, as SFT runs it
+            model = build_model(spec, 0, 1)
             assert all(hasattr(q, "ds_tensor") for q in model.parameters()) == (stage == 3)
             assert model.num_parameters(activated=True) == want.num_parameters(activated=True)
             engine, _ = build_engine(model, p, 1, bf16=False)
