@@ -250,8 +250,6 @@ def from_hf_pretrained_zero3(path: str | Path, ds_config: dict) -> Transformer:
         model = Transformer(args)
     owned = range(args.n_routed_experts)
     reader = _Reader(path, model, cfg, owned)
-    if args.mtp_depth and not reader.has_mtp:
-        raise ValueError(f"{path} holds no MTP layers, which a ZeRO-3 import does not initialise: set mtp_depth 0 or use ZeRO 0-2")
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     rank0 = dist.get_rank() == 0
     for name, keys in reader.by_target.items():
@@ -261,6 +259,15 @@ def from_hf_pretrained_zero3(path: str | Path, ds_config: dict) -> Transformer:
                 for hf in keys:
                     with safe_open(str(reader.files[hf]), framework="pt") as fh:
                         reader.copy(hf, reader.read(fh, hf), target, owned)
+    if args.mtp_depth and not reader.has_mtp:  # fresh MTP modules, as _init_mtp makes them, one parameter at a time
+        for name, prm in model.mtp.named_parameters():
+            with deepspeed.zero.GatheredParameters([prm], modifier_rank=0):
+                if rank0:
+                    prm.data.fill_(1.0) if name.endswith("norm.weight") else prm.data.normal_(0.0, args.init_std)
+        for mod in model.mtp:
+            if hasattr(mod.block.ffn, "gate"):
+                mod.block.ffn.gate.bias.zero_()
+        warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=2)
     for m in model.moe_layers():
         m.load.zero_()
     return model
