@@ -153,12 +153,13 @@ def sample(
         model.train(was_training)
 
 
-def _all_done(done: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
-    """Every row finished: of this batch, or of every member's batch (one small all-reduce a step)."""
-    left = torch.tensor([int((~done).sum())])
-    if group is not None:
-        dist.all_reduce(left, group=group)
-    return int(left) == 0
+def _all_done(left: int, group: dist.ProcessGroup | None) -> bool:
+    """No row left unfinished: of this batch (`left`), or of every member's batch (one small all-reduce a step)."""
+    if group is None:
+        return left == 0
+    total = torch.tensor([left])
+    dist.all_reduce(total, group=group)
+    return int(total) == 0
 
 
 def _sample_rows(model: Transformer, prompts: list[list[int]], *, first_row: int, total_rows: int, group: dist.ProcessGroup | None,
@@ -209,7 +210,7 @@ def _sample_rows(model: Transformer, prompts: list[list[int]], *, first_row: int
         lengths[rows[hit]] = i + 1
         done |= hit
         n_done = int(done.sum())
-        if i == max_new_tokens - 1 or _all_done(done, group):
+        if i == max_new_tokens - 1 or _all_done(len(rows) - n_done, group):
             break
         if n_done and n_done >= compact_fraction * len(rows) and len(rows) > 1:
             # Enough of the batch has finished: drop those rows (their cache slots, positions and
