@@ -40,6 +40,11 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".experts.w" in n]
 
 
+def expert_slice(n_experts: int, part: int, k: int) -> slice:
+    """The routed experts that part `part` of `k` holds: [part * E/k, (part + 1) * E/k)."""
+    return slice(part * n_experts // k, (part + 1) * n_experts // k)
+
+
 def expert_shard_state(state: dict[str, torch.Tensor], part: int, k: int) -> dict[str, torch.Tensor]:
     """A whole model's state dict with the routed experts cut to part `part` of `k` (the state an
     expert-parallel rank loads): other tensors as they are, experts as copies of their slice (a
@@ -47,8 +52,7 @@ def expert_shard_state(state: dict[str, torch.Tensor], part: int, k: int) -> dic
     out = {}
     for name, t in state.items():
         if ".experts.w" in name:
-            n = t.shape[0] // k
-            t = t[part * n : (part + 1) * n].clone()
+            t = t[expert_slice(t.shape[0], part, k)].clone()
         out[name] = t
     return out
 
@@ -114,7 +118,7 @@ def apply_expert_parallel(model: Transformer, group=None, shard_weights: bool = 
         if moe.n_experts % ep:
             raise ValueError(f"expert-parallel size {ep} does not divide n_routed_experts {moe.n_experts}")
         n_local = moe.n_experts // ep
-        sl = slice(rank * n_local, (rank + 1) * n_local)
+        sl = expert_slice(moe.n_experts, rank, ep)
         held = moe.experts.w1.shape[0]
         if held != moe.n_experts and not (shard_weights and held == n_local):
             raise ValueError(f"a MoE layer holds {held} of {moe.n_experts} experts: neither all nor this rank's {n_local}")

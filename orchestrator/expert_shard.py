@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from model.moe import MoE
-from model.parallel import apply_expert_parallel
+from model.parallel import apply_expert_parallel, expert_slice
 
 EXPERT_DIR = "experts"  # in a checkpoint folder: one file per slice of the experts, and the layout
 
@@ -190,7 +190,7 @@ class ExpertShard:
 
     def load(self, folder: Path) -> None:
         """Restore the owned experts from a checkpoint saved at any EP degree that divides E."""
-        self.load_state(read_expert_parts(Path(folder), keys=self.master, select=lambda n: _slice(n, self.part, self.ep)))
+        self.load_state(read_expert_parts(Path(folder), keys=self.master, select=lambda n: expert_slice(n, self.part, self.ep)))
 
     def load_state(self, parts: dict) -> None:
         """Set the owned experts from `parts` ({key: {"weight", and "exp_avg", "exp_avg_sq" once
@@ -212,13 +212,9 @@ def expert_part_files(folder: Path, k: int) -> list[Path]:
     return [Path(folder) / EXPERT_DIR / f"part{j}-of{k}.pt" for j in range(k)]
 
 
-def _slice(n: int, part: int, k: int) -> slice:
-    return slice(part * n // k, (part + 1) * n // k)
-
-
 def owned_slice(shard: ExpertShard, n_experts: int) -> slice:
     """The experts of a layer with `n_experts` routed experts that `shard`'s rank owns."""
-    return _slice(n_experts, shard.part, shard.ep)
+    return expert_slice(n_experts, shard.part, shard.ep)
 
 
 def expert_layout(folder: Path) -> dict | None:
@@ -245,7 +241,7 @@ def read_expert_parts(folder: Path, *, keys=None, select=None) -> dict:
         want = select(n) if select else slice(0, n)
         pieces: dict[str, list] = {}
         for j in range(k):
-            have = _slice(n, j, k)
+            have = expert_slice(n, j, k)
             lo, hi = max(want.start, have.start), min(want.stop, have.stop)
             if lo >= hi:
                 continue

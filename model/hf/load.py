@@ -17,6 +17,7 @@ memory: `python benchmarks/hf_import_memory.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections import defaultdict
@@ -27,6 +28,7 @@ from safetensors import safe_open
 
 from model.args import ModelArgs
 from model.hf.config import SCALE_SUFFIX, from_hf_config, key_map, mtp_prefixes
+from model.parallel import expert_slice
 from model.rope import precompute_freqs_cis
 from model.transformer import Transformer
 
@@ -102,13 +104,23 @@ def _fp8_block(cfg: dict) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _init_mtp(model: Transformer) -> None:
-    """Fresh MTP modules, initialised as Transformer.reset_parameters does."""
-    for name, p in model.mtp.named_parameters():
-        p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, model.args.init_std)
-    for mod in model.mtp:
-        if hasattr(mod.block.ffn, "gate"):
-            mod.block.ffn.gate.bias.zero_()
+def _finish(model: Transformer, has_mtp: bool, path: Path, whole=None) -> Transformer:
+    """Fresh MTP modules where the checkpoint holds none (initialised as Transformer.reset_parameters
+    does), expert loads zeroed. `whole(p)`: a context in which parameter p is whole, yielding whether
+    this rank writes it (ZeRO-3: gathered, rank 0); None: every parameter is whole here."""
+    args = model.args
+    if args.mtp_depth and not has_mtp:
+        for name, p in model.mtp.named_parameters():
+            with whole(p) if whole else contextlib.nullcontext(True) as mine:
+                if mine:
+                    p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0.0, args.init_std)
+        for mod in model.mtp:
+            if hasattr(mod.block.ffn, "gate"):
+                mod.block.ffn.gate.bias.zero_()
+        warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=3)
+    for m in model.moe_layers():
+        m.load.zero_()
+    return model
 
 
 def hf_model_args(path: str | Path) -> ModelArgs:
@@ -195,7 +207,8 @@ def _owned(args: ModelArgs, experts: tuple[int, int] | None) -> range:
     part, k = experts
     if args.n_routed_experts % k or not 0 <= part < k:
         raise ValueError(f"expert part {part} of {k}: {k} must divide n_routed_experts {args.n_routed_experts}")
-    return range(part * args.n_routed_experts // k, (part + 1) * args.n_routed_experts // k)
+    sl = expert_slice(args.n_routed_experts, part, k)
+    return range(sl.start, sl.stop)
 
 
 @torch.no_grad()
@@ -224,12 +237,7 @@ def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = No
         with safe_open(str(f), framework="pt") as fh:
             for hf in keys:
                 reader.copy(hf, reader.read(fh, hf), sd[reader.names[hf][0].partition("#")[0]], owned)
-    if args.mtp_depth and not reader.has_mtp:
-        _init_mtp(model)
-        warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=2)
-    for m in model.moe_layers():
-        m.load.zero_()
-    return model
+    return _finish(model, reader.has_mtp, path)
 
 
 @torch.no_grad()
@@ -259,15 +267,10 @@ def from_hf_pretrained_zero3(path: str | Path, ds_config: dict) -> Transformer:
                 for hf in keys:
                     with safe_open(str(reader.files[hf]), framework="pt") as fh:
                         reader.copy(hf, reader.read(fh, hf), target, owned)
-    if args.mtp_depth and not reader.has_mtp:  # fresh MTP modules, as _init_mtp makes them, one parameter at a time
-        for name, prm in model.mtp.named_parameters():
-            with deepspeed.zero.GatheredParameters([prm], modifier_rank=0):
-                if rank0:
-                    prm.data.fill_(1.0) if name.endswith("norm.weight") else prm.data.normal_(0.0, args.init_std)
-        for mod in model.mtp:
-            if hasattr(mod.block.ffn, "gate"):
-                mod.block.ffn.gate.bias.zero_()
-        warnings.warn(f"{path} holds no MTP layers; the {args.mtp_depth} MTP module(s) start freshly initialised", stacklevel=2)
-    for m in model.moe_layers():
-        m.load.zero_()
-    return model
+
+    @contextlib.contextmanager
+    def gathered_on_rank0(prm):
+        with deepspeed.zero.GatheredParameters([prm], modifier_rank=0):
+            yield rank0
+
+    return _finish(model, reader.has_mtp, path, whole=gathered_on_rank0)
