@@ -103,7 +103,7 @@ def train_loop(loop_config: dict) -> None:
 
     model = build_model(spec, rank, world)
     flops_per_token = 6 * model.num_parameters(activated=True)  # before ZeRO-3 partitions the weights
-    bf16 = p.precision == "bf16" or (p.precision == "auto" and on_gpu)
+    bf16 = uses_bf16(p, on_gpu)
     experts = own_experts(model, p, rank, world, bf16=bf16)
     engine, scheduler = build_engine(model, p, world, bf16=bf16)
     if experts is not None:
@@ -155,8 +155,8 @@ def build_model(spec: WorkerSpec, rank: int, world: int) -> Transformer:
 
             with torch.device("meta"):
                 n_params = Transformer(args).num_parameters(include_mtp=True)
-            bf16 = p.precision == "bf16" or (p.precision == "auto" and torch.cuda.is_available())
-            model = from_hf_pretrained_zero3(spec.init_dir, ds_config_of(p, world, bf16=bf16, n_params=n_params))
+            ds_cfg = ds_config_of(p, world, bf16=uses_bf16(p, torch.cuda.is_available()), n_params=n_params)
+            model = from_hf_pretrained_zero3(spec.init_dir, ds_cfg)
         else:
             model = from_hf_pretrained(spec.init_dir, experts=(rank % p.expert_parallel, p.expert_parallel) if owned else None)
     else:
@@ -202,6 +202,11 @@ def own_experts(model: Transformer, p: PretrainConfig, rank: int, world: int, *,
         print(f"pretrain: expert parallel {p.expert_parallel}: each worker owns and computes {e // p.expert_parallel} of "
               f"{e} routed experts per MoE layer", flush=True)
     return shard
+
+
+def uses_bf16(p: PretrainConfig, on_gpu: bool) -> bool:
+    """pretrain.precision: auto is bf16 on GPUs, fp32 on CPU."""
+    return p.precision == "bf16" or (p.precision == "auto" and on_gpu)
 
 
 def ds_config_of(p: PretrainConfig, world: int, *, bf16: bool, n_params: int) -> dict:

@@ -150,11 +150,11 @@ def check_expert_parallel(cfg: RunConfig) -> None:
 
 
 def _check_divides(cfg: RunConfig, key: str, k: int) -> None:
-    import json
+    from model.hf import hf_model_args
 
     hf_dir, _ = resolve_init(cfg)
-    experts = json.loads((hf_dir / "config.json").read_text()).get("n_routed_experts") or 0
-    if experts % k or not experts:
+    experts = hf_model_args(hf_dir).n_routed_experts
+    if experts % k:
         raise ConfigError(f"key '{key}' ({k}) must divide the model's routed experts (n_routed_experts {experts} in {hf_dir / 'config.json'})")
 
 
