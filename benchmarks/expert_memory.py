@@ -19,7 +19,6 @@ import argparse
 import gc
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -28,6 +27,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from orchestrator.dist_local import free_port, join_local_group
 
 WORLD, ROWS, SEQ = 4, 8, 64
 
@@ -51,10 +52,7 @@ def tensor_bytes(extra=()) -> int:
 
 
 def worker(rank, port, ep, layout, stage, steps, n_experts, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_local_group(rank, WORLD, port)
     from model import Transformer, load_model_args
     from model.parallel import apply_expert_parallel
     from orchestrator.config import PretrainConfig
@@ -108,12 +106,6 @@ def worker(rank, port, ep, layout, stage, steps, n_experts, out):
                     "tokens_per_s": tokens_per_s, "routed": routed, "total": total}, out)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(ep, layout, stage, steps, n_experts, d):

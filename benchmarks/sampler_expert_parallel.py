@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
 import time
 
@@ -27,11 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from orchestrator.dist_local import free_port, join_local_group
 
 
 def prompts(n: int, vocab: int) -> list[list[int]]:
@@ -40,13 +35,11 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
 
 
 def member(rank: int, k: int, port: int, hf_dir: str, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     from model.generate import sample
     from model.hf import from_hf_pretrained
     from model.parallel import apply_expert_parallel
 
-    dist.init_process_group("gloo", rank=rank, world_size=k)
+    join_local_group(rank, k, port)
     model = from_hf_pretrained(hf_dir, experts=(rank, k) if k > 1 else None).eval()
     group = None
     if k > 1:

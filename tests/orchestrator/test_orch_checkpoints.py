@@ -5,7 +5,6 @@ weights and logits of the source; incomplete checkpoints and bad arguments are r
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from orchestrator.checkpoints import find_checkpoints
 from orchestrator.config import load_config
+from orchestrator.dist_local import free_port
 from orchestrator.rundir import create_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,12 +26,6 @@ def sputnik(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Policy(nn.Module):

@@ -7,20 +7,15 @@ uninterrupted run, and its experts reassemble into the single process's full wei
 engine), and one saved with the experts in the engine under ZeRO 1 resumes at EP 2 under ZeRO 3."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator.dist_local import free_port, join_local_group
+
 STEPS, GLOBAL_ROWS, SEQ = 10, 8, 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Rows:
@@ -39,10 +34,7 @@ class Rows:
 
 
 def worker(rank, world, port, ep, stage, out, save_at, load_from):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     from model import Transformer, load_model_args
     from orchestrator.checkpoints import load_pretrain_part, save_pretrain_part
     from orchestrator.config import PretrainConfig

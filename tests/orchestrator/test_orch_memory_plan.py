@@ -14,8 +14,6 @@ profile (none that the run keeps) would only lower the sum. Two steps, because A
 appear in the first step and the second runs with them.
 """
 
-import os
-import socket
 
 import pytest
 import torch
@@ -24,18 +22,13 @@ import torch.multiprocessing as mp
 
 from model import load_model_args
 from orchestrator.config import PretrainConfig
+from orchestrator.dist_local import free_port, join_local_group
 from orchestrator.memory_plan import GIB, activation_bytes, count_parameters, pretrain_rank, zero_states
 
 TOLERANCE = 0.15
 # (preset, micro-batch, seq, ZeRO stage, expert parallel, activation checkpointing) per world size
 ONE_RANK = [("tiny", 8, 128, 2, 1, False), ("tiny", 8, 128, 2, 1, True), ("small", 1, 64, 2, 1, False)]
 TWO_RANKS = [("tiny", 8, 128, 1, 1, False), ("tiny", 8, 128, 3, 1, False), ("tiny", 8, 128, 2, 2, False)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_bytes(prof) -> int:
@@ -84,10 +77,7 @@ def measure(rank: int, world: int, preset: str, batch: int, seq: int, stage: int
 
 
 def worker(rank, world, port, configs, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     peaks = torch.tensor([float(measure(rank, world, *c)) for c in configs], dtype=torch.float64)
     every = [torch.zeros_like(peaks) for _ in range(world)]
     dist.all_gather(every, peaks)

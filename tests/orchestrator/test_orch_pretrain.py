@@ -179,16 +179,13 @@ def one_rank_group():
     """A one-rank gloo default group for in-process DeepSpeed engines. Made once and kept for the
     process, as the in-process learner tests do: DeepSpeed keeps the group it first saw, and a group
     destroyed and made again is one it no longer knows."""
-    import socket
-
+    import torch
     import torch.distributed as dist
 
+    from orchestrator.dist_local import free_port, join_local_group
+
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        join_local_group(0, 1, free_port(), threads=torch.get_num_threads())
     assert dist.get_world_size() == 1
     yield
 
