@@ -100,9 +100,7 @@ class PretrainConfig:
     # ranks per expert-parallel group: each owns n_routed_experts / expert_parallel experts (their weights,
     # gradients, optimizer state) and computes them for the group's tokens (all-to-all); orchestrator/expert_shard.py
     expert_parallel: PositiveInt = 1
-    # owned: each rank holds only its experts; replicated: every rank holds all of them and ZeRO shards
-    # them like any weight, only the compute is split (the layout before owned experts, kept to compare)
-    expert_weights: Literal["owned", "replicated"] = "owned"
+    expert_weights: Literal["owned", "replicated"] = "owned"  # owned: each rank holds only its experts; replicated: all, ZeRO-sharded like any weight (the old layout)
     checkpoint_every: PositiveInt = 50  # steps between checkpoints (and the last step)
     keep_checkpoints: PositiveInt = 2  # newest checkpoints kept on disk
     max_failures: NonNegInt = 0  # worker failures Ray Train recovers from by restarting at the last checkpoint
@@ -208,6 +206,8 @@ class GRPOConfig:
     max_refill_rounds: NonNegInt = 2  # refills per step with dynamic sampling
     overlong: Literal["none", "filter", "penalty"] = "none"  # truncated completions: kept, left out of the loss (filter) or penalised (DAPO soft penalty)
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
+    # ray: every role an actor; one_process: one learner, sampler and reward worker in the driver's process, no Ray (least memory, one machine)
+    runtime: Literal["ray", "one_process"] = "ray"
     # async: samplers run up to max_lag policy versions ahead of the learners (1 = one step off policy)
     max_lag: PositiveInt = 1
     # correction for the gap between the sampler's (behaviour) and the learner's log-probs, ratio =
@@ -218,9 +218,8 @@ class GRPOConfig:
     router_replay: bool = False  # the learner's MoE layers route rollout tokens to the sampler's experts (gate weights its own)
     compile: bool = False  # torch.compile (fullgraph) of the learner's forward passes (issue 24); not with ZeRO-3 or expert_parallel
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: the same graphs without code generation (tests)
-    # how new weights reach the samplers: one object in the object store that each sampler fetches,
-    # or a broadcast from learner rank 0 over a group of its own (NCCL on GPUs, gloo on CPU);
-    # auto = collective when the learners have GPUs (orchestrator/grpo/weight_sync.py)
+    # how new weights reach the samplers: one object in the object store that each sampler fetches, or a broadcast
+    # from learner rank 0 over a group of its own (NCCL/gloo); auto = collective when the learners have GPUs
     weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     sync_timeout_s: PositiveFloat = 300.0  # a broadcast that takes longer falls back to the object store
     num_evaluators: PositiveInt = 1  # RewardWorker actors

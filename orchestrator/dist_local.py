@@ -1,7 +1,8 @@
 """torch.distributed on one machine: a free loopback port and a gloo group joined as DeepSpeed
 expects (MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK in the environment, the CPU accelerator).
 For the processes that tests and benchmarks spawn to run real DeepSpeed ranks side by side; the
-runs themselves get their groups from Ray Train or the learners' own rendezvous.
+runs themselves get their groups from Ray Train or the learners' own rendezvous (a one-process GRPO
+run, orchestrator/one_process.py, takes its learner's port from `free_port`).
 
 Test: the spawned ranks of `pytest tests/orchestrator/test_orch_expert_shard.py` use it.
 """

@@ -61,8 +61,8 @@ def execute(cfg: RunConfig, out: str | Path | None) -> tuple[Path, dict]:
     run_dir = create_run_dir(cfg, out)
     print(f"grpo: run directory {run_dir}", flush=True)
     random.seed(cfg.seed)
-    ray = init_ray(cfg.cluster)
-    check_shared_storage(ray, run_dir)
+    if cfg.grpo.runtime == "ray":  # one_process: no Ray, one machine (orchestrator/one_process.py)
+        check_shared_storage(init_ray(cfg.cluster), run_dir)
     # The W&B run belongs to a detached follower of metrics.jsonl (and of the rollouts tables and
     # histograms beside it), as in pretraining: `ray job stop` sends SIGTERM to this process and all
     # its descendants, wandb's service included, which would lose what it had not written yet.

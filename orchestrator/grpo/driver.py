@@ -45,14 +45,27 @@ class StepRollouts:
         return records_of(self.scored)
 
 
+def runtime_for(cfg: RunConfig):
+    """(what the driver calls `ray`, the roles' placement): Ray and a placement group per role
+    instance, or with grpo.runtime=one_process this process (orchestrator/one_process.py)."""
+    if cfg.grpo.runtime == "one_process":
+        from orchestrator.one_process import NoPlacement, OneProcess
+
+        return OneProcess(cfg), NoPlacement()
+    import ray
+
+    from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
+
+    # every role instance gets its own bundle: learners packed, samplers and evaluators spread
+    return ray, RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
+                              timeout_s=cfg.cluster.placement_timeout_s)
+
+
 class Driver:
     def __init__(self, cfg: RunConfig, run_dir: Path, tracker):
-        import ray
-
         from data.tokenizer import load_tokenizer
-        from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
 
-        self.cfg, self.run_dir, self.tracker, self.ray = cfg, Path(run_dir), tracker, ray
+        self.cfg, self.run_dir, self.tracker = cfg, Path(run_dir), tracker
         if cfg.rollout.exact and cfg.grpo.zero_stage == 3:
             raise ConfigError("key 'rollout.exact' needs whole weights on every learner: set grpo.zero_stage to 0, 1 or 2")
         if cfg.grpo.max_lag > 1 and cfg.grpo.mode != "async":
@@ -62,9 +75,7 @@ class Driver:
         self.train_rows, self.heldout_rows = load_tasks(cfg)
         self.stream = TaskStream(self.train_rows, cfg.seed)
         self.rewards = reward_config(cfg)
-        # every role instance gets its own bundle: learners packed, samplers and evaluators spread
-        self.placement = RolePlacement(ray, roles_for(cfg, "grpo", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
-                                       timeout_s=cfg.cluster.placement_timeout_s)
+        self.ray, self.placement = runtime_for(cfg)
         try:
             self._start_roles()
         except BaseException:  # a role that cannot start: give its placement groups back
@@ -83,12 +94,15 @@ class Driver:
         self.reference = None
         if g.kl_beta > 0 and g.reference == "actor":
             self.reference = ray.remote(ReferenceModel).options(**opts("reference", 0)).remote(str(self.hf_dir), pad_id=self.tok.pad_id)
-        addr, port = rendezvous_at(ray, self.placement)  # learner rank 0 hosts the torch.distributed store
+        # learner rank 0 hosts the torch.distributed store
+        addr, port = ray.rendezvous() if g.runtime == "one_process" else rendezvous_at(ray, self.placement)
         Learner = ray.remote(PolicyLearner)
         self.learners = [Learner.options(**opts("learner", i)).remote(
             str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
             seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens, exact=cfg.rollout.exact) for i in range(g.learners)]
         self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g, sampler_ep=cfg.rollout.expert_parallel)
+        if g.runtime == "one_process":
+            ray.started()
 
     @property
     def version(self) -> int:
@@ -99,6 +113,8 @@ class Driver:
         self.rollouts.close()
         self.learners, self.reference = [], None
         self.placement.close()
+        if self.cfg.grpo.runtime == "one_process":
+            self.ray.close()
 
     def __enter__(self) -> "Driver":
         return self

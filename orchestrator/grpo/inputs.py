@@ -114,10 +114,14 @@ def validate(cfg: RunConfig) -> None:
     if g.learners > 1 and g.minibatch_size < g.learners:
         raise ConfigError(f"key 'grpo.minibatch_size' ({g.minibatch_size}) must be at least grpo.learners ({g.learners})")
     check_expert_parallel(cfg)
+    if g.runtime == "one_process":
+        from orchestrator.one_process import check_one_process
+
+        check_one_process(cfg)
     if g.compile and (g.zero_stage == 3 or g.expert_parallel > 1 or cfg.rollout.exact):
         raise ConfigError("key 'grpo.compile' compiles the learner's whole forward as one graph: not with grpo.zero_stage=3 "
                           "(parameters gathered by hooks), grpo.expert_parallel > 1 (all-to-all with host-side counts) or rollout.exact")
-    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None:  # the embedded Ray: one node of num_cpus
+    if cfg.cluster.address is None and cfg.cluster.num_cpus is not None and g.runtime == "ray":  # the embedded Ray: one node of num_cpus
         from orchestrator.placement import Node, PlanError, make_plan, roles_for
 
         try:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -329,25 +330,75 @@ def per_step(run_dir: Path, key: str) -> dict[int, float]:
     return out
 
 
+def grpo_args(policy_dir) -> list[str]:
+    root, _ = policy_dir
+    return ["grpo", f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}", "grpo.prompts_per_step=4",
+            "grpo.group_size=4", "grpo.heldout_size=4", "grpo.train_size=64", "rollout.max_new_tokens=24",
+            "tracking.wandb_mode=disabled", "cluster.num_cpus=2", "grpo.steps=4", "grpo.checkpoint_every=2", "grpo.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(policy_dir, tmp_path_factory):
+    """Four GRPO steps on Ray actors, uninterrupted: the reference of the resume and one-process tests."""
+    out = tmp_path_factory.mktemp("grpo") / "straight"
+    sputnik(*grpo_args(policy_dir), "--out", str(out))
+    return out
+
+
+def assert_same_steps(a_dir: Path, b_dir: Path, steps: list[int]) -> None:
+    for key in ("reward/mean", "rollout/response_length/mean", "train/loss"):
+        a, b = per_step(a_dir, key), per_step(b_dir, key)
+        assert sorted(a) == sorted(b) == steps
+        for step in a:
+            assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (key, step, a[step], b[step])
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_resume_repeats_the_uninterrupted_run(policy_dir, tmp_path):
-    root, _ = policy_dir
-    common = ["grpo", f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}", "grpo.prompts_per_step=4",
-              "grpo.group_size=4", "grpo.heldout_size=4", "grpo.train_size=64", "rollout.max_new_tokens=24",
-              "tracking.wandb_mode=disabled", "cluster.num_cpus=2", "grpo.steps=4", "grpo.checkpoint_every=2", "grpo.lr=1e-2"]
-    sputnik(*common, "--out", str(tmp_path / "straight"))
+def test_one_process_run_repeats_the_ray_run_without_ray(policy_dir, straight_run, tmp_path):
+    """grpo.runtime=one_process: the same driver and roles in one process, no Ray process started
+    (watched in the run's process tree), the Ray run's steps to rounding (1 thread, as each actor has)."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", *grpo_args(policy_dir), "grpo.runtime=one_process", "cluster.num_cpus=1",
+           "--out", str(tmp_path / "one")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: set[str] = set()
+    try:
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                seen |= {c.name() for c in psutil.Process(proc.pid).children(recursive=True)}
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    assert "grpo.runtime=one_process, 1 threads" in out
+    assert not {n for n in seen if "raylet" in n or "gcs_server" in n or n.startswith("ray::")}, seen
+    assert_same_steps(straight_run, tmp_path / "one", [1, 2, 3, 4])
+    assert (tmp_path / "one" / "hf" / "config.json").exists()  # the exported policy, as a Ray run writes it
+
+
+def test_one_process_refuses_what_it_cannot_honour(policy_dir):
+    from orchestrator.config import ConfigError
+    from orchestrator.grpo.inputs import validate
+    for key, value in [("grpo.learners", 2), ("rollout.num_samplers", 2), ("grpo.mode", "async"), ("grpo.weight_sync", "collective")]:
+        with pytest.raises(ConfigError, match=f"key '{key}' cannot be honoured with grpo.runtime=one_process"):
+            validate(make_cfg(policy_dir, "grpo.runtime=one_process", f"{key}={value}", "grpo.minibatch_size=4"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_resume_repeats_the_uninterrupted_run(policy_dir, straight_run, tmp_path):
+    common = grpo_args(policy_dir)
     sputnik(*common, "grpo.stop_after=3", "--out", str(tmp_path / "resumed"))  # checkpoints at steps 2 and 3
     damaged = next((tmp_path / "resumed" / "checkpoints" / "learners" / "step000003").glob("*model_states.pt"))
     damaged.write_bytes(damaged.read_bytes()[:1000])  # a save cut short: step 3 does not load
     r = sputnik(*common, "--out", str(tmp_path / "resumed"))
     out = r.stdout + r.stderr
     assert "step000003 does not load, skipped" in out and "resumed from step 2" in out
-    for key in ("reward/mean", "rollout/response_length/mean", "train/loss"):
-        a, b = per_step(tmp_path / "straight", key), per_step(tmp_path / "resumed", key)
-        assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-        for step in a:
-            assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (key, step, a[step], b[step])
+    assert_same_steps(straight_run, tmp_path / "resumed", [1, 2, 3, 4])
 
 
 def test_grpo_without_init_is_a_config_error(tmp_path):
