@@ -10,16 +10,18 @@ completions per GRPO step. Settings that differ, by construction: TRL generates 
 `generate` (padded batch, its own DeepseekV3 modules) and trains in the trainer's process; Sputnik
 generates on a RolloutSampler actor, scores on a RewardWorker actor and trains on a PolicyLearner
 actor (Ray, DeepSpeed ZeRO-0); its async mode samples step k+1 while step k trains (one step off
-policy).
+policy); `one_process` is the sync run with `grpo.runtime=one_process`: the same roles in the
+driver's process, no Ray, the phases taking turns on all cores (orchestrator/one_process.py).
 
 Each configuration runs in its own process tree, interleaved over `--rounds`; per configuration:
 seconds per GRPO step (mean over the steps after the first, which includes warm-up), completion
 tokens per second, peak memory of the whole process tree (PSS, sampled every 0.2 s), and the mean
-reward per step. It ends with the lines `sync/TRL step rate: N.NNx` and `async/TRL step rate:
-N.NNx` (per workload, TRL at its default thread count).
+reward per step (per seed: the learning curves). It ends with the lines `sync/TRL step rate: N.NNx`
+and `async/TRL step rate: N.NNx` (the lower of the workloads, TRL at its default thread count),
+after the same for one_process and each configuration's peak memory over TRL's.
 
 Needs TRL, an optional benchmark dependency: `pip install -e .[bench]`.
-Run: `python benchmarks/grpo_vs_trl.py --init RUN_DIR [--steps 6 --rounds 2 --workloads math,demo]`
+Run: `python benchmarks/grpo_vs_trl.py --init RUN_DIR [--steps 6 --rounds 2 --seeds 0,1 --workloads math,demo]`
 where RUN_DIR is a `sputnik pretrain` run (e.g. `<demo run>/pretrain`).
 """
 
@@ -100,10 +102,12 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
 # --- Sputnik --------------------------------------------------------------------------------------
 
 def sputnik_run(init: str, workload: str, mode: str, steps: int, seed: int, tmp: Path) -> dict:
+    """mode: sync or async (Ray actors), or one_process (sync, grpo.runtime=one_process: no Ray)."""
     digits, new_tokens = WORKLOADS[workload]
     out = tmp / f"sputnik-{workload}-{mode}-{time.time_ns()}"
+    runtime = ["grpo.mode=sync", "grpo.runtime=one_process"] if mode == "one_process" else [f"grpo.mode={mode}"]
     cmd = [sys.executable, "-m", "orchestrator.cli", "grpo", "--out", str(out), *common_overrides(init, digits, new_tokens, steps, seed),
-           f"grpo.mode={mode}", "grpo.weight_sync=object_store", "grpo.eval_every=100000", "grpo.heldout_size=1", "grpo.heldout_samples=0",
+           *runtime, "grpo.weight_sync=object_store", "grpo.eval_every=100000", "grpo.heldout_size=1", "grpo.heldout_samples=0",
            "grpo.checkpoint_every=100000", "tracking.wandb_mode=disabled", "cluster.num_cpus=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
     peak, wall = run_measured(cmd, env, tmp / f"{out.name}.log")
@@ -224,7 +228,7 @@ def main():
     ap.add_argument("--init", required=True, help="a `sputnik pretrain` run directory (or an HF directory with its tokenizer)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1", help="run seeds, comma separated (each configuration runs once per seed and round)")
     ap.add_argument("--workloads", default="math,demo")
     ap.add_argument("--trl-threads", default="2", help="TRL's torch threads, comma separated (2 = its default on 2 cores)")
     ap.add_argument("--site", default=os.environ.get("TRL_SITE"), help="extra sys.path entry holding trl (if not installed)")
@@ -232,38 +236,49 @@ def main():
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.trl_child:
         return trl_child(a)
     tmp = Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
     threads = [int(x) for x in a.trl_threads.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {a.steps} steps of {PROMPTS} prompts x {GROUP} completions, "
-          f"{a.rounds} interleaved rounds; logs in {tmp}", flush=True)
-    ratios = {"sync": [], "async": []}
+          f"seeds {seeds}, {a.rounds} interleaved rounds; logs in {tmp}", flush=True)
+    modes = ("sync", "async", "one_process")
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    memory: dict[str, list[float]] = {m: [] for m in modes}
     for w in a.workloads.split(","):
-        runs: dict[str, list[dict]] = {}
+        runs: dict[tuple[str, int], list[dict]] = {}
         for rnd in range(a.rounds):
-            for name in ["sync", *[f"trl-{t}" for t in threads], "async"]:
-                if name.startswith("trl"):
-                    r = trl_run(a.init, w, int(name[4:]), a.steps, a.seed, tmp, a.site)
-                else:
-                    r = sputnik_run(a.init, w, name, a.steps, a.seed, tmp)
-                runs.setdefault(name, []).append(r)
-                print(f"  {w} round {rnd + 1} {name}: {sum(r['seconds'][1:]) / max(1, len(r['seconds']) - 1):.2f} s/step, "
-                      f"peak {r['peak_pss'] / 2**30:.2f} GiB, wall {r['wall']:.0f} s", flush=True)
-        s = {k: summarise(v) for k, v in runs.items()}
+            for seed in seeds:
+                for name in ["sync", *[f"trl-{t}" for t in threads], "async", "one_process"]:
+                    if name.startswith("trl"):
+                        r = trl_run(a.init, w, int(name[4:]), a.steps, seed, tmp, a.site)
+                    else:
+                        r = sputnik_run(a.init, w, name, a.steps, seed, tmp)
+                    runs.setdefault((name, seed), []).append(r)
+                    print(f"  {w} round {rnd + 1} seed {seed} {name}: {sum(r['seconds'][1:]) / max(1, len(r['seconds']) - 1):.2f} s/step, "
+                          f"peak {r['peak_pss'] / 2**30:.2f} GiB, wall {r['wall']:.0f} s", flush=True)
+        names = list(dict.fromkeys(n for n, _ in runs))
+        s = {n: summarise([r for (m, _), v in runs.items() if m == n for r in v]) for n in names}
         digits, new_tokens = WORKLOADS[w]
         print(f"\n{w} ({digits}-digit prompts, {new_tokens} new tokens):")
-        print("| run | s/step | tokens/s | peak PSS GiB | reward per step |\n|---|---|---|---|---|")
-        for k, v in s.items():
-            print(f"| {k} | {v['s_per_step']:.2f} | {v['tokens_per_s']:.0f} | {v['peak_gib']:.2f} | {' '.join(f'{x:.2f}' for x in v['reward'])} |")
+        print("| run | s/step | tokens/s | peak PSS GiB | " + " | ".join(f"reward per step, seed {x}" for x in seeds)
+              + " |\n|---|---|---|---|" + "---|" * len(seeds))
+        for n, v in s.items():
+            curves = [" ".join(f"{x:.2f}" for x in summarise(runs[(n, seed)])["reward"]) for seed in seeds]
+            print(f"| {n} | {v['s_per_step']:.2f} | {v['tokens_per_s']:.0f} | {v['peak_gib']:.2f} | " + " | ".join(curves) + " |")
         base = s[f"trl-{threads[0]}"]
-        for mode in ("sync", "async"):
+        for mode in modes:
             ratios[mode].append(base["s_per_step"] / s[mode]["s_per_step"])
-            print(f"{w} {mode}/TRL step rate: {ratios[mode][-1]:.2f}x; peak memory {s[mode]['peak_gib'] / base['peak_gib']:.2f}x TRL's")
-    print("\n(the lower of the workloads)")
-    for mode in ("sync", "async"):
+            memory[mode].append(s[mode]["peak_gib"] / base["peak_gib"])
+            print(f"{w} {mode}/TRL step rate: {ratios[mode][-1]:.2f}x; peak memory {memory[mode][-1]:.2f}x TRL's")
+    print("\n(the lower step rate and the higher memory of the workloads)")
+    for mode in modes:
+        print(f"{mode} peak memory / TRL's: {max(memory[mode]):.2f}x")
+    for mode in ("one_process", "sync", "async"):
         print(f"{mode}/TRL step rate: {min(ratios[mode]):.2f}x")
 
 
