@@ -56,11 +56,14 @@ def prepare(cfg: RunConfig):
             raise ConfigError(f"key 'sft.seq_len' ({seq_len}) exceeds the model's max_seq_len ({args.max_seq_len})")
         train = encode_examples([r for r in rows if r["split"] == "train"], tok, cfg.data.template)
         heldout = encode_examples([r for r in rows if r["split"] == "heldout"][: s.heldout_size], tok, cfg.data.template)
-        SFTLoader(train, seq_len=seq_len, batch_size=s.micro_batch_size * s.workers, pad_id=tok.pad_id, world_size=s.workers)
     except (SFTDataError, FileNotFoundError) as e:
         raise ConfigError(f"key 'sft.data': {e}") from None
-    except ValueError as e:  # too few examples for a batch, a tokenizer without EOS
+    except ValueError as e:  # a tokenizer without EOS (the message names the file)
         raise ConfigError(f"sft: {e}") from None
+    try:  # the packed batches (the workers build their own)
+        SFTLoader(train, seq_len=seq_len, batch_size=s.micro_batch_size * s.workers, pad_id=tok.pad_id, world_size=s.workers)
+    except ValueError as e:  # no train rows, or too few for one batch
+        raise ConfigError(f"key 'sft.data' ({s.data}) with sft.micro_batch_size {s.micro_batch_size} x sft.workers {s.workers}: {e}") from None
     return hf, tok_path, tok, args, train, heldout, seq_len
 
 

@@ -45,6 +45,11 @@ def test_bad_row_exits_2_naming_it_before_ray(tmp_path, policy_dir):
     assert "Ray" not in r.stdout + r.stderr
     r = sputnik("sft", f"sft.data={bad}", timeout=120)
     assert r.returncode == 2 and "'sft.init' is required" in r.stderr
+    small = sft_table(tmp_path / "small.jsonl", 30)  # a few rows: fewer packed rows than one batch
+    r = sputnik("sft", f"sft.init={root / 'hf'}", f"sft.tokenizer={root / 'tokenizer.json'}", f"sft.data={small}", "sft.micro_batch_size=64",
+                "--out", str(tmp_path / "run2"), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"key 'sft.data' ({small}) with sft.micro_batch_size 64 x sft.workers 1:" in r.stderr and "fewer than one batch of 64" in r.stderr
 
 
 @pytest.mark.slow
