@@ -67,7 +67,8 @@ class Block(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, x, freqs, cache=None, start_pos=0, mask=None):
-        if self.activation_checkpointing and self.training and cache is None:
+        # only where a backward follows: pretraining's steps, a GRPO learner's update (in eval mode)
+        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
             calls = [0]
 
             def run(*a):

@@ -216,6 +216,7 @@ class GRPOConfig:
     importance: Literal["none", "tis", "mis"] = "none"
     is_cap: Annotated[float, Field(gt=1)] = 2.0  # the cap of tis, the band of mis
     router_replay: bool = False  # the learner's MoE layers route rollout tokens to the sampler's experts (gate weights its own)
+    activation_checkpointing: bool = False  # recompute each block's activations in the update's backward (less memory, ~1/3 more compute)
     compile: bool = False  # torch.compile (fullgraph) of the learner's forward passes (issue 24); not with ZeRO-3 or expert_parallel
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: the same graphs without code generation (tests)
     # how new weights reach the samplers: one object in the object store that each sampler fetches, or a broadcast

@@ -302,8 +302,9 @@ def learner_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     if g.kl_beta > 0 and g.reference == "colocated":
         mem.buffers += 4 * pc.total  # load_policy keeps the checkpoint's fp32
     rows = math.ceil(g.minibatch_size / g.learners)
-    mem.activations = activation_bytes(args, rows, prompt_len + r.max_new_tokens, w=w, gpu=gpu, checkpointing=False, loss="logprobs")
-    options = []
+    mem.activations = activation_bytes(args, rows, prompt_len + r.max_new_tokens, w=w, gpu=gpu, checkpointing=g.activation_checkpointing,
+                                       loss="logprobs")
+    options = [] if g.activation_checkpointing else ["activation checkpointing (grpo.activation_checkpointing=true)"]
     if pc.routed and g.learners >= 2 * K and args.n_routed_experts % (2 * K) == 0:
         options.append(f"more expert parallel (grpo.expert_parallel={2 * K})")
     options += ["ZeRO-3 (grpo.zero_stage=3)"] if g.zero_stage < 3 else []

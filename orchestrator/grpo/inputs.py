@@ -118,9 +118,10 @@ def validate(cfg: RunConfig) -> None:
         from orchestrator.one_process import check_one_process
 
         check_one_process(cfg)
-    if g.compile and (g.zero_stage == 3 or g.expert_parallel > 1 or cfg.rollout.exact):
+    if g.compile and (g.zero_stage == 3 or g.expert_parallel > 1 or cfg.rollout.exact or g.activation_checkpointing):
         raise ConfigError("key 'grpo.compile' compiles the learner's whole forward as one graph: not with grpo.zero_stage=3 "
-                          "(parameters gathered by hooks), grpo.expert_parallel > 1 (all-to-all with host-side counts) or rollout.exact")
+                          "(parameters gathered by hooks), grpo.expert_parallel > 1 (all-to-all with host-side counts), rollout.exact "
+                          "or grpo.activation_checkpointing")
     if cfg.cluster.address is None and cfg.cluster.num_cpus is not None and g.runtime == "ray":  # the embedded Ray: one node of num_cpus
         from orchestrator.placement import Node, PlanError, make_plan, roles_for
 

@@ -88,6 +88,13 @@ def build_policy(init_dir: str, g, *, rank: int, world: int, exact: bool, on_gpu
             micro_batch_size=max(1, g.minibatch_size // world), grad_accum=1, world_size=world, zero_stage=g.zero_stage,
             lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay, grad_clip=g.grad_clip, bf16=on_gpu, n_params=n_params)
 
+    def checkpointed(model):
+        if g.activation_checkpointing:
+            from model.parallel import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        return model
+
     ep = g.expert_parallel
     if g.zero_stage == 3 and ep == 1:
         from model.hf import from_hf_pretrained_zero3, hf_model_args
@@ -96,8 +103,8 @@ def build_policy(init_dir: str, g, *, rank: int, world: int, exact: bool, on_gpu
         with torch.device("meta"):
             n_params = sum(q.numel() for q in Transformer(hf_model_args(init_dir)).parameters())
         ds_cfg = config(n_params)
-        return from_hf_pretrained_zero3(init_dir, ds_cfg), None, ds_cfg
-    model = load_policy(init_dir, experts=(rank % ep, ep) if ep > 1 else None).set_exact(exact)  # this rank's experts only
+        return checkpointed(from_hf_pretrained_zero3(init_dir, ds_cfg)), None, ds_cfg
+    model = checkpointed(load_policy(init_dir, experts=(rank % ep, ep) if ep > 1 else None).set_exact(exact))  # this rank's experts only
     experts = None
     if ep > 1:
         from orchestrator.expert_shard import ExpertShard

@@ -88,6 +88,7 @@ class MinibatchUpdates:
                   for k, t in batch.items()}
             m = mb["mask"].to(dev)
             entropy = None
+            # through the backward: the recompute of activation checkpointing must replay the same experts
             with self.engine.module.model.routing_replay(replay_experts(mb)):
                 out = self.engine(mb["tokens"].to(dev), mb["targets"].to(dev), entropy=cfg.entropy_coef > 0,
                                   measure=seen["temperature"] if on_policy else None)
@@ -100,19 +101,19 @@ class MinibatchUpdates:
                     logp, entropy = out
                 else:
                     logp = out
-            is_w = None
-            if cfg.importance != "none":  # per token, so a micro-batch's weights are the full batch's
-                is_w, _ = importance_weights(seen["logp_t"][rows, :w], mb["sampler"], mb["mask"], mode=cfg.importance, cap=cfg.is_cap)
-            loss, mets = grpo_loss(
-                logp.float(), mb["old"].to(dev), mb["ref"].to(dev) if "ref" in mb else None, mb["adv"].to(dev), m,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
-                constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                is_weights=is_w.to(dev) if is_w is not None else None, total=local if len(micro) > 1 else None)
-            if self.world > 1:
-                loss = loss * scale
-            if len(micro) > 1:  # one gradient reduction per minibatch, at its last micro-batch
-                self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            self.engine.backward(loss)
+                is_w = None
+                if cfg.importance != "none":  # per token, so a micro-batch's weights are the full batch's
+                    is_w, _ = importance_weights(seen["logp_t"][rows, :w], mb["sampler"], mb["mask"], mode=cfg.importance, cap=cfg.is_cap)
+                loss, mets = grpo_loss(
+                    logp.float(), mb["old"].to(dev), mb["ref"].to(dev) if "ref" in mb else None, mb["adv"].to(dev), m,
+                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
+                    constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                    is_weights=is_w.to(dev) if is_w is not None else None, total=local if len(micro) > 1 else None)
+                if self.world > 1:
+                    loss = loss * scale
+                if len(micro) > 1:  # one gradient reduction per minibatch, at its last micro-batch
+                    self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                self.engine.backward(loss)
             loss_sum += float(loss.detach())
             # the metrics of the whole minibatch: token-weighted means, the max of the maxima
             t = float(m.sum())

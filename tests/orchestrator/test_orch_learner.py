@@ -363,3 +363,33 @@ def test_a_zero3_learner_built_partitioned_makes_the_zero0_update(policy_dir):
     update = torch.cat([(w0[k] - init[k]).flatten() for k in w0]).norm()
     diff = torch.cat([(w3[k] - w0[k]).flatten() for k in w0]).norm()
     assert update > 1e-2 and diff <= 1e-3 * update, (float(diff), float(update))
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_activation_checkpointing_makes_the_same_update(policy_dir, replay):
+    """grpo.activation_checkpointing recomputes each block in the update's backward (the attention
+    runs again) and gives the same losses and weights; with router replay the recompute routes to
+    the sampler's experts too (here experts the learner's router would not pick)."""
+    import dataclasses
+
+    ch = varied_chunk()
+    if replay:
+        L, K = 2, 2
+        ch = dataclasses.replace(ch, logprobs=[torch.zeros(len(c)) for c in ch.completion_ids], experts=[
+            torch.tensor([0, 1], dtype=torch.uint8).expand(L, len(p) + len(c) - 1, K).clone() for p, c in zip(ch.prompt_ids, ch.completion_ids)])
+    adv = torch.randn(len(ch.completion_ids), generator=torch.Generator().manual_seed(6)).tolist()
+    out = {}
+    for ckpt in (False, True):
+        lrn = learner_with(policy_dir, "grpo.lr=1e-2", "grpo.minibatch_size=8", f"grpo.router_replay={str(replay).lower()}",
+                           f"grpo.activation_checkpointing={str(ckpt).lower()}")
+        init, calls = lrn.state_dict(), [0]
+        hook = lrn.engine.module.model.layers[0].attn.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        m = lrn.train(adv, 1, ch)
+        hook.remove()
+        out[ckpt] = (m, lrn.state_dict(), calls[0])
+    (m0, w0, c0), (m1, w1, c1) = out[False], out[True]
+    assert c1 > c0  # the backward ran the blocks again
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-6) and m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    assert any((w0[k] != init[k]).any() for k in w0)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-7, msg=lambda s, k=k: f"{k}: {s}")
