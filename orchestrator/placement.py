@@ -4,7 +4,10 @@ Every role instance is one placement-group bundle ({"CPU": c, "GPU": g}):
 - learners (GRPO PolicyLearner ranks, pretraining workers) in one PACK group: a node is filled
   before the next is used, so their collectives stay inside a node where they can;
 - rollout samplers and reward evaluators in SPREAD groups: they use every node, and losing a node
-  takes few of them (they restart into their rescheduled bundle elsewhere).
+  takes few of them (they restart into their rescheduled bundle elsewhere);
+- expert-parallel samplers (`rollout.expert_parallel=K`) in groups of K, each group a STRICT_PACK
+  placement group: a group's members exchange tokens all-to-all at every decoding step, so they
+  share one node; the groups are spread like single samplers.
 
 `make_plan(roles, nodes)` simulates this placement on a cluster description and raises
 `PlanError` with the reason when it cannot hold the roles; `sputnik plan --config FILE --nodes 4
@@ -48,12 +51,16 @@ class Role:
     cpus: float
     gpus: float
     strategy: str  # "PACK" or "SPREAD"
+    group: int = 1  # instances that share one node (expert-parallel samplers); SPREAD applies to the groups
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
     def describe(self) -> str:
         return f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+
+    def describe_group(self) -> str:
+        return f"{self.group} x {self.describe()}" if self.group > 1 else self.describe()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,8 @@ def roles_for(cfg: RunConfig, command: str, cluster_gpus: float) -> list[Role]:
     if command != "eval" and cfg.grpo.kl_beta > 0 and cfg.grpo.reference == "actor":
         roles.append(Role("reference", 1, c.cpus_per_learner, learner_gpus, "PACK"))
     roles += [
-        Role("sampler", cfg.rollout.num_samplers, c.cpus_per_sampler, _auto_gpus(c.gpus_per_sampler, cluster_gpus), "SPREAD"),
+        Role("sampler", cfg.rollout.num_samplers, c.cpus_per_sampler, _auto_gpus(c.gpus_per_sampler, cluster_gpus), "SPREAD",
+             group=cfg.rollout.expert_parallel),
         Role("evaluator", cfg.grpo.num_evaluators, c.cpus_per_evaluator, 0.0, "SPREAD"),
     ]
     return roles
@@ -136,9 +144,10 @@ def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
     for role in roles:
         if role.count < 1:
             raise PlanError(f"{role.name}: count must be at least 1, got {role.count}")
-        if not any(role.cpus <= n.cpus + _EPS and role.gpus <= n.gpus + _EPS for n in nodes):
+        if not any(role.group * role.cpus <= n.cpus + _EPS and role.group * role.gpus <= n.gpus + _EPS for n in nodes):
             big = max(nodes, key=lambda n: (n.gpus, n.cpus))
-            raise PlanError(f"one {role.name} needs {role.describe()}, but the largest node has {big.cpus:g} CPU + {big.gpus:g} GPU")
+            one = f"a group of {role.group} {role.name}s (one node: their all-to-all)" if role.group > 1 else f"one {role.name}"
+            raise PlanError(f"{one} needs {role.describe_group()}, but the largest node has {big.cpus:g} CPU + {big.gpus:g} GPU")
     need_cpu, need_gpu = sum(r.count * r.cpus for r in roles), sum(r.count * r.gpus for r in roles)
     have_cpu, have_gpu = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
     need = ", ".join(f"{r.count} {r.name}(s) x {r.describe()}" for r in roles)
@@ -152,19 +161,21 @@ def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
     assignment: dict[str, list[int]] = {}
     for role in roles:
         placed: list[int] = []
-        for k in range(role.count):
-            fits = [i for i, (fc, fg) in enumerate(free) if role.cpus <= fc + _EPS and role.gpus <= fg + _EPS]
+        K = role.group  # a unit of K instances goes to one node
+        for k in range(0, role.count, K):
+            fits = [i for i, (fc, fg) in enumerate(free) if K * role.cpus <= fc + _EPS and K * role.gpus <= fg + _EPS]
             if not fits:
-                raise PlanError(f"{role.name} {k + 1} of {role.count} ({role.describe()}) fits on no node after placing "
+                what = f"group {k // K + 1} of {role.count // K}" if K > 1 else f"{k + 1} of {role.count}"
+                raise PlanError(f"{role.name} {what} ({role.describe_group()}) fits on no node after placing "
                                 f"the others: the bundles do not pack into {len(nodes)} node(s) of this size")
             if role.strategy == "PACK":  # fill the node already used by this role, else the fullest
                 used = [i for i in fits if i in placed]
                 i = used[-1] if used else min(fits, key=lambda j: (free[j][1], free[j][0], j))
             else:
                 i = min(fits, key=lambda j: (placed.count(j), -free[j][1] if role.gpus else 0, -free[j][0], j))
-            free[i][0] -= role.cpus
-            free[i][1] -= role.gpus
-            placed.append(i)
+            free[i][0] -= K * role.cpus
+            free[i][1] -= K * role.gpus
+            placed += [i] * K
         assignment[role.name] = placed
     return Plan(roles, nodes, assignment)
 
@@ -194,9 +205,12 @@ class RolePlacement:
         self.plan = None
         if not autoscaling:  # a fixed cluster: refuse an impossible plan now, with the reason
             self.plan = make_plan(roles, live_nodes(ray))
-        self.groups = {r.name: placement_group([r.bundle()] * r.count, strategy=r.strategy, name="") for r in roles}
+        # per role its placement groups: one for the role, or one per group of instances that share a node
+        self.groups = {r.name: [placement_group([r.bundle()] * r.count, strategy=r.strategy, name="")] if r.group == 1 else
+                       [placement_group([r.bundle()] * r.group, strategy="STRICT_PACK", name="") for _ in range(r.count // r.group)]
+                       for r in roles}
         try:
-            ray.get([g.ready() for g in self.groups.values()], timeout=timeout_s)
+            ray.get([g.ready() for gs in self.groups.values() for g in gs], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.close()
             avail = ray.available_resources()
@@ -208,13 +222,14 @@ class RolePlacement:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         r = self.roles[role]
+        group, bundle = (0, index) if r.group == 1 else divmod(index, r.group)
         return {"num_cpus": r.cpus, "num_gpus": r.gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=self.groups[role], placement_group_bundle_index=index)}
+            placement_group=self.groups[role][group], placement_group_bundle_index=bundle)}
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        for g in self.groups.values():
+        for g in [g for gs in self.groups.values() for g in gs]:
             try:
                 remove_placement_group(g)
             except Exception:  # already gone with the cluster

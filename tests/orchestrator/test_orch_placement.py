@@ -38,6 +38,21 @@ def test_learners_pack_node_by_node_and_samplers_spread_over_the_rest():
         assert gpus <= node.gpus and cpus <= node.cpus
 
 
+def test_expert_parallel_sampler_groups_share_a_node_and_spread_as_groups():
+    roles = [Role("learner", 4, 4, 1, "PACK"), Role("sampler", 8, 2, 1, "SPREAD", group=4)]
+    plan = make_plan(roles, nodes(3, 96, 8))
+    got = plan.nodes_of("sampler")
+    assert plan.nodes_of("learner") == [0] * 4 and got[:4] == [got[0]] * 4 and got[4:] == [got[4]] * 4 and got[0] != got[4]
+    assert {got[0], got[4]} == {1, 2}  # the two empty nodes, not next to the learners
+    with pytest.raises(PlanError, match=r"a group of 4 samplers \(one node: their all-to-all\) needs 4 x 2 CPU \+ 1 GPU, "
+                                        r"but the largest node has 96 CPU \+ 2 GPU"):
+        make_plan([Role("sampler", 4, 2, 1, "SPREAD", group=4)], nodes(4, 96, 2))
+    with pytest.raises(PlanError, match=r"sampler group 2 of 2 \(4 x 2 CPU \+ 1 GPU\) fits on no node after placing"):
+        make_plan([Role("learner", 2, 4, 1, "PACK"), Role("sampler", 8, 2, 1, "SPREAD", group=4)], nodes(2, 96, 5))
+    cfg = load_config(None, ["rollout.num_samplers=8", "rollout.expert_parallel=4"])
+    assert next(r for r in roles_for(cfg, "grpo", 8) if r.name == "sampler").group == 4
+
+
 def test_impossible_plans_name_the_reason():
     with pytest.raises(PlanError, match=r"need 40 GPUs .* has 32"):
         make_plan([Role("learner", 32, 1, 1, "PACK"), Role("sampler", 8, 1, 1, "SPREAD")], nodes(4, 64, 8))
@@ -151,6 +166,18 @@ def test_live_placement_is_the_plan_and_an_impossible_one_fails_at_once(tmp_path
             placement.close()
         assert {name: sorted(c.values(), reverse=True) for name, c in live.items()} == planned
         assert placement.plan is not None and all(placement.plan.shape(n) == planned[n] for n in planned)
+
+        # expert-parallel samplers: each group of 2 (1 CPU each) on one node, the learners' node too
+        # full for a group; SPREAD alone would put a member beside the learners
+        ep = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.num_samplers=4", "rollout.expert_parallel=2",
+                                                                          "cluster.cpus_per_sampler=1", "grpo.num_evaluators=1"]), "grpo", 0)
+        placement = RolePlacement(ray, ep, autoscaling=False, timeout_s=60)
+        try:
+            learner_node = ray.get(where.options(**placement.options("learner", 0)).remote())
+            members = ray.get([where.options(**placement.options("sampler", i)).remote() for i in range(4)])
+        finally:
+            placement.close()
+        assert members[0] == members[1] != members[2] == members[3] and learner_node not in members, (learner_node, members)
 
         bad = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["cluster.cpus_per_sampler=3"]), "grpo", 0)
         t0 = time.monotonic()
