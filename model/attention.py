@@ -10,7 +10,9 @@ Two paths:
   (kv_lora_rank + qk_rope_head_dim values per token per layer) and absorb wkv_b into the query
   (keys) and the output (values), so the cache is never expanded. The attention over the cache is
   sputnik_kernels/mla_decode.py: a Triton kernel on CUDA, torch ops otherwise; without a mask the
-  new tokens attend causally (the last T slots are theirs).
+  new tokens attend causally (the last T slots are theirs). With `start_pos` a device tensor (the
+  static decode step, model/static_decode.py) the new latents are written at that slot and the
+  queries attend over the whole cache view under mask_BTS: fixed shapes, no host read.
 With `exact` set (Transformer.set_exact, `rollout.exact`), both run the absorbed form with the
 batch-invariant primitives of model/exact.py, so that decoding and training agree bit for bit.
 
@@ -83,7 +85,7 @@ class MLA(nn.Module):
         freqs_BTr: torch.Tensor,
         *,
         cache: LatentCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         mask_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.exact:
@@ -97,6 +99,14 @@ class MLA(nn.Module):
         k_pe = apply_rotary_emb(k_pe, freqs_BTr)  # (B, T, R), shared by all heads
         if cache is None:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask_BTS)
+        elif isinstance(start_pos, torch.Tensor):
+            # Static decoding (model/static_decode.py): the slot is a device tensor and the cache a
+            # fixed-length view, so the step has fixed shapes and no host read (a CUDA graph);
+            # mask_BTS says which slots each query sees (its prompt and what is written so far).
+            assert mask_BTS is not None, "a device start_pos needs mask_BTS"
+            slot_T = start_pos.view(1) + torch.arange(T, device=start_pos.device)
+            cache.buf_BSL.index_copy_(1, slot_T, torch.cat([c_kv, k_pe], dim=-1).to(cache.buf_BSL.dtype))
+            out = self._absorbed(q_nope, q_pe, cache.buf_BSL, mask_BTS)
         else:
             end = start_pos + T
             cache.buf_BSL[:, start_pos:end] = torch.cat([c_kv, k_pe], dim=-1).to(cache.buf_BSL.dtype)

@@ -26,17 +26,25 @@ token the log-probability under the distribution it was drawn from (after temper
 greedy rows get the untempered policy's), and per main-model MoE layer the experts each input
 position was routed to ([L, prompt + completion - 1, K], uint8, or int16 above 256 experts).
 
-Test: `pytest tests/model/test_model_generate.py`; benchmark: `python benchmarks/model_generate.py`.
+`static=True` (or a `decoder=`) decodes the same tokens with fixed shapes, so that on CUDA each
+step is one CUDA graph replay (issue 24; model/static_decode.py says how); without `group`.
+
+Test: `pytest tests/model/test_model_generate.py`; benchmark: `python benchmarks/model_generate.py`
+(`--static`: static vs dynamic vs transformers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from model.static_decode import StaticDecoder
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None = None,
@@ -98,10 +106,13 @@ def generate(
     pad_id: int = 0,
     compact_fraction: float = 0.25,
     group: dist.ProcessGroup | None = None,
+    static: bool = False,
+    decoder: StaticDecoder | None = None,
 ) -> list[list[int]]:
     """New tokens of each prompt (`sample` without the routed experts: see there)."""
     return sample(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids,
-                  seed=seed, pad_id=pad_id, compact_fraction=compact_fraction, record_experts=False, group=group).tokens
+                  seed=seed, pad_id=pad_id, compact_fraction=compact_fraction, record_experts=False, group=group, static=static,
+                  decoder=decoder).tokens
 
 
 @torch.no_grad()
@@ -118,13 +129,19 @@ def sample(
     compact_fraction: float = 0.25,
     record_experts: bool = True,
     group: dist.ProcessGroup | None = None,
+    static: bool = False,
+    decoder: StaticDecoder | None = None,
 ) -> Generation:
     """New tokens of each prompt, their sampling log-probs and (with record_experts) routed experts.
     compact_fraction: finished rows leave the batch once they are this fraction of it (0: as soon
     as one finishes, 1: never). At 0.25 the copy of the caches is paid back within a few steps;
     benchmarks/model_generate.py --rollout times it against 1. group: the expert-parallel group the
     model's routed experts are split over (see the module docstring); every member passes the same
-    arguments and gets the same Generation."""
+    arguments and gets the same Generation.
+    static: decode with fixed shapes (model/static_decode.py: row buckets instead of compaction, a
+    preallocated cache, the stop check read every few tokens), each step a CUDA graph on CUDA; the
+    same tokens, log-probs to rounding. decoder: a StaticDecoder whose buffers and captured graphs
+    this call reuses (implies static; default: a new one sized for this call)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and no empty prompt")
     if not 0 <= compact_fraction <= 1:
@@ -134,9 +151,20 @@ def sample(
         raise ValueError(f"longest prompt ({max_prompt}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.args.max_seq_len}")
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids, seed=seed,
               pad_id=pad_id, compact_fraction=compact_fraction, record_experts=record_experts)
+    if (static or decoder is not None) and group is not None and dist.get_world_size(group) > 1:
+        raise ValueError("static decoding does not support expert-parallel sampling (group=): its all-to-all sizes are read on the "
+                         "host every layer; use static=False")
     was_training = model.training
     model.eval()
     try:
+        if static or decoder is not None:
+            from model.static_decode import StaticDecoder  # it builds on this module
+
+            decoder = decoder or StaticDecoder(model, rows=len(prompts), max_len=max_prompt + max_new_tokens)
+            if decoder.model is not model:
+                raise ValueError("this StaticDecoder was made for another model: make one for the model that samples")
+            kw.pop("compact_fraction")  # row buckets take its place
+            return decoder.sample(prompts, **kw)
         if group is None or dist.get_world_size(group) == 1:
             return _sample_rows(model, prompts, first_row=0, total_rows=len(prompts), group=None, **kw)
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -151,6 +179,24 @@ def sample(
                           experts=[t for p in parts for t in p.experts] if record_experts and parts[0].experts is not None else None)
     finally:
         model.train(was_training)
+
+
+def prefill(model: Transformer, prompts: list[list[int]], caches: list, *, pad_id: int) -> torch.Tensor:
+    """Forward of the left-padded prompts into cache slots 0 .. max_prompt - 1: the logits of each
+    prompt's last token [B, V]. Causal within a prompt, padded slots masked, RoPE positions counted
+    from each row's first real token (both decoding paths start here)."""
+    device = model.embed.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens_BT = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens_BT[b, T - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+    pad_B = torch.tensor([T - len(p) for p in prompts], device=device)
+    slots = torch.arange(T, device=device)
+    causal = slots.unsqueeze(0) <= slots.unsqueeze(1)  # (T, S)
+    mask = causal.unsqueeze(0) & (slots.unsqueeze(0) >= pad_B.unsqueeze(1))[:, None, :]
+    mask = mask | torch.eye(T, dtype=torch.bool, device=device).unsqueeze(0)  # pad rows attend to themselves
+    positions_BT = (slots.unsqueeze(0) - pad_B.unsqueeze(1)).clamp(min=0)
+    return model(tokens_BT, start_pos=0, caches=caches, positions_BT=positions_BT, mask_BTS=mask)[:, -1]
 
 
 def _all_done(left: int, group: dist.ProcessGroup | None) -> bool:
@@ -173,9 +219,6 @@ def _sample_rows(model: Transformer, prompts: list[list[int]], *, first_row: int
     max_prompt = max(len(p) for p in prompts)
     total = max_prompt + max_new_tokens
     pad_BS = torch.tensor([max_prompt - len(p) for p in prompts], device=device)
-    tokens = torch.full((B, max_prompt), pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, max_prompt - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
     slots = torch.arange(total, device=device)
     valid_BS = slots.unsqueeze(0) >= pad_BS.unsqueeze(1)  # real (non-pad) cache slots
     positions_BS = (slots.unsqueeze(0) - pad_BS.unsqueeze(1)).clamp(min=0)
@@ -192,11 +235,7 @@ def _sample_rows(model: Transformer, prompts: list[list[int]], *, first_row: int
     experts_LBSK = torch.zeros(len(moe), B, total, K, dtype=torch.uint8 if model.args.n_routed_experts <= 256 else torch.int16,
                                device=device) if moe else None
 
-    # prefill: causal within the prompt, padded slots masked
-    causal = slots[:max_prompt].unsqueeze(0) <= slots[:max_prompt].unsqueeze(1)  # (T, S)
-    mask = causal.unsqueeze(0) & valid_BS[:, None, :max_prompt]
-    mask = mask | torch.eye(max_prompt, dtype=torch.bool, device=device).unsqueeze(0)  # pad rows attend to themselves
-    logits = model(tokens, start_pos=0, caches=caches, positions_BT=positions_BS[:, :max_prompt], mask_BTS=mask)[:, -1]
+    logits = prefill(model, prompts, caches, pad_id=pad_id)
     if moe:
         experts_LBSK[:, :, :max_prompt] = model.routed_experts().view(len(moe), B, max_prompt, K).to(experts_LBSK.dtype)
     for i in range(max_new_tokens):

@@ -139,6 +139,10 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int) -> None:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq] (got shape {tuple(tokens.shape)})")
+        if isinstance(start_pos, torch.Tensor):
+            # the static decode step (model/static_decode.py): its tokens are its own draws and its
+            # caller checked the length on the host once, so the step reads nothing back (CUDA graph)
+            return
         # The id range needs the values on the host: checked in eager mode only, so that a compiled
         # forward has no host sync (issue 24); out-of-range ids then fail in the embedding.
         if not torch.compiler.is_compiling() and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab):
@@ -147,10 +151,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {start_pos + tokens.size(1)} exceeds max_seq_len {self.args.max_seq_len}")
 
     def hidden(self, tokens, *, start_pos=0, caches=None, positions_BT=None, mask_BTS=None):
-        """Final hidden states before the output norm: [B, T, D]."""
+        """Final hidden states before the output norm: [B, T, D]. start_pos: the first cache slot
+        of `tokens`; a 1-element device tensor in the static decode step (with positions_BT and
+        mask_BTS; see MLA.forward)."""
         self._check_tokens(tokens, start_pos)
         T = tokens.size(1)
         if positions_BT is None:
+            assert not isinstance(start_pos, torch.Tensor), "a device start_pos needs positions_BT"
             freqs = self.freqs_cis[start_pos : start_pos + T].unsqueeze(0)
         else:
             freqs = self.freqs_cis[positions_BT]
@@ -159,7 +166,7 @@ class Transformer(nn.Module):
             h = layer(h, freqs, caches[i] if caches is not None else None, start_pos, mask_BTS)
         return h
 
-    def forward(self, tokens: torch.Tensor, *, start_pos: int = 0, caches=None, positions_BT=None, mask_BTS=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, start_pos: int | torch.Tensor = 0, caches=None, positions_BT=None, mask_BTS=None) -> torch.Tensor:
         """Main-head logits [B, T, V]."""
         h = self.hidden(tokens, start_pos=start_pos, caches=caches, positions_BT=positions_BT, mask_BTS=mask_BTS)
         return self.head(self.norm(h))

@@ -133,3 +133,103 @@ def test_sample_records_the_experts_of_every_input_position(model):
             model(torch.tensor([p + toks[:-1]]))
         ref = model.routed_experts()  # [L, positions, K]
         assert torch.equal(ex.long().sort(-1).values, ref.sort(-1).values)
+
+
+# --- static decoding: fixed shapes, one CUDA graph per step on GPU (issue 24) -------------------
+
+
+def test_static_path_equals_dynamic_with_early_stops_and_bucket_step_down(model):
+    """Same tokens and routed experts as the default path, log-probs to rounding: greedy and
+    sampled, prompts of 1-11 tokens, rows stopping at different steps; the batch starts padded
+    (12 rows in a 16-row bucket), steps down buckets as rows finish, and the attended cache grows
+    in blocks. One decoder serves both calls (its buffers keep the first call's values)."""
+    from model.generate import sample
+    from model.static_decode import StaticDecoder
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 2, 11, 1, 4, 3, 7, 2, 9, 6, 1, 8)]
+    stops = list(range(30, 40))  # ~10% of the vocabulary: rows stop at spread lengths
+    dec = StaticDecoder(model, rows=16, max_len=11 + 24, check_every=2, slot_block=8)
+    for temperature, top_p in ((0.0, 1.0), (0.8, 0.9)):
+        kw = dict(max_new_tokens=24, temperature=temperature, top_p=top_p, stop_token_ids=stops, seed=5)
+        want = sample(model, prompts, **kw)
+        got = sample(model, prompts, decoder=dec, **kw)
+        assert got.tokens == want.tokens, temperature
+        for g, w in zip(got.logprobs, want.logprobs):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        assert all(torch.equal(g, w) for g, w in zip(got.experts, want.experts))
+        lengths = [len(t) for t in want.tokens]
+        assert min(lengths) <= 3 and max(lengths) >= 20, lengths  # some stop early, some much later
+        rows = [r for r, _ in dec.shapes]
+        assert rows[0] == 16 and len(set(rows)) >= 3 and rows == sorted(rows, reverse=True), dec.shapes
+        assert len({s for _, s in dec.shapes}) >= 3, dec.shapes
+
+
+def test_static_generate_one_off_decoder_and_clear_refusals(model):
+    from model.generate import generate, sample
+    from model.static_decode import StaticDecoder
+
+    prompts = [[5, 6, 7], [11, 12], [40, 41, 42, 43]]
+    want = generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=2)
+    assert generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=2, static=True) == want
+    small = StaticDecoder(model, rows=2, max_len=16)
+    with pytest.raises(ValueError, match="holds 2 rows of 16 slots"):
+        sample(model, prompts, max_new_tokens=10, decoder=small)
+    model.set_exact(True)
+    try:
+        with pytest.raises(ValueError, match="exact mode"):
+            sample(model, prompts, max_new_tokens=4, static=True)
+    finally:
+        model.set_exact(False)
+
+
+def test_static_step_is_one_graph_with_fixed_shapes(model):
+    """What CUDA graph capture needs, checked on CPU: the step compiles as one graph with no graph
+    break (a host read such as .item(), int() or .tolist() would break it) and never recompiles
+    while decoding (a shape or a Python value that changes per token would). The compiled step's
+    tokens are the default path's."""
+    import torch._dynamo
+
+    from model.generate import sample
+    from model.static_decode import StaticDecoder
+
+    prompts = [[5, 6, 7], [11, 12], [40, 41, 42, 43], [9]]
+    kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1)
+    dec = StaticDecoder(model, rows=4, max_len=16, slot_block=64)  # one row bucket, one slot block
+    torch._dynamo.reset()
+    dec.step = torch.compile(dec.step, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = sample(model, prompts, decoder=dec, **kw)
+    assert dec.shapes == [(4, 16)]
+    assert got.tokens == sample(model, prompts, **kw).tokens
+    # torch 2.13's fullgraph compile traces .item() / int() as a graph value instead of failing;
+    # explain still reports them as graph breaks (the step is run once more: slot 15 is free)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ex = torch._dynamo.explain(StaticDecoder.step)(dec, dec._bucket(4, 16))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason) for r in ex.break_reasons]
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_static_cuda_graphs_equal_dynamic(model):
+    """On CUDA: each step shape is captured once (a host sync inside the step would fail the
+    capture), a second call only replays, and the tokens are the dynamic path's (fp32)."""
+    from model.generate import sample
+    from model.static_decode import StaticDecoder
+
+    gpu = Transformer(model.args).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts = [list(range(3, 3 + n)) for n in (5, 2, 11, 1, 4, 3, 7, 2, 9, 6, 1, 8)]
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, stop_token_ids=list(range(30, 40)), seed=5)
+    dec = StaticDecoder(gpu, rows=16, max_len=35, check_every=2, slot_block=8)
+    assert dec.cuda_graph
+    want = sample(gpu, prompts, **kw)
+    got = sample(gpu, prompts, decoder=dec, **kw)
+    captured = len(dec._graphs)
+    assert captured == len(dec.shapes) >= 3, dec.shapes
+    again = sample(gpu, prompts, decoder=dec, **kw)
+    assert len(dec._graphs) == captured  # replayed, not captured again
+    assert got.tokens == again.tokens == want.tokens
+    for g, w in zip(got.logprobs, want.logprobs):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    assert all(torch.equal(g, w) for g, w in zip(got.experts, want.experts))
