@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU-only check of the project in one device run, sized for the lent machine's 15 minutes
 # (issues #4 and #7; results go to BENCHMARKS.md with the device and the command):
-#   1. pytest tests/kernels            the Triton kernels compiled for real, fp32 and bf16
+#   1. pytest tests/kernels            the Triton kernels compiled for real, fp32 and bf16, and the
+#                                      static decoder's CUDA graphs against the dynamic path
 #   2. benchmarks/kernel_suite.py      RMSNorm, SwiGLU, MoE dispatch, FP8 GEMM, fused cross-entropy
 #   3. benchmarks/fp8_gemm.py --sweep  FP8 GEMM / grouped GEMM tile configurations
 #   4. benchmarks/pretrain_mfu.py      single-GPU MFU of `small`, bf16 and FP8, with a profile
+#   5. benchmarks/model_generate.py --static  rollout decoding at 128 rows x 512 new tokens: CUDA-graph
+#                                      static path vs the dynamic one vs transformers' generate()
 # Each part has its own time limit, so one slow part cannot lose the others; every part's output
 # is also written under $OUT (the device tool brings it back).
 #
@@ -30,7 +33,8 @@ part() {  # part NAME SECONDS COMMAND...
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$out/device.txt"
-part tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
-part kernels 200 "$PY" benchmarks/kernel_suite.py
-part fp8_sweep 120 "$PY" benchmarks/fp8_gemm.py --sweep --shapes 4096x4096x4096
+part tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model_generate.py::test_gpu_static_cuda_graphs_equal_dynamic
+part kernels 170 "$PY" benchmarks/kernel_suite.py
+part fp8_sweep 90 "$PY" benchmarks/fp8_gemm.py --sweep --shapes 4096x4096x4096
 part mfu 130 "$PY" benchmarks/pretrain_mfu.py --preset small --batch 16 --seq 2048 --steps 10 --fp8 --profile 25
+part decode 60 "$PY" benchmarks/model_generate.py --static --repeats 1

@@ -8,11 +8,34 @@
 Scales: s = max(amax, AMAX_FLOOR) / 448 per tile, q = round_e4m3(clamp(x / s, ±448)) (round to
 nearest even), so x ≈ q * s with |x - q*s| <= 2^-4 |x| + 2^-10 s. Scales stay fp32.
 
-GEMM: one program per (BLOCK_M, BLOCK_N) output tile walks K in steps of the quantisation block;
-each step's partial product (a fresh tl.dot, FP8 on sm89+) is multiplied by its row and column
-scales and added to an fp32 accumulator — the "promotion to CUDA cores" that keeps long K exact
-(V3 section 3.3.2). The second operand's scales are per block x block (a weight) or per 1 x block
-row (an activation-like operand, as in wgrad); fp8_gemm tells them apart by shape.
+GEMM (kernels in sputnik_kernels/fp8_matmul.py; issue 24), built the way DeepGEMM does it:
+- Promotion: K is walked in steps of the quantisation block; each step's partial product is a
+  fresh tl.dot (FP8 on sm89+), multiplied in fp32 by its row scales a_s[:, k] and its weight block
+  scale (one scalar per step when a column tile lies inside one 128-wide block, else one per
+  column) and added to an fp32 accumulator: the "promotion to CUDA cores" of V3 section 3.3.2. It
+  cannot be hoisted out of the loop (the scales differ per K block), and it keeps long K exact
+  (the tensor cores hold only ~14 bits within a block). The second operand's scales are per block
+  x block (a weight) or per 1 x block row (an activation-like operand, as in wgrad); fp8_gemm
+  tells them apart by shape.
+- Persistent grid: one program per SM walks output tiles p, p + SMs, ... in grouped order (GROUP_M
+  row tiles share each column tile while it is in L2), the tile loop flattened into the K loop so
+  the next tile's loads overlap this one's end (Triton's persistent matmul tutorial). The grouped
+  GEMM does the same over (expert row tile, column tile) pairs; its old launch order streamed all
+  of A once per column tile.
+- Loads: on sm90+ the operand tiles come through TMA (host-built tensor descriptors, zero-filled
+  past the edges) and the dense GEMM's output leaves through a TMA store; where a descriptor is not
+  allowed (rows not 16-byte aligned: K % 16 != 0 in FP8), elsewhere, and in the interpreter by
+  default, through pointer loads (software pipelined with cp.async on a GPU). Activation scales are
+  read MN-major ([nk, M] storage, as DeepGEMM requires): one coalesced row of BLOCK_M scales per K
+  step; the quantiser writes them that way for fp8_linear and fp8_grouped_mm, the launcher
+  transposes any others.
+- Tiles for Hopper: 128 x 128 x 128, 8 warps, 4 stages; 64 rows when M <= 64, 64 columns when that
+  fills the SMs' waves better (fp8_matmul.gemm_config). Compiled for sm90 without a GPU
+  (`python benchmarks/fp8_gemm.py --compile-only`) they take 160-230 registers, spill nothing and
+  feed the K loop by TMA (the previous dense kernel, which measured 0.55-0.72x of cuBLAS bf16 on
+  an H100, compiles to 243 registers fed by cp.async; the previous grouped kernel pipelined only
+  part of its loads). Whether this reaches the targets (1.3x bf16 dense, 1.2x grouped) is for a
+  GPU run to show.
 
 fp8_linear (y = x @ W^T, W the high-precision master weight, quantised afresh each call):
 - forward: x per 1x128 along K, W per 128x128 block.
@@ -24,20 +47,30 @@ fp8_linear (y = x @ W^T, W the high-precision master weight, quantised afresh ea
   precision and quantised along tokens in the backward (DeepSeek caches it in FP8; that saves
   memory but is not needed for the numerics).
 fp8_grouped_mm does the same for the stacked routed-expert weights [E, K, N] with rows sorted by
-expert: a grouped GEMM whose row tiles each belong to one expert (as in sputnik_kernels.moe) and
-whose K loop applies the block scales as above; dgrad reuses it on w's transposed view; wgrad
-(one program per expert and dw tile) walks the 128-token quantisation tiles that overlap the
-expert's rows, masking the rows of a tile that belong to its neighbours. `fp8_grouped_mm_reference`
+expert: a persistent grouped GEMM whose row tiles each belong to one expert (as in
+sputnik_kernels.moe) and whose K loop applies the block scales as above; dgrad reuses it on w's
+transposed view, which is K-major: the only layout FP8 wgmma reads. The forward's [E, K, N] tiles
+are N-major and Triton transposes each through registers into shared memory; benchmarks/fp8_gemm.py
+times the forward on a K-major copy beside it, to show whether a second weight layout would pay.
+wgrad (one program per expert and dw tile, not persistent: E x K/128 x N/128 programs, thousands at
+DeepSeek-V3 shapes) walks the 128-token quantisation tiles that overlap the expert's rows, masking
+the rows of a tile that belong to its neighbours. Compiled for sm90 its loads are not pipelined
+(they are once that per-row mask along the contiguous token dimension is dropped, presumably as
+cp.async cannot copy single masked bytes): the next kernel to rework, e.g. TMA loads with the mask
+applied in registers. `fp8_grouped_mm_reference`
 emulates it in torch (quantise, dequantise, torch grouped GEMM).
 
 Interpreter: Triton's interpreter converts fp32 -> fp8 by truncation without saturation (checked on
 Triton 3.9), so under TRITON_INTERPRET=1 (CPU tensors) the quantiser rounds to the e4m3 grid in
 fp32 itself (ROUND_IN_FP32) and the cast that follows is exact; the GEMM upcasts the e4m3 values
 to fp32 for tl.dot (exact). On CUDA the quantiser uses the hardware round-to-nearest cast and
-the GEMM an FP8 tl.dot. Triton has no e4m3 before sm89 (A100): there the torch references run.
-The torch references (`*_reference`) emulate the same with torch.float8_e4m3fn on any device.
+the GEMM an FP8 tl.dot. The interpreter also runs the tensor-descriptor (TMA) path when a config
+asks for it, so the tests cover both load paths; only the compiled Hopper code needs a GPU. Triton
+has no e4m3 before sm89 (A100): there the torch references run. The torch references
+(`*_reference`) emulate the same with torch.float8_e4m3fn on any device.
 
-Test: `pytest tests/kernels/test_kernels_fp8.py`; benchmark: `python benchmarks/fp8_gemm.py`.
+Test: `pytest tests/kernels/test_kernels_fp8.py`; benchmark: `python benchmarks/fp8_gemm.py [--sweep]`
+(on CPU: `--compile-only`).
 """
 
 from __future__ import annotations
@@ -47,7 +80,8 @@ import triton
 import triton.language as tl
 
 from sputnik_kernels.dispatch import use_triton
-from sputnik_kernels.moe import expert_row_tile, grouped_mm
+from sputnik_kernels.fp8_matmul import gemm_launch, grouped_dw_launch, grouped_launch
+from sputnik_kernels.moe import grouped_mm
 
 FP8_MAX = 448.0  # largest finite e4m3fn value
 # Smallest amax a scale is computed from (zero tiles get q = 0 and a finite scale). DeepGEMM's
@@ -134,7 +168,7 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_tiles(X, Q, S, R, K, stride_xr, stride_xk, stride_qr, stride_sr, amax_floor,
+def _quantize_tiles(X, Q, S, R, K, stride_xr, stride_xk, stride_qr, stride_sr, stride_sk, amax_floor,
                     BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
     """Rows [BLOCK_R] x one K tile [BLOCK]: one scale per (row, tile)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -150,7 +184,7 @@ def _quantize_tiles(X, Q, S, R, K, stride_xr, stride_xk, stride_qr, stride_sr, a
         y = _round_to_e4m3(y)
     q = y.to(Q.dtype.element_ty, fp_downcast_rounding="rtne")  # exact when ROUND_IN_FP32
     tl.store(Q + rows[:, None] * stride_qr + cols[None, :], q, mask=mask)
-    tl.store(S + rows * stride_sr + kb, s, mask=mask_r)
+    tl.store(S + rows * stride_sr + kb * stride_sk, s, mask=mask_r)
 
 
 @triton.jit
@@ -172,15 +206,18 @@ def _quantize_blocks(W, Q, S, N, K, stride_wb, stride_wn, stride_wk, stride_qb, 
     tl.store(S + b * stride_sb + nb * stride_sn + kb, s)
 
 
-def _quantize_launch(x2: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [R, K], any strides (a transposed view quantises along its rows without a copy)."""
+def _quantize_launch(x2: torch.Tensor, block: int, mn_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [R, K], any strides (a transposed view quantises along its rows without a copy).
+    mn_major: the scales [R, nk] are a view of [nk, R] storage, the layout the GEMMs read (fp8_matmul)."""
     R, K = x2.shape
     q = torch.empty(R, K, device=x2.device, dtype=FP8_DTYPE)
-    s = torch.empty(R, triton.cdiv(K, block), device=x2.device, dtype=torch.float32)
+    nk = triton.cdiv(K, block)
+    s = torch.empty(nk, R, device=x2.device, dtype=torch.float32).t() if mn_major else \
+        torch.empty(R, nk, device=x2.device, dtype=torch.float32)
     if q.numel():
         block_r = 32 if x2.is_cuda else 64  # the interpreter pays per program
         grid = (triton.cdiv(R, block_r), triton.cdiv(K, block))
-        _quantize_tiles[grid](x2, q, s, R, K, x2.stride(0), x2.stride(1), q.stride(0), s.stride(0), AMAX_FLOOR,
+        _quantize_tiles[grid](x2, q, s, R, K, x2.stride(0), x2.stride(1), q.stride(0), *s.stride(), AMAX_FLOOR,
                               BLOCK_R=block_r, BLOCK=block, ROUND_IN_FP32=not x2.is_cuda)
     return q, s
 
@@ -195,84 +232,6 @@ def _quantize_weight_launch(w: torch.Tensor, block: int) -> tuple[torch.Tensor, 
             w3, q, s, N, K, *w3.stride(), q.stride(0), q.stride(1), s.stride(0), s.stride(1), AMAX_FLOOR,
             BLOCK=block, ROUND_IN_FP32=not w.is_cuda, num_warps=8 if w.is_cuda else 4)
     return q.view(w.shape), s.view(*w.shape[:-2], *s.shape[1:])
-
-
-# ---------------------------------------------------------------------------------------------
-# GEMM kernel
-
-
-@triton.jit
-def _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT: tl.constexpr):
-    """acc + (a @ b) * a_s[:, None] * b_s[None, :]: one K block's product promoted to the fp32
-    accumulator with its row and column scales. FP8_DOT: an FP8 tl.dot, else both operands upcast
-    to fp32 (the interpreter has no e4m3 dot)."""
-    if FP8_DOT:
-        part = tl.dot(a, b)
-    else:
-        part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return acc + part * a_s[:, None] * b_s[None, :]
-
-
-@triton.jit
-def _fp8_gemm(A, AS, B, BS, C, M, N, K, b_scale_rows,
-              stride_am, stride_ak, stride_asm, stride_bn, stride_bk, stride_bsn, stride_cm, stride_cn,
-              FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              GROUP_M: tl.constexpr):
-    """C[m, n] = sum over K blocks kb of (A_q[m, kb] . B_q[n, kb]) * AS[m, kb] * BS[n // b_scale_rows, kb].
-
-    BLOCK_K is the quantisation block; FP8_DOT as in _acc_scaled_dot.
-    """
-    pid = tl.program_id(0)
-    # grouped launch order: GROUP_M row tiles share their column tiles in L2 (Triton matmul tutorial)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
-    rm, rn = rm.to(tl.int64), rn.to(tl.int64)
-    a_s_ptr = AS + rm * stride_asm
-    b_s_ptr = BS + (rn // b_scale_rows) * stride_bsn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = ks < K
-        a = tl.load(A + rm[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(B + rn[None, :] * stride_bn + ks[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a_s = tl.load(a_s_ptr + kb, mask=mask_m, other=0.0)
-        b_s = tl.load(b_s_ptr + kb, mask=mask_n, other=0.0)
-        acc = _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT)
-    tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _gemm_config(a: torch.Tensor, M: int) -> dict:
-    """Small tiles under the interpreter (speed; partial tiles still exercised); on a GPU the
-    DeepSeek fp8_gemm / Triton tutorial tiles, untuned here."""
-    if not a.is_cuda:
-        return dict(FP8_DOT=False, BLOCK_M=64, BLOCK_N=64, GROUP_M=4)
-    return dict(FP8_DOT=True, BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-def _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block, cfg: dict | None = None) -> torch.Tensor:
-    """cfg overrides the tile configuration (benchmarks/fp8_gemm.py --sweep)."""
-    M, K = a_q.shape
-    N = w_q.shape[0]
-    c = torch.empty(M, N, device=a_q.device, dtype=out_dtype)
-    if M == 0 or N == 0:
-        return c
-    if K == 0:
-        return c.zero_()
-    b_scale_rows = 1 if w_s.shape[0] == N else block
-    cfg = cfg or _gemm_config(a_q, M)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _fp8_gemm[grid](a_q, a_s, w_q, w_s, c, M, N, K, b_scale_rows,
-                    a_q.stride(0), a_q.stride(1), a_s.stride(0), w_q.stride(0), w_q.stride(1), w_s.stride(0),
-                    c.stride(0), c.stride(1), BLOCK_K=block, **cfg)
-    return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,12 +281,12 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scal
         raise ValueError(f"fp8_gemm: w_scale must be [{triton.cdiv(N, block)}, {nk}] (blocks) or [{N}, {nk}] (rows) "
                          f"for block {block}, got {tuple(w_scale.shape)}")
     if _use_triton(a_q):
-        return _gemm_launch(a_q, a_scale.float().contiguous(), w_q, w_scale.float().contiguous(), out_dtype, block)
+        return gemm_launch(a_q, a_scale.float(), w_q, w_scale.float(), out_dtype, block)
     return fp8_gemm_reference(a_q, a_scale, w_q, w_scale, out_dtype, block)
 
 
 def _quantize(x, block, triton_path):
-    return _quantize_launch(x, block) if triton_path else fp8_quantize_reference(x, block)
+    return _quantize_launch(x, block, mn_major=True) if triton_path else fp8_quantize_reference(x, block)
 
 
 def _quantize_weight(w, block, triton_path):
@@ -336,7 +295,7 @@ def _quantize_weight(w, block, triton_path):
 
 def _gemm(a_q, a_s, w_q, w_s, out_dtype, block, triton_path):
     if triton_path:
-        return _gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block)
+        return gemm_launch(a_q, a_s, w_q, w_s, out_dtype, block)
     return fp8_gemm_reference(a_q, a_s, w_q, w_s, out_dtype, block)
 
 
@@ -403,109 +362,6 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, block: int = 128
 # routed experts: FP8 grouped GEMM (Triton) and its emulation (torch)
 
 
-@triton.jit
-def _fp8_grouped_fwd(A, AS, B, BS, C, OFFSETS, N, K, n_experts,
-                     stride_am, stride_ak, stride_asm, stride_ask, stride_be, stride_bk, stride_bn,
-                     stride_bse, stride_bsk, stride_bsn, stride_cm, stride_cn,
-                     FP8_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
-    """C[rows of e, n] = sum over K blocks kb of (A_q[rows, kb] . B_q[e][kb, n]) * AS[rows, kb] * BS[e][kb, n // BLOCK_K].
-
-    A: [M, K] e4m3, rows sorted by expert, one scale per 1 x BLOCK_K tile; B: [E, K, N] e4m3 (any
-    strides: the backward passes w^T as a view), one scale per BLOCK_K x BLOCK_K block. Each row
-    tile holds one expert's rows (sputnik_kernels.moe.expert_row_tile).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e, row0, row_end = expert_row_tile(OFFSETS, n_experts, pid_m, BLOCK_M, BLOCK_E)
-    if e < n_experts:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = rows < row_end, cols < N
-        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
-        b_e = B + e.to(tl.int64) * stride_be
-        bs_e = BS + e.to(tl.int64) * stride_bse + (cols // BLOCK_K) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = ks < K
-            a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_e + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            a_s = tl.load(AS + rows * stride_asm + kb * stride_ask, mask=mask_m, other=0.0)
-            b_s = tl.load(bs_e + kb * stride_bsk, mask=mask_n, other=0.0)
-            acc = _acc_scaled_dot(acc, a, b, a_s, b_s, FP8_DOT)
-        tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _fp8_grouped_dw(XT, XS, DYT, DYS, DW, OFFSETS, K, N,
-                    stride_xk, stride_xm, stride_xsk, stride_xsm, stride_dn, stride_dm, stride_dsn, stride_dsm,
-                    stride_we, stride_wk, stride_wn,
-                    FP8_DOT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dw[e][ks, cols] = sum over the rows r of expert e of x[r, ks] * dy[r, cols], both operands
-    quantised along the tokens: XT = x^T [K, M] and DYT = dy^T [N, M] in e4m3 with one scale per
-    1 x BLOCK tile of tokens. The loop walks the global BLOCK-aligned token tiles that overlap the
-    expert's rows (a tile may straddle two experts: its rows outside this expert are masked), so
-    each step has one scale per k and per n. An expert with no rows gets dw = 0."""
-    e = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k, mask_n = ks < K, cols < N
-    ks, cols = ks.to(tl.int64), cols.to(tl.int64)
-    start = tl.where(e > 0, tl.load(OFFSETS + tl.maximum(e - 1, 0)), 0)
-    end = tl.load(OFFSETS + e)
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for t in range(start // BLOCK, tl.cdiv(end, BLOCK)):
-        rows = t * BLOCK + tl.arange(0, BLOCK)
-        mask_m = (rows >= start) & (rows < end)
-        rows = rows.to(tl.int64)
-        a = tl.load(XT + ks[:, None] * stride_xk + rows[None, :] * stride_xm, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        b = tl.load(DYT + cols[None, :] * stride_dn + rows[:, None] * stride_dm, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        x_s = tl.load(XS + ks * stride_xsk + t * stride_xsm, mask=mask_k, other=0.0)
-        dy_s = tl.load(DYS + cols * stride_dsn + t * stride_dsm, mask=mask_n, other=0.0)
-        acc = _acc_scaled_dot(acc, a, b, x_s, dy_s, FP8_DOT)
-    tl.store(DW + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(DW.dtype.element_ty),
-             mask=mask_k[:, None] & mask_n[None, :])
-
-
-def _grouped_config(a: torch.Tensor) -> dict:
-    """As _gemm_config: small tiles under the interpreter, the fp8_gemm tiles on a GPU (untuned)."""
-    if not a.is_cuda:
-        return dict(FP8_DOT=False, BLOCK_M=32, BLOCK_N=32)
-    return dict(FP8_DOT=True, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-
-
-def _fp8_grouped_launch(a_q, a_s, b_q, b_s, offsets_E, out_dtype, block, cfg: dict | None = None) -> torch.Tensor:
-    """[M, N]: a_q [M, K] with a_s [M, ceil(K/b)]; b_q [E, K, N] with b_s [E, ceil(K/b), ceil(N/b)] (views allowed).
-    cfg overrides the tile configuration (benchmarks/fp8_gemm.py --sweep)."""
-    M, K = a_q.shape
-    E, _, N = b_q.shape
-    c = torch.empty(M, N, device=a_q.device, dtype=out_dtype)
-    if M == 0 or N == 0 or K == 0:
-        return c.zero_()
-    cfg = cfg or _grouped_config(a_q)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) + E, triton.cdiv(N, cfg["BLOCK_N"]))
-    _fp8_grouped_fwd[grid](a_q, a_s, b_q, b_s, c, offsets_E, N, K, E, *a_q.stride(), *a_s.stride(), *b_q.stride(),
-                           *b_s.stride(), *c.stride(), BLOCK_K=block, BLOCK_E=max(16, triton.next_power_of_2(E)), **cfg)
-    return c
-
-
-def _fp8_grouped_dw_launch(xt_q, xt_s, dyt_q, dyt_s, offsets_E, E, dtype, block) -> torch.Tensor:
-    K, M = xt_q.shape
-    N = dyt_q.shape[0]
-    dw = torch.empty(E, K, N, device=xt_q.device, dtype=dtype)
-    if M == 0 or K == 0 or N == 0:
-        return dw.zero_()
-    cfg = _grouped_config(xt_q)
-    bk, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (E, triton.cdiv(K, bk), triton.cdiv(N, bn))
-    _fp8_grouped_dw[grid](xt_q, xt_s, dyt_q, dyt_s, dw, offsets_E, K, N, *xt_q.stride(), *xt_s.stride(),
-                          *dyt_q.stride(), *dyt_s.stride(), *dw.stride(), FP8_DOT=cfg["FP8_DOT"], BLOCK=block,
-                          BLOCK_K=bk, BLOCK_N=bn, **{k: v for k, v in cfg.items() if k.startswith("num_")})
-    return dw
-
-
 class _FP8GroupedMMTriton(torch.autograd.Function):
     """out[rows of e] = x[rows of e] @ w[e] with every GEMM on e4m3 operands (tiles as in _FP8Linear:
     x per 1x128 along K, w per 128x128 block; dgrad: dy per 1x128 along N, w's blocks transposed;
@@ -514,10 +370,10 @@ class _FP8GroupedMMTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_EKN, offsets_E, block):
         w_q, w_s = _quantize_weight_launch(w_EKN, block)  # [E, K, N], scales [E, K/b, N/b]
-        x_q, x_s = _quantize_launch(x_MK, block)
+        x_q, x_s = _quantize_launch(x_MK, block, mn_major=True)
         ctx.save_for_backward(x_MK, w_q, w_s, offsets_E)
         ctx.block, ctx.w_dtype = block, w_EKN.dtype
-        return _fp8_grouped_launch(x_q, x_s, w_q, w_s, offsets_E, x_MK.dtype, block)
+        return grouped_launch(x_q, x_s, w_q, w_s, offsets_E, x_MK.dtype, block)
 
     @staticmethod
     def backward(ctx, dy_MN):
@@ -525,12 +381,12 @@ class _FP8GroupedMMTriton(torch.autograd.Function):
         block = ctx.block
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = _quantize_launch(dy_MN, block)
-            dx = _fp8_grouped_launch(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), offsets, x.dtype, block)
+            dy_q, dy_s = _quantize_launch(dy_MN, block, mn_major=True)
+            dx = grouped_launch(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), offsets, x.dtype, block)
         if ctx.needs_input_grad[1]:
-            xt_q, xt_s = _quantize_launch(x.t(), block)  # along the tokens
-            dyt_q, dyt_s = _quantize_launch(dy_MN.t(), block)
-            dw = _fp8_grouped_dw_launch(xt_q, xt_s, dyt_q, dyt_s, offsets, w_q.shape[0], ctx.w_dtype, block)
+            xt_q, xt_s = _quantize_launch(x.t(), block, mn_major=True)  # along the tokens
+            dyt_q, dyt_s = _quantize_launch(dy_MN.t(), block, mn_major=True)
+            dw = grouped_dw_launch(xt_q, xt_s, dyt_q, dyt_s, offsets, w_q.shape[0], ctx.w_dtype, block)
         return dx, dw, None, None
 
 

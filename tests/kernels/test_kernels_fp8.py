@@ -1,4 +1,4 @@
-"""FP8 e4m3 block quantisation, GEMM and Linear (kernels/fp8.py).
+"""FP8 e4m3 block quantisation, GEMM and Linear (sputnik_kernels/fp8.py, kernels in sputnik_kernels/fp8_matmul.py).
 
 Error bounds come from the format: e4m3 keeps 3 mantissa bits, so rounding a value in the normal
 range moves it by at most 2^-4 of itself, and a subnormal (|x/s| < 2^-6) by at most half the
@@ -16,6 +16,7 @@ import torch
 from sputnik_kernels.fp8 import (AMAX_FLOOR, FP8_MAX, fp8_dequantize, fp8_dequantize_weight, fp8_gemm, fp8_gemm_reference,
                          fp8_grouped_mm, fp8_grouped_mm_reference, fp8_linear, fp8_linear_reference, fp8_quantize, fp8_quantize_reference,
                          fp8_quantize_weight, fp8_quantize_weight_reference)
+from sputnik_kernels.fp8_matmul import gemm_args, gemm_config, gemm_launch, grouped_args, grouped_launch
 from sputnik_kernels.moe import grouped_mm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,6 +161,81 @@ def test_gemm_error_bound_and_reference(impl, M, N, K, block, rows):
     assert ((y - a @ w.T).abs() <= gemm_bound(a, e_a, w, e_w)).all()
     y16 = fp8_gemm(a_q, a_s, w_q, w_s, block=block)
     assert y16.dtype == torch.bfloat16 and torch.allclose(y16.float(), y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
+
+
+# The persistent kernels under an explicit config: 32-row tiles and 3 programs, so every program
+# walks several output tiles; USE_TMA runs the tensor-descriptor loads in the interpreter (the
+# launcher falls back to pointers where a descriptor is not allowed: K % 16 != 0).
+def persistent_cfg(block_n, tma):
+    return dict(BLOCK_M=32, BLOCK_N=block_n, GROUP_M=2, NUM_SMS=3, USE_TMA=tma, FP8_DOT=False)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 72, 128), (37, 200, 384), (130, 72, 200), (130, 200, 256)])
+@pytest.mark.parametrize("block_n,rows", [(32, False), (256, False), (32, True)], ids=["w_blocks", "wide_tile", "w_rows"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_persistent_gemm_matches_reference(M, N, K, block_n, rows, tma):
+    """Odd M, N, K; one B scale per tile (a 32-wide tile inside a 128 block), per column (a 256-wide
+    tile spans two blocks) or per row (wgrad's operand), against the dequantised fp32 product."""
+    a = spread((M, K), 128, seed=30)
+    w = spread((N, K), 128, seed=31)
+    a_q, a_s = fp8_quantize_reference(a)
+    w_q, w_s = fp8_quantize_reference(w) if rows else fp8_quantize_weight_reference(w)
+    a_q, w_q = a_q.contiguous(), w_q.contiguous()  # the reference's q are views of K-padded storage
+    cfg = persistent_cfg(block_n, tma)
+    c = torch.empty(M, N)
+    grid, _, kwargs = gemm_args(a_q, a_s, w_q, w_s, c, 128, cfg)
+    assert kwargs["USE_TMA"] == (tma and K % 16 == 0)
+    assert grid[0] == min(3, math.ceil(M / 32) * math.ceil(N / block_n))
+    y = gemm_launch(a_q, a_s, w_q, w_s, torch.float32, 128, cfg)
+    y_ref = fp8_gemm_reference(a_q, a_s, w_q, w_s, torch.float32)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6 * y_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gemm_promotes_each_k_block_with_its_own_scales(tma):
+    """Scales 1e-4 .. 1e4 apart from one K block to the next, in both operands: the result equals
+    the dequantised product only if every block's partial product gets its own row and block scale.
+    The sum of the blocks' products under any one block's scales is far off (what a kernel that
+    scaled once, after the K loop, would return)."""
+    M, N, K = 37, 72, 384
+    a = torch.randn(M, K, generator=gen(32)) * torch.tensor([1e-4, 1.0, 1e4]).repeat_interleave(128)
+    w = torch.randn(N, K, generator=gen(33)) * torch.tensor([1e3, 1e-3, 1e-1]).repeat_interleave(128)
+    a_q, a_s = fp8_quantize_reference(a)
+    w_q, w_s = fp8_quantize_weight_reference(w)
+    y = gemm_launch(a_q, a_s, w_q, w_s, torch.float32, 128, persistent_cfg(32, tma))
+    y_ref = fp8_gemm_reference(a_q, a_s, w_q, w_s, torch.float32)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6 * y_ref.abs().max().item())
+    assert rel(y_ref, a @ w.T) < 0.05  # and it is the real product, up to FP8 rounding
+    unscaled = a_q.float() @ w_q.float().T
+    for kb in range(3):
+        assert rel(unscaled * a_s[:, kb : kb + 1] * w_s[0, kb], y_ref) > 0.5
+
+
+@pytest.mark.parametrize("counts,K,N", [
+    ([70, 0, 45, 1], 256, 96),  # an empty expert, a one-row expert, several tiles per expert
+    ([33, 5], 200, 64),  # K % 16 != 0: pointer loads even when TMA is asked for
+    ([0, 0, 17], 128, 48),  # leading empty experts, N not a multiple of the tile
+])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_persistent_grouped_gemm_matches_reference(counts, K, N, tma):
+    """The persistent FP8 grouped GEMM, forward ([E, K, N] weights, N contiguous) and dgrad's
+    operand (a w^T view, K contiguous), 3 programs over all (expert row tile, column tile) pairs."""
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    M, E = sum(counts), len(counts)
+    a_q, a_s = fp8_quantize_reference(spread((M, K), 128, seed=34))
+    a_q = a_q.contiguous()
+    a_hat = fp8_dequantize(a_q, a_s)
+    cfg = persistent_cfg(32, tma)
+    w_q, w_s = fp8_quantize_weight_reference(torch.randn(E, K, N, generator=gen(35)))
+    wt_q, wt_s = fp8_quantize_weight_reference(torch.randn(E, N, K, generator=gen(36)))
+    for w_q, w_s in ((w_q.contiguous(), w_s), (wt_q.contiguous().transpose(1, 2), wt_s.transpose(1, 2))):
+        k_major = w_q.stride(1) == 1
+        _, _, kwargs = grouped_args(a_q, a_s, w_q, w_s, offsets, torch.empty(M, N), 128, cfg)
+        assert kwargs["B_K_MAJOR"] == k_major and kwargs["USE_TMA"] == (tma and K % 16 == 0)
+        w_hat = fp8_dequantize_weight(w_q.transpose(1, 2), w_s.transpose(1, 2)).transpose(1, 2)
+        y = grouped_launch(a_q, a_s, w_q, w_s, offsets, torch.float32, 128, cfg)
+        y_ref = grouped_mm_reference(a_hat, w_hat, offsets)
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6 * y_ref.abs().max().item())
 
 
 def test_gemm_rejects_bad_operands():
@@ -319,6 +395,21 @@ def test_gpu_fp8_path_matches_reference(monkeypatch):
     assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     for got, want in ((y, y2), (xb.grad, x2.grad), (w.grad, w2.grad)):
         assert rel(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K", [(1, 2112, 7168), (4093, 4104, 4096), (300, 200, 200), (2048, 24576, 1536)])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gpu_persistent_gemm(M, N, K, tma):
+    """On CUDA: gemm_config's tiles (64 rows for M = 1), FP8 tensor-core dots, several tiles per SM,
+    TMA where sm90+ and the layout allow it (K = 200 falls back to pointers). The tensor cores keep
+    about 14 bits within a 128-wide block (V3 section 3.3.2), hence 1e-3 against the fp32 product."""
+    g = torch.Generator(device="cuda").manual_seed(40)
+    a_q, a_s = fp8_quantize(torch.randn(M, K, device="cuda", generator=g))
+    w_q, w_s = fp8_quantize_weight(torch.randn(N, K, device="cuda", generator=g))
+    cfg = dict(gemm_config(a_q, M, N, K), USE_TMA=tma and torch.cuda.get_device_capability() >= (9, 0))
+    y = gemm_launch(a_q, a_s, w_q, w_s, torch.float32, 128, cfg)
+    assert rel(y, fp8_gemm_reference(a_q, a_s, w_q, w_s, torch.float32)) < 1e-3
 
 
 @pytest.mark.gpu
