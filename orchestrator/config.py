@@ -6,8 +6,7 @@ applies `key.sub=value` overrides, and validates everything with pydantic before
 an unknown key, a wrong type or an out-of-range value raises `ConfigError`, whose message is one
 line naming the file (or the override), the dotted key and what is allowed.
 
-Test: `pytest tests/orchestrator/test_orch_config.py`.
-"""
+Test: `pytest tests/orchestrator/test_orch_config.py`."""
 
 from __future__ import annotations
 
@@ -167,8 +166,9 @@ class RolloutConfig:
     # batch-invariant decoding and log-probs (model/exact.py): sampler and learner log-probs agree bit for
     # bit on CPU fp32 with the same weights; ~2x slower decoding, ~5x slower learner passes (tiny, CPU); not with grpo.zero_stage=3
     exact: bool = False
-    # samplers per model copy, the routed experts split among them (all-to-all in decoding); divides num_samplers
-    expert_parallel: PositiveInt = 1
+    expert_parallel: PositiveInt = 1  # samplers per model copy, the routed experts split among them (all-to-all); divides num_samplers
+    # fixed-shape decoding, each token one CUDA graph replay (model/static_decode.py); null: on CUDA samplers without exact/EP
+    static_decode: Optional[bool] = None
 
 
 @dataclasses.dataclass

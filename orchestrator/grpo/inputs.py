@@ -142,6 +142,9 @@ def check_expert_parallel(cfg: RunConfig) -> None:
             raise ConfigError("key 'rollout.exact' needs whole experts on every learner: set grpo.expert_parallel to 1")
         _check_divides(cfg, "grpo.expert_parallel", g.expert_parallel)
     r, K = cfg.rollout, cfg.rollout.expert_parallel
+    if r.static_decode and (r.exact or K > 1):
+        raise ConfigError(f"key 'rollout.static_decode' decodes with fixed shapes, without {'rollout.exact' if r.exact else 'expert-parallel samplers'}"
+                          f": leave it unset (or false), or set {'rollout.exact to false' if r.exact else 'rollout.expert_parallel to 1'}")
     if K == 1:
         return
     if r.num_samplers % K:

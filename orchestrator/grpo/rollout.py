@@ -102,9 +102,14 @@ class ScoredChunk:
 
 class RolloutSampler:
     def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1, exact: bool = False,
-                 expert_group: tuple[str, int, int, int] | None = None, group_timeout_s: float = 600.0):
+                 expert_group: tuple[str, int, int, int] | None = None, group_timeout_s: float = 600.0,
+                 static_decode: bool | None = None):
         """expert_group=(addr, port, rank, K): member `rank` of an expert-parallel sampler group whose
-        store member 0 hosts at addr:port (the constructor returns once all K have joined)."""
+        store member 0 hosts at addr:port (the constructor returns once all K have joined).
+        static_decode (rollout.static_decode): True samples through one StaticDecoder kept for the
+        actor's life (model/static_decode.py: fixed shapes, a CUDA graph per step shape on CUDA, its
+        buffers and graphs reused by every step, weight syncs copied in place); None does so on
+        CUDA without exact mode or an expert group; False never."""
         from data.tokenizer import load_tokenizer
 
         torch.set_num_threads(threads)
@@ -127,6 +132,11 @@ class RolloutSampler:
             self.group = dist.group.WORLD
             apply_expert_parallel(self.model, self.group, shard_weights=True)
         self.model.to(self.device).eval()
+        if static_decode and (exact or self.group is not None):
+            raise ValueError("static decoding runs without exact mode and without an expert-parallel group")
+        self.static = static_decode or (static_decode is None and self.device.type == "cuda" and not exact
+                                        and self.group is None)
+        self.decoder = None  # the StaticDecoder, made by the first call that needs it (and remade larger if one does)
         self.version = 0
         self.loads = 0  # how many times weights were loaded (restarts and syncs)
         self.sync = None  # weight_sync.SyncGroup, with grpo.weight_sync=collective
@@ -162,6 +172,19 @@ class RolloutSampler:
             self.load_weights(state, version)
         return True
 
+    def _decoder(self, batch: list[list[int]], max_new_tokens: int):
+        """The actor's StaticDecoder, made (again) when this call needs more rows or slots than it
+        holds: rows for the batch, slots for the longest prompt rounded up to 64 plus the budget, so
+        that prompts of varying length reuse one decoder and its graphs."""
+        from model.static_decode import StaticDecoder
+
+        rows, max_len = len(batch), min(self.model.args.max_seq_len, -(-max(map(len, batch)) // 64) * 64 + max_new_tokens)
+        d = self.decoder
+        if d is None or d.rows < rows or d.max_len < max(map(len, batch)) + max_new_tokens:
+            self.decoder = None  # its buffers go before the new ones come
+            self.decoder = StaticDecoder(self.model, rows=max(rows, d.rows if d else 0), max_len=max(max_len, d.max_len if d else 0))
+        return self.decoder
+
     def weights_hash(self) -> str:
         return state_hash(self.model.state_dict())
 
@@ -181,7 +204,8 @@ class RolloutSampler:
         batch = [p for p in prompts for _ in range(group_size)]
         stops = self.tok.stop_ids
         gen = sample(self.model, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id, group=self.group)
+                     stop_token_ids=stops, seed=seed, pad_id=self.tok.pad_id, group=self.group,
+                     decoder=self._decoder(batch, max_new_tokens) if self.static else None)
         if self.ep_rank:
             return None  # every member holds the group's output; member 0 returns it
         outs = gen.tokens
@@ -273,7 +297,7 @@ class Rollouts:
 
             groups = {i: rendezvous_at(ray, placement, "sampler", i) for i in range(0, rollout_cfg.num_samplers, K)}
         self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(
-            str(hf_dir), str(tok_path), template=template, exact=rollout_cfg.exact,
+            str(hf_dir), str(tok_path), template=template, exact=rollout_cfg.exact, static_decode=rollout_cfg.static_decode,
             expert_group=(*groups[i - i % K], i % K, K) if K > 1 else None) for i in range(rollout_cfg.num_samplers)]
         self.followers: list = []  # calls to members 1.. of expert-parallel groups (they return None)
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)

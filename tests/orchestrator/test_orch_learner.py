@@ -393,3 +393,36 @@ def test_activation_checkpointing_makes_the_same_update(policy_dir, replay):
     assert any((w0[k] != init[k]).any() for k in w0)
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-5, atol=1e-7, msg=lambda s, k=k: f"{k}: {s}")
+
+
+def test_static_decode_sampler_makes_the_dynamic_samplers_rollouts(policy_dir):
+    """rollout.static_decode=true (issue 24): the sampler decodes through one StaticDecoder kept
+    across calls; its chunks hold the default sampler's completions and routed experts, log-probs
+    to rounding, for prompts of different lengths and group sizes (early stops and bucket step-down:
+    tests/model/test_model_generate.py) (one decoder serves both calls,
+    remade only when a call needs more rows). Refused with exact mode, in config and actor."""
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.grpo.inputs import check_expert_parallel
+    from orchestrator.grpo.rollout import RolloutSampler
+
+    root, _ = policy_dir
+    args = (str(root / "hf"), str(root / "tokenizer.json"))
+    dynamic = RolloutSampler(*args, template="r1")
+    static = RolloutSampler(*args, template="r1", static_decode=True)
+    assert not dynamic.static and static.static  # unset: off on CPU
+    tasks = [{"id": "a", "prompt": "What is 2 + 3?"}, {"id": "b", "prompt": "What is 17 + 25 + 41?"}]
+    decoders = []
+    for group_size, seed in ((3, 0), (2, 1), (5, 2)):
+        kw = dict(group_size=group_size, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=seed)
+        want, got = dynamic.generate(tasks, [0, 1], None, 0, **kw), static.generate(tasks, [0, 1], None, 0, **kw)
+        assert got.completion_ids == want.completion_ids and got.truncated == want.truncated
+        for g, w in zip(got.logprobs, want.logprobs):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        assert all(torch.equal(g, w) for g, w in zip(got.experts, want.experts))
+        decoders.append(static.decoder)
+    assert decoders[0] is decoders[1] is not decoders[2] and decoders[2].rows == 10  # 6 rows, then 4, then 10
+    with pytest.raises(ValueError, match="exact mode"):
+        RolloutSampler(*args, template="r1", exact=True, static_decode=True)
+    cfg = load_config(None, ["rollout.static_decode=true", "rollout.exact=true"])
+    with pytest.raises(ConfigError, match="rollout.static_decode"):
+        check_expert_parallel(cfg)
