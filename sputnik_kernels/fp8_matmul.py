@@ -38,6 +38,15 @@ def _tile_coords(tile, n_m, n_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _scale(a_s, b_s, B_SCALE_SCALAR: tl.constexpr):
+    """One K step's scales as the promotion multiplies them: row scales a_s [BLOCK_M] times the B
+    scale, one scalar per step (B_SCALE_SCALAR) or one per column b_s [BLOCK_N]."""
+    if B_SCALE_SCALAR:
+        return (a_s * b_s)[:, None]
+    return a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
 def _promote(acc, a, b_t, scale, FP8_DOT: tl.constexpr):
     """acc + (a @ b_t) * scale: one K block's partial product, a fresh dot, promoted to the fp32
     accumulator with its scales (scale [BLOCK_M, 1] or [BLOCK_M, BLOCK_N]). FP8_DOT: an FP8
@@ -93,11 +102,7 @@ def _fp8_gemm_persistent(A, AS, B, BS, C, M, N, K, b_scale_rows,
                 b = tl.load(B + rn.to(tl.int64)[:, None] * stride_bn + ks[None, :] * stride_bk, mask=mask_k[None, :], other=0.0)
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
-            if B_SCALE_SCALAR:
-                scale = (a_s * b_s)[:, None]
-            else:
-                scale = a_s[:, None] * b_s[None, :]
-            acc = _promote(acc, a, tl.trans(b), scale, FP8_DOT)
+            acc = _promote(acc, a, tl.trans(b), _scale(a_s, b_s, B_SCALE_SCALAR), FP8_DOT)
         if USE_TMA:
             C.store([m0, n0], acc.to(C.dtype))
         else:
@@ -247,11 +252,7 @@ def _fp8_grouped_persistent(A, AS, B, BS, C, OFFSETS, N, K, n_experts,
                 b_t = tl.load(B + e64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=mask_k[:, None], other=0.0)
             a_s = tl.load(a_s_ptrs + kb * stride_ask)
             b_s = tl.load(b_s_ptrs + kb * stride_bsk)
-            if B_SCALE_SCALAR:
-                scale = (a_s * b_s)[:, None]
-            else:
-                scale = a_s[:, None] * b_s[None, :]
-            acc = _promote(acc, a, b_t, scale, FP8_DOT)
+            acc = _promote(acc, a, b_t, _scale(a_s, b_s, B_SCALE_SCALAR), FP8_DOT)
         cm = row0 + tl.arange(0, BLOCK_M)
         cn = n0 + tl.arange(0, BLOCK_N)
         tl.store(C + cm.to(tl.int64)[:, None] * stride_cm + cn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
