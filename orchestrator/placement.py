@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -205,12 +206,17 @@ class RolePlacement:
         self.plan = None
         if not autoscaling:  # a fixed cluster: refuse an impossible plan now, with the reason
             self.plan = make_plan(roles, live_nodes(ray))
-        # per role its placement groups: one for the role, or one per group of instances that share a node
-        self.groups = {r.name: [placement_group([r.bundle()] * r.count, strategy=r.strategy, name="")] if r.group == 1 else
-                       [placement_group([r.bundle()] * r.group, strategy="STRICT_PACK", name="") for _ in range(r.count // r.group)]
-                       for r in roles}
+        # per role its placement groups: one for the role, or one per group of instances that share a
+        # node. Made role by role in the plan's order, each ready before the next is asked for, so a
+        # later role's small bundle cannot take the room the plan keeps for an earlier role's group.
+        self.groups: dict[str, list] = {}
+        deadline = time.monotonic() + timeout_s
         try:
-            ray.get([g.ready() for gs in self.groups.values() for g in gs], timeout=timeout_s)
+            for r in roles:
+                self.groups[r.name] = ([placement_group([r.bundle()] * r.count, strategy=r.strategy, name="")] if r.group == 1 else
+                                       [placement_group([r.bundle()] * r.group, strategy="STRICT_PACK", name="")
+                                        for _ in range(r.count // r.group)])
+                ray.get([g.ready() for g in self.groups[r.name]], timeout=max(deadline - time.monotonic(), 0.1))
         except ray.exceptions.GetTimeoutError:
             self.close()
             avail = ray.available_resources()
@@ -226,15 +232,28 @@ class RolePlacement:
         return {"num_cpus": r.cpus, "num_gpus": r.gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=self.groups[role][group], placement_group_bundle_index=bundle)}
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 30.0) -> None:
+        """Remove the groups and wait (up to wait_s) until Ray has freed their resources: removal is
+        asynchronous, and a placement made right after would otherwise find them still held."""
+        from ray.util import placement_group_table
         from ray.util.placement_group import remove_placement_group
 
+        removed = []
         for g in [g for gs in self.groups.values() for g in gs]:
             try:
                 remove_placement_group(g)
+                removed.append(g)
             except Exception:  # already gone with the cluster
                 pass
         self.groups = {}
+        deadline = time.monotonic() + wait_s
+        try:
+            while removed and time.monotonic() < deadline:
+                removed = [g for g in removed if placement_group_table(g).get("state") != "REMOVED"]
+                if removed:
+                    time.sleep(0.05)
+        except Exception:  # the cluster went away meanwhile: nothing left to wait for
+            pass
 
 
 def cluster_gpus(ray) -> float:
