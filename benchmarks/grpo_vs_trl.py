@@ -10,15 +10,17 @@ completions per GRPO step. Settings that differ, by construction: TRL generates 
 `generate` (padded batch, its own DeepseekV3 modules) and trains in the trainer's process; Sputnik
 generates on a RolloutSampler actor, scores on a RewardWorker actor and trains on a PolicyLearner
 actor (Ray, DeepSpeed ZeRO-0); its async mode samples step k+1 while step k trains (one step off
-policy); `one_process` is the sync run with `grpo.runtime=one_process`: the same roles in the
-driver's process, no Ray, the phases taking turns on all cores (orchestrator/one_process.py).
+policy); `one_process` and `one_process_async` are those runs with `grpo.runtime=one_process`: the
+same roles in the driver's process, no Ray, each actor on its own thread (in sync mode the phases
+take turns on all cores, in async mode the learner and the sampler get one each;
+orchestrator/one_process.py).
 
 Each configuration runs in its own process tree, interleaved over `--rounds`; per configuration:
 seconds per GRPO step (mean over the steps after the first, which includes warm-up), completion
 tokens per second, peak memory of the whole process tree (PSS, sampled every 0.2 s), and the mean
 reward per step (per seed: the learning curves). It ends with the lines `sync/TRL step rate: N.NNx`
 and `async/TRL step rate: N.NNx` (the lower of the workloads, TRL at its default thread count),
-after the same for one_process and each configuration's peak memory over TRL's.
+after the same for the one-process runs and each configuration's peak memory over TRL's.
 
 Needs TRL, an optional benchmark dependency: `pip install -e .[bench]`.
 Run: `python benchmarks/grpo_vs_trl.py --init RUN_DIR [--steps 6 --rounds 2 --seeds 0,1 --workloads math,demo]`
@@ -102,10 +104,11 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
 # --- Sputnik --------------------------------------------------------------------------------------
 
 def sputnik_run(init: str, workload: str, mode: str, steps: int, seed: int, tmp: Path) -> dict:
-    """mode: sync or async (Ray actors), or one_process (sync, grpo.runtime=one_process: no Ray)."""
+    """mode: sync or async (Ray actors), or one_process / one_process_async (grpo.runtime=one_process: no Ray)."""
     digits, new_tokens = WORKLOADS[workload]
     out = tmp / f"sputnik-{workload}-{mode}-{time.time_ns()}"
-    runtime = ["grpo.mode=sync", "grpo.runtime=one_process"] if mode == "one_process" else [f"grpo.mode={mode}"]
+    runtime = {"one_process": ["grpo.mode=sync", "grpo.runtime=one_process"],
+               "one_process_async": ["grpo.mode=async", "grpo.runtime=one_process"]}.get(mode, [f"grpo.mode={mode}"])
     cmd = [sys.executable, "-m", "orchestrator.cli", "grpo", "--out", str(out), *common_overrides(init, digits, new_tokens, steps, seed),
            *runtime, "grpo.weight_sync=object_store", "grpo.eval_every=100000", "grpo.heldout_size=1", "grpo.heldout_samples=0",
            "grpo.checkpoint_every=100000", "tracking.wandb_mode=disabled", "cluster.num_cpus=2"]
@@ -246,14 +249,14 @@ def main():
     seeds = [int(x) for x in a.seeds.split(",")]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {a.steps} steps of {PROMPTS} prompts x {GROUP} completions, "
           f"seeds {seeds}, {a.rounds} interleaved rounds; logs in {tmp}", flush=True)
-    modes = ("sync", "async", "one_process")
+    modes = ("sync", "async", "one_process", "one_process_async")
     ratios: dict[str, list[float]] = {m: [] for m in modes}
     memory: dict[str, list[float]] = {m: [] for m in modes}
     for w in a.workloads.split(","):
         runs: dict[tuple[str, int], list[dict]] = {}
         for rnd in range(a.rounds):
             for seed in seeds:
-                for name in ["sync", *[f"trl-{t}" for t in threads], "async", "one_process"]:
+                for name in ["sync", *[f"trl-{t}" for t in threads], "async", "one_process", "one_process_async"]:
                     if name.startswith("trl"):
                         r = trl_run(a.init, w, int(name[4:]), a.steps, seed, tmp, a.site)
                     else:
@@ -278,7 +281,7 @@ def main():
     print("\n(the lower step rate and the higher memory of the workloads)")
     for mode in modes:
         print(f"{mode} peak memory / TRL's: {max(memory[mode]):.2f}x")
-    for mode in ("one_process", "sync", "async"):
+    for mode in ("one_process", "one_process_async", "sync", "async"):
         print(f"{mode}/TRL step rate: {min(ratios[mode]):.2f}x")
 
 

@@ -5,26 +5,37 @@ On one machine a Ray run keeps a process per role (learner, sampler, reward work
 one process holding the same roles peaks at 0.7 GiB (BENCHMARKS "GRPO against TRL"). This runtime
 runs the same driver (orchestrator/grpo/driver.py) and the same role classes, in this process:
 `OneProcess` answers the part of Ray's API the driver, the rollouts, the weight sync and the
-checkpoints use — what Ray's `local_mode` did before Ray removed it. An actor is a plain object
-built at `.remote()`; a method call runs at once, in submission order (the order a Ray actor runs
-its calls in), and its `Ref` holds the result or the exception, raised at `get()` as Ray raises a
-task's error there; an actor whose constructor failed raises `ActorError` (Ray's RayActorError)
-from every call. Top-level `Ref` arguments are resolved, as Ray resolves ObjectRefs. Nothing is
-copied: a `Ref`'s value is shared, so roles must not modify what they receive (they do not: the
-learner reads the chunks, the sampler copies the weights into its model).
+checkpoints use. An actor is a plain object whose constructor and method calls run in submission
+order (the order a Ray actor runs its calls in). With `grpo.mode=sync` they run at once on the
+caller's thread: the phases take turns, nothing overlaps. With `grpo.mode=async` each actor has one
+worker thread of its own, so the sampler generates the next steps while the learner trains and a
+reward worker scores one chunk while the sampler makes the next. A call returns a `Ref` (Ray's
+ObjectRef: a future here); `get()` waits and raises the call's exception, as Ray raises a task's
+error there; an actor whose constructor failed raises `ActorError` (Ray's RayActorError) from every
+call. Top-level `Ref` arguments are resolved on the actor's thread before the call runs, as Ray
+resolves ObjectRefs. Nothing is copied: a `Ref`'s value is shared, so roles must not modify what
+they receive (they do not: the learner reads the chunks, the sampler copies the weights into its
+model, the learner publishes a cloned state).
+
+Torch threads (`cluster.num_cpus`, default the cores this process may run on): torch's intra-op
+thread count is per thread. In sync mode the one thread that runs every call uses all of them; in
+async mode the learner's and the sampler's threads get half each (at least one), so that the two
+OpenMP teams never hold more threads than there are cores (two teams of 2 on 2 cores, each spinning
+while the other works, measured 3.5x slower decoding than one). The GIL is released inside torch's
+kernels, where the time goes.
 
 What it cannot do, refused by `check_one_process` before anything starts: more than one learner,
-sampler or reward worker, expert parallelism, `grpo.mode=async` (nothing overlaps in one process),
-a collective weight sync, a cluster address. The torch threads of the process are
-`cluster.num_cpus` (default: the cores this process may run on), shared by the phases in turn.
+sampler or reward worker, expert parallelism, a collective weight sync, a cluster address.
 
-Test: `pytest tests/orchestrator/test_orch_grpo.py -k one_process`; benchmark:
-`python benchmarks/grpo_vs_trl.py` (the `one_process` rows).
+Test: `pytest tests/orchestrator/test_orch_one_process.py`; benchmark: `python benchmarks/grpo_vs_trl.py`
+(the `one_process` and `one_process_async` rows).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,17 +51,26 @@ class ActorError(Exception):
 
 
 class Ref:
-    """A call's result, or the exception it raised (Ray's ObjectRef, already resolved)."""
+    """A call's result (Ray's ObjectRef): the call's future, and which of its `num_returns` values."""
 
-    __slots__ = ("_value", "_error")
+    __slots__ = ("future", "index", "count")
 
-    def __init__(self, value: Any = None, error: BaseException | None = None):
-        self._value, self._error = value, error
+    def __init__(self, future: cf.Future, index: int | None = None, count: int = 1):
+        self.future, self.index, self.count = future, index, count
 
-    def value(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return self._value
+    @classmethod
+    def of(cls, value: Any) -> "Ref":
+        f: cf.Future = cf.Future()
+        f.set_result(value)
+        return cls(f)
+
+    def value(self, timeout: float | None = None) -> Any:
+        out = self.future.result(timeout)  # raises the call's exception
+        if self.index is None:
+            return out
+        if not isinstance(out, (tuple, list)) or len(out) != self.count:
+            raise ValueError(f"a call with num_returns={self.count} returned {type(out).__name__}, not {self.count} values")
+        return out[self.index]
 
 
 def _resolved(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -59,19 +79,8 @@ def _resolved(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             {k: v.value() if isinstance(v, Ref) else v for k, v in kwargs.items()})
 
 
-def _run(fn, args: tuple, kwargs: dict, num_returns: int = 1):
-    """Ref (or `num_returns` Refs) of fn(*args, **kwargs); an exception goes into every Ref."""
-    try:
-        a, kw = _resolved(args, kwargs)
-        out = fn(*a, **kw)
-    except Exception as e:  # raised at get(), as Ray does
-        return Ref(error=e) if num_returns == 1 else [Ref(error=e) for _ in range(num_returns)]
-    if num_returns == 1:
-        return Ref(out)
-    if not isinstance(out, (tuple, list)) or len(out) != num_returns:
-        err = ValueError(f"{getattr(fn, '__qualname__', fn)} returned {type(out).__name__}, not {num_returns} values")
-        return [Ref(error=err) for _ in range(num_returns)]
-    return [Ref(v) for v in out]
+def _refs(future: cf.Future, num_returns: int):
+    return Ref(future) if num_returns == 1 else [Ref(future, i, num_returns) for i in range(num_returns)]
 
 
 class _Method:
@@ -82,55 +91,96 @@ class _Method:
         return _Method(self._actor, self._name, num_returns)
 
     def remote(self, *args, **kwargs):
-        actor = self._actor
-        if actor._error is not None:
-            return Ref(error=actor._error) if self._num_returns == 1 else [Ref(error=actor._error)] * self._num_returns
-        if self._name == "__ray_ready__":
-            return Ref(True)
-        return _run(getattr(actor._obj, self._name), args, kwargs, self._num_returns)
+        return _refs(self._actor._submit(self._name, args, kwargs), self._num_returns)
 
 
 class _Actor:
-    """The handle of an in-process actor: `handle.method.remote(...)` calls `method` now."""
+    """The handle of an in-process actor: `handle.method.remote(...)` queues `method` on the actor's thread."""
 
-    def __init__(self, cls, args: tuple, kwargs: dict):
+    def __init__(self, cls, args: tuple, kwargs: dict, runtime: "OneProcess"):
         self._obj, self._error = None, None
+        # sync mode: no thread, every call runs at once on the caller's (nothing overlaps there)
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"actor-{cls.__name__}") if runtime.mode == "async" else None
+        runtime.actors.append(self)
+        self._built = self.run(self._build, cls, args, kwargs)
+
+    def _build(self, cls, args: tuple, kwargs: dict) -> bool:
         try:
             a, kw = _resolved(args, kwargs)
             self._obj = cls(*a, **kw)
         except Exception as e:
             self._error = ActorError(e)
+        return True
+
+    def _call(self, name: str, args: tuple, kwargs: dict):
+        if self._error is not None:
+            raise self._error
+        if name == "__ray_ready__":
+            return True
+        a, kw = _resolved(args, kwargs)
+        return getattr(self._obj, name)(*a, **kw)
+
+    def _submit(self, name: str, args: tuple, kwargs: dict) -> cf.Future:
+        return self.run(self._call, name, args, kwargs)
+
+    def run(self, fn, *args) -> cf.Future:
+        """fn(*args) on this actor's thread, after the calls queued before it (or now, in sync mode)."""
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        f: cf.Future = cf.Future()
+        try:
+            f.set_result(fn(*args))
+        except Exception as e:  # raised at get(), as Ray does
+            f.set_exception(e)
+        return f
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __getattr__(self, name: str) -> _Method:
-        if name.startswith("__") and name != "__ray_ready__":
+        if name.startswith("_") and name != "__ray_ready__":
             raise AttributeError(name)
         return _Method(self, name)
+
+
+def _call_now(fn, args: tuple, kwargs: dict, num_returns: int = 1):
+    """A remote function (not an actor): runs at once on the caller's thread."""
+    f: cf.Future = cf.Future()
+    try:
+        a, kw = _resolved(args, kwargs)
+        f.set_result(fn(*a, **kw))
+    except Exception as e:  # raised at get(), as Ray does
+        f.set_exception(e)
+    return _refs(f, num_returns)
 
 
 class _Remote:
     """`runtime.remote(cls_or_function)`: `.options(...)` is accepted and ignored (one process has no placement)."""
 
-    def __init__(self, target):
-        self._target = target
+    def __init__(self, target, runtime: "OneProcess"):
+        self._target, self._runtime = target, runtime
 
     def options(self, **_ignored) -> "_Remote":
         return self
 
     def remote(self, *args, **kwargs):
         if isinstance(self._target, type):
-            return _Actor(self._target, args, kwargs)
-        return _run(self._target, args, kwargs)
+            return _Actor(self._target, args, kwargs, self._runtime)
+        return _call_now(self._target, args, kwargs)
 
 
 class OneProcess:
     """The subset of the `ray` module the GRPO driver uses, executed in this process; and the
     process's own setup: the learner's rendezvous, the threads, the teardown."""
 
-    exceptions = SimpleNamespace(RayActorError=ActorError)
+    exceptions = SimpleNamespace(RayActorError=ActorError, GetTimeoutError=cf.TimeoutError)
 
     def __init__(self, cfg: RunConfig):
         check_one_process(cfg)
         self.threads = process_threads(cfg)
+        self.mode = cfg.grpo.mode
+        self.actors: list[_Actor] = []
 
     @staticmethod
     def rendezvous() -> tuple[str, int]:
@@ -139,41 +189,63 @@ class OneProcess:
 
         return "127.0.0.1", free_port()
 
-    def started(self) -> None:
-        """Once the roles are built (each set its torch threads as an actor would): the phases take
-        turns on all of the process's threads."""
+    def started(self, busy: list) -> None:
+        """Once the roles are queued for building, their torch threads: in sync mode the caller's
+        thread, where every call runs, gets all of the process's (the phases take turns); in async
+        mode the threads of the `busy` actors (learners, samplers), which run at once, half each.
+        Returns when every actor is built."""
         import torch
 
-        torch.set_num_threads(self.threads)
-        print(f"grpo: learner, sampler and reward worker in this process (grpo.runtime=one_process, {self.threads} threads)", flush=True)
+        if self.mode == "sync":
+            torch.set_num_threads(self.threads)
+            how = "the phases taking turns on them"
+        else:
+            n = max(1, self.threads // 2)
+            cf.wait([a.run(torch.set_num_threads, n) for a in busy] + [a._built for a in self.actors])
+            how = f"{n} each for the learner's and the sampler's threads"
+        print(f"grpo: learner, sampler and reward worker in this process (grpo.runtime=one_process, {self.threads} threads, "
+              f"{how})", flush=True)
 
-    @staticmethod
-    def close() -> None:
-        """The learner's group lived in this process: freed for what the process does next."""
+    def close(self) -> None:
+        """Each actor's thread finishes its queue (calls not started are cancelled); the learner's
+        group lived in this process: freed for what the process does next."""
         import torch.distributed as dist
 
+        for a in self.actors:
+            a.shutdown()
+        self.actors = []
         if dist.is_initialized():
             dist.destroy_process_group()
 
     def remote(self, *args, **_options):
         """`remote(cls)` or `remote(**options)(cls)`, as `ray.remote`."""
         if len(args) == 1 and callable(args[0]):
-            return _Remote(args[0])
-        return _Remote
+            return _Remote(args[0], self)
+        return lambda target: _Remote(target, self)
 
     @staticmethod
     def get(refs, timeout: float | None = None):
         if isinstance(refs, (list, tuple)):
-            return [r.value() for r in refs]
-        return refs.value()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            return [r.value(None if deadline is None else max(0.0, deadline - time.monotonic())) for r in refs]
+        return refs.value(timeout)
 
     @staticmethod
     def put(value) -> Ref:
-        return Ref(value)
+        return Ref.of(value)
 
     @staticmethod
     def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]:
-        return list(refs), []  # every call has already run
+        """(the first `num_returns` refs done, in the order given; the rest), as ray.wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = [r for r in refs if r.future.done()]
+            left = None if deadline is None else deadline - time.monotonic()
+            if len(done) >= num_returns or (left is not None and left <= 0):
+                break
+            cf.wait({r.future for r in refs if not r.future.done()}, timeout=left, return_when=cf.FIRST_COMPLETED)
+        ready = done[:num_returns]
+        return ready, [r for r in refs if not any(r is d for d in ready)]
 
 
 class NoPlacement:
@@ -197,7 +269,6 @@ def check_one_process(cfg: RunConfig) -> None:
     fixes = [("grpo.learners", g.learners != 1, "1"), ("rollout.num_samplers", r.num_samplers != 1, "1"),
              ("grpo.num_evaluators", g.num_evaluators != 1, "1"), ("grpo.expert_parallel", g.expert_parallel != 1, "1"),
              ("rollout.expert_parallel", r.expert_parallel != 1, "1"),
-             ("grpo.mode", g.mode != "sync", "sync (nothing overlaps in one process)"),
              ("grpo.weight_sync", g.weight_sync == "collective", "auto or object_store"),
              ("cluster.address", cfg.cluster.address is not None, "none (a one-process run starts no Ray)")]
     for key, bad, fix in fixes:

@@ -101,8 +101,8 @@ class Driver:
             str(self.hf_dir), g, rank=i, world=g.learners, master_addr=addr, master_port=port, pad_id=self.tok.pad_id,
             seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens, exact=cfg.rollout.exact) for i in range(g.learners)]
         self.weights = WeightSync(ray, self.placement, self.learners, self.rollouts.samplers, g, sampler_ep=cfg.rollout.expert_parallel)
-        if g.runtime == "one_process":
-            ray.started()
+        if g.runtime == "one_process":  # the learner's and the sampler's torch threads
+            ray.started([*self.learners, *self.rollouts.samplers, *([self.reference] if self.reference else [])])
 
     @property
     def version(self) -> int:

@@ -196,9 +196,14 @@ class RolloutSampler:
         from model.generate import sample
 
         if weights is not None and version != self.version:
-            import ray
+            from orchestrator.one_process import Ref
 
-            self.load_weights(ray.get(weights[0]), version)
+            if isinstance(weights[0], Ref):  # grpo.runtime=one_process
+                self.load_weights(weights[0].value(), version)
+            else:
+                import ray
+
+                self.load_weights(ray.get(weights[0]), version)
         t0 = time.perf_counter()
         prompts = [self.tok.prompt_ids(t["prompt"], self.template) for t in tasks]  # ours: BOS + template; HF: its chat template
         batch = [p for p in prompts for _ in range(group_size)]

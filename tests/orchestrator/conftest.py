@@ -19,3 +19,14 @@ def policy_dir(tmp_path_factory):
     torch.manual_seed(0)
     save_hf_pretrained(Transformer(load_model_args("tiny")), root / "hf")
     return root, tok
+
+
+@pytest.fixture(scope="session")
+def straight_run(policy_dir, tmp_path_factory):
+    """Four GRPO steps on Ray actors, uninterrupted (`sputnik grpo`, test_orch_grpo.grpo_args): the
+    reference of the resume test and of the one-process runtime's."""
+    from tests.orchestrator.test_orch_grpo import grpo_args, sputnik
+
+    out = tmp_path_factory.mktemp("grpo") / "straight"
+    sputnik(*grpo_args(policy_dir), "--out", str(out))
+    return out

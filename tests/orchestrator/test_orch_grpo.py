@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -280,21 +279,6 @@ def test_dynamic_sampling_drops_zero_variance_groups(policy_dir, ray_session, tm
 
 
 @pytest.mark.ray
-def test_async_mode_samples_one_version_behind(policy_dir, ray_session, tmp_path):
-    cfg = make_cfg(policy_dir, "grpo.mode=async", "grpo.steps=3", "grpo.eval_every=3", "grpo.checkpoint_every=3")
-    d, tracker = driver_for(cfg, tmp_path)
-    result = d.run()
-    d.close()
-    tracker.close()
-    lag = per_step(tmp_path, "rollout/version_lag")
-    assert lag == {1: 0.0, 2: 1.0, 3: 1.0}
-    assert d.version == 3 and result["after"] is not None
-    assert (tmp_path / "checkpoints" / "step000003.json").is_file()
-    rows = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
-    assert rows and {"prompt", "completion", "reference", "reward", "math_accuracy", "length", "advantage"} <= set(rows[0])
-
-
-@pytest.mark.ray
 def test_log_every_and_reward_errors_of_the_step(policy_dir, ray_session, tmp_path, capsys):
     """`tracking.log_every=2` over 3 steps logs steps 2 and 3 (the last) with a progress line each;
     a reward that always raises counts, per logged step, one error per completion of that step
@@ -337,55 +321,12 @@ def grpo_args(policy_dir) -> list[str]:
             "tracking.wandb_mode=disabled", "cluster.num_cpus=2", "grpo.steps=4", "grpo.checkpoint_every=2", "grpo.lr=1e-2"]
 
 
-@pytest.fixture(scope="module")
-def straight_run(policy_dir, tmp_path_factory):
-    """Four GRPO steps on Ray actors, uninterrupted: the reference of the resume and one-process tests."""
-    out = tmp_path_factory.mktemp("grpo") / "straight"
-    sputnik(*grpo_args(policy_dir), "--out", str(out))
-    return out
-
-
 def assert_same_steps(a_dir: Path, b_dir: Path, steps: list[int]) -> None:
     for key in ("reward/mean", "rollout/response_length/mean", "train/loss"):
         a, b = per_step(a_dir, key), per_step(b_dir, key)
         assert sorted(a) == sorted(b) == steps
         for step in a:
             assert abs(a[step] - b[step]) <= 1e-6 * max(1.0, abs(a[step])), (key, step, a[step], b[step])
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_one_process_run_repeats_the_ray_run_without_ray(policy_dir, straight_run, tmp_path):
-    """grpo.runtime=one_process: the same driver and roles in one process, no Ray process started
-    (watched in the run's process tree), the Ray run's steps to rounding (1 thread, as each actor has)."""
-    import psutil
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "orchestrator.cli", *grpo_args(policy_dir), "grpo.runtime=one_process", "cluster.num_cpus=1",
-           "--out", str(tmp_path / "one")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen: set[str] = set()
-    try:
-        while proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                seen |= {c.name() for c in psutil.Process(proc.pid).children(recursive=True)}
-            time.sleep(0.1)
-    finally:
-        proc.kill()
-    out = proc.stdout.read()
-    assert proc.returncode == 0, out[-3000:]
-    assert "grpo.runtime=one_process, 1 threads" in out
-    assert not {n for n in seen if "raylet" in n or "gcs_server" in n or n.startswith("ray::")}, seen
-    assert_same_steps(straight_run, tmp_path / "one", [1, 2, 3, 4])
-    assert (tmp_path / "one" / "hf" / "config.json").exists()  # the exported policy, as a Ray run writes it
-
-
-def test_one_process_refuses_what_it_cannot_honour(policy_dir):
-    from orchestrator.config import ConfigError
-    from orchestrator.grpo.inputs import validate
-    for key, value in [("grpo.learners", 2), ("rollout.num_samplers", 2), ("grpo.mode", "async"), ("grpo.weight_sync", "collective")]:
-        with pytest.raises(ConfigError, match=f"key '{key}' cannot be honoured with grpo.runtime=one_process"):
-            validate(make_cfg(policy_dir, "grpo.runtime=one_process", f"{key}={value}", "grpo.minibatch_size=4"))
 
 
 @pytest.mark.slow
