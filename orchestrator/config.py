@@ -206,7 +206,7 @@ class GRPOConfig:
     max_refill_rounds: NonNegInt = 2  # refills per step with dynamic sampling
     overlong: Literal["none", "filter", "penalty"] = "none"  # truncated completions: kept, left out of the loss (filter) or penalised (DAPO soft penalty)
     mode: Literal["sync", "async"] = "sync"  # async = one-step off-policy
-    # ray: every role an actor; one_process: one learner, sampler and reward worker in the driver's process, no Ray (least memory, one machine)
+    # ray: every role an actor; one_process: one learner, sampler and reward worker in the driver's process (a thread each in async), no Ray
     runtime: Literal["ray", "one_process"] = "ray"
     # async: samplers run up to max_lag policy versions ahead of the learners (1 = one step off policy)
     max_lag: PositiveInt = 1
