@@ -1,6 +1,7 @@
 """Expert parallelism: with 2 gloo processes, EP=2 gives the outputs and gradients of EP=1 (fp32),
 with the expert weights sharded and with them kept whole (the mode pretraining uses in DeepSpeed)."""
 
+import gc
 import os
 import socket
 
@@ -33,6 +34,15 @@ def data(rank):
     return torch.randint(0, 97, (2, 11), generator=g), torch.randn(2, 11, 97, generator=g)
 
 
+def leave_group() -> None:
+    """The group's end, once the caller has dropped what holds it (the model's expert-parallel
+    modules, the autograd graph): freed now, not during the interpreter's exit, where its worker
+    thread would take the GIL mid-finalisation and abort the process (SIGABRT, now and then)."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def worker(rank, port, out_dir, shard):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -43,7 +53,8 @@ def worker(rank, port, out_dir, shard):
     y = m(tokens)
     (y * g).sum().backward()
     torch.save({"y": y.detach(), "grads": {n: p.grad for n, p in m.named_parameters() if p.grad is not None}}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    del m, y, g, tokens
+    leave_group()
 
 
 @pytest.mark.parametrize("shard", [True, False], ids=["sharded", "whole"])
@@ -109,7 +120,8 @@ def sampler_worker(rank, port, out_dir):
     apply_expert_parallel(m, dist.group.WORLD, shard_weights=True)
     assert m.layers[-1].ffn.experts.w1.shape[0] == m.args.n_routed_experts // 2
     torch.save(sample_all(m, dist.group.WORLD), f"{out_dir}/gen{rank}.pt")
-    dist.destroy_process_group()
+    del m
+    leave_group()
 
 
 def test_a_two_process_sampler_group_generates_the_tokens_of_one_process(tmp_path):
