@@ -177,10 +177,13 @@ class OneProcess:
     exceptions = SimpleNamespace(RayActorError=ActorError, GetTimeoutError=cf.TimeoutError)
 
     def __init__(self, cfg: RunConfig):
+        import torch.distributed as dist
+
         check_one_process(cfg)
         self.threads = process_threads(cfg)
         self.mode = cfg.grpo.mode
         self.actors: list[_Actor] = []
+        self.owns_group = not dist.is_initialized()  # a group made before (by the caller) is left to it
 
     @staticmethod
     def rendezvous() -> tuple[str, int]:
@@ -189,7 +192,7 @@ class OneProcess:
 
         return "127.0.0.1", free_port()
 
-    def started(self, busy: list) -> None:
+    def started(self, busy: list, *, who: str = "grpo: learner, sampler and reward worker") -> None:
         """Once the roles are queued for building, their torch threads: in sync mode the caller's
         thread, where every call runs, gets all of the process's (the phases take turns); in async
         mode the threads of the `busy` actors (learners, samplers), which run at once, half each.
@@ -203,19 +206,27 @@ class OneProcess:
             n = max(1, self.threads // 2)
             cf.wait([a.run(torch.set_num_threads, n) for a in busy] + [a._built for a in self.actors])
             how = f"{n} each for the learner's and the sampler's threads"
-        print(f"grpo: learner, sampler and reward worker in this process (grpo.runtime=one_process, {self.threads} threads, "
+        print(f"{who} in this process (grpo.runtime=one_process, {self.threads} threads, "
               f"{how})", flush=True)
 
     def close(self) -> None:
         """Each actor's thread finishes its queue (calls not started are cancelled); the learner's
-        group lived in this process: freed for what the process does next."""
+        group lived in this process: freed for what the process does next (through DeepSpeed when
+        it made it, which also drops DeepSpeed's references: a group destroyed behind its back
+        stays cached and breaks the next engine made in this process)."""
+        import sys
+
         import torch.distributed as dist
 
         for a in self.actors:
             a.shutdown()
         self.actors = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self.owns_group and dist.is_initialized():
+            comm = sys.modules.get("deepspeed.comm")
+            if comm is not None and comm.comm.cdb is not None:
+                comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
 
     def remote(self, *args, **_options):
         """`remote(cls)` or `remote(**options)(cls)`, as `ray.remote`."""

@@ -91,6 +91,27 @@ def test_in_async_mode_actor_calls_run_in_order_on_the_actors_own_thread_and_act
         rt.close()
 
 
+def test_close_leaves_the_callers_group_and_deepspeed_can_still_build_an_engine():
+    """A default group made before the runtime (here, as by the in-process learner tests: kept for
+    the process) is the caller's: close() leaves it, and DeepSpeed, which cached it, still builds."""
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.dist_local import free_port, join_local_group
+    from orchestrator.ds_config import import_deepspeed
+
+    if not dist.is_initialized():
+        join_local_group(0, 1, free_port(), threads=torch.get_num_threads())
+    deepspeed = import_deepspeed()
+    for mode in ("sync", "async"):
+        rt = runtime(mode)
+        rt.get(rt.remote(Counter).remote(0).add.remote(5))
+        rt.close()
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        engine, *_ = deepspeed.initialize(model=torch.nn.Linear(2, 2), config={"train_micro_batch_size_per_gpu": 1})
+        assert engine.world_size == 1
+
+
 def test_a_failed_constructor_fails_every_call_and_wait_returns_the_done_first():
     from orchestrator.one_process import ActorError
 
