@@ -114,21 +114,31 @@ class CheckpointEvaluator:
     """Samplers and reward workers for one checkpoint, without learners (`sputnik eval`, the demo)."""
 
     def __init__(self, cfg: RunConfig, hf_dir: Path, tok_path: Path):
-        import ray
-
+        """On Ray's actors, or with grpo.runtime=one_process in this process (orchestrator/one_process.py)."""
         from orchestrator.grpo.inputs import reward_config
         from orchestrator.grpo.rollout import Rollouts
-        from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
 
-        self.cfg = cfg
-        self.placement = RolePlacement(ray, roles_for(cfg, "eval", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
-                                       timeout_s=cfg.cluster.placement_timeout_s)
+        self.cfg, self.runtime = cfg, None
+        if cfg.grpo.runtime == "one_process":
+            from orchestrator.one_process import NoPlacement, OneProcess
+
+            ray = self.runtime = OneProcess(cfg)
+            self.placement = NoPlacement()
+        else:
+            import ray
+
+            from orchestrator.placement import RolePlacement, cluster_gpus, roles_for
+
+            self.placement = RolePlacement(ray, roles_for(cfg, "eval", cluster_gpus(ray)), autoscaling=cfg.cluster.autoscaling,
+                                           timeout_s=cfg.cluster.placement_timeout_s)
         try:
             self.rollouts = Rollouts(ray, self.placement, hf_dir=hf_dir, tok_path=tok_path, template=cfg.data.template,
                                      rewards=reward_config(cfg), rollout_cfg=cfg.rollout, num_evaluators=cfg.grpo.num_evaluators, seed=cfg.seed)
         except BaseException:
             self.placement.close()
             raise
+        if self.runtime is not None:
+            self.runtime.started(self.rollouts.samplers, who="eval: sampler and reward worker")
 
     def evaluate(self, tasks: list[dict], *, samples: int, ks=(1,)) -> HeldoutResult:
         return heldout(self.rollouts, tasks, samples=samples, temperature=self.cfg.rollout.temperature, ks=ks)
@@ -136,6 +146,8 @@ class CheckpointEvaluator:
     def close(self) -> None:
         self.rollouts.close()
         self.placement.close()
+        if self.runtime is not None:
+            self.runtime.close()
 
     def __enter__(self) -> "CheckpointEvaluator":
         return self
@@ -278,6 +290,10 @@ def run(cfg: RunConfig, cli_args) -> int:
     from orchestrator.tracking import Tracker, wandb_group
 
     apply_flags(cfg, cli_args)
+    if cfg.grpo.runtime == "one_process":  # what it cannot honour, before anything starts
+        from orchestrator.one_process import check_one_process
+
+        check_one_process(cfg)
     e, completions_path = cfg.eval, getattr(cli_args, "completions", None)
     if bool(e.checkpoint) == bool(completions_path):
         raise ConfigError("give a model to evaluate (--model, key 'eval.checkpoint': a run directory or an HF directory) "
@@ -315,9 +331,10 @@ def run(cfg: RunConfig, cli_args) -> int:
             tracker.log({**{f"eval/pass@{k}": v for k, v in pass_at.items()}, "timing/eval": seconds}, step=0)
             _report(run_dir, tracker, rows, figures, seconds, source, what, {"completions": str(completions_path)})
         return 0
-    from orchestrator.ray_local import init_ray
+    if cfg.grpo.runtime == "ray":  # one_process: the sampler and the reward worker in this process, no Ray
+        from orchestrator.ray_local import init_ray
 
-    init_ray(cfg.cluster)
+        init_ray(cfg.cluster)
     ks = list(e.k) if n else []
     with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="eval", group=wandb_group(e.checkpoint)) as tracker, \
             CheckpointEvaluator(cfg, hf_dir, tok_path) as ev:

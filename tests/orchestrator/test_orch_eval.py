@@ -114,6 +114,26 @@ def test_eval_grpo_and_demo_agree_on_the_same_checkpoint(eval_run, policy_dir, t
     assert [{k: row[k] for k in keys} for row in res["arithmetic"].rows] == want
 
 
+@pytest.mark.ray
+def test_eval_in_one_process_gives_the_ray_evals_results(eval_run, policy_dir, tmp_path):
+    """`sputnik eval grpo.runtime=one_process`: the sampler and the reward worker in the CLI's
+    process, no Ray; per task the same completions, verdicts and pass@k as the Ray eval (one
+    torch thread, as the Ray sampler has)."""
+    root, _ = policy_dir
+    out = tmp_path / "one"
+    r = sputnik("eval", f"eval.checkpoint={root / 'hf'}", *common(root), f"eval.samples_per_task={SAMPLES}", "eval.k=[1,2]",
+                "grpo.runtime=one_process", "cluster.num_cpus=1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval: sampler and reward worker in this process (grpo.runtime=one_process, 1 threads" in r.stdout
+    keys = ("id", "greedy_completion", "greedy_correct", "correct", "pass@1", "pass@2")
+    got, want = (pq.read_table(d / "results.parquet").to_pylist() for d in (out, eval_run))
+    assert [{k: row[k] for k in keys} for row in got] == [{k: row[k] for k in keys} for row in want]
+    r = sputnik("eval", f"eval.checkpoint={root / 'hf'}", *common(root), "grpo.runtime=one_process", "rollout.num_samplers=2",
+                "--out", str(tmp_path / "two"))
+    assert r.returncode == 2 and "key 'rollout.num_samplers' cannot be honoured with grpo.runtime=one_process" in r.stderr
+    assert not (tmp_path / "two").exists()
+
+
 # --- named task sets and the model-free path (issue #25) ------------------------------------------
 
 def _completions(path, pairs):
