@@ -113,7 +113,7 @@ def write_rows(path: Path, result: HeldoutResult, **extra) -> None:
 class CheckpointEvaluator:
     """Samplers and reward workers for one checkpoint, without learners (`sputnik eval`, the demo)."""
 
-    def __init__(self, cfg: RunConfig, hf_dir: Path, tok_path: Path):
+    def __init__(self, cfg: RunConfig, hf_dir: Path, tok_path: Path, command: str = "eval"):
         """On Ray's actors, or with grpo.runtime=one_process in this process (orchestrator/one_process.py)."""
         from orchestrator.grpo.inputs import reward_config
         from orchestrator.grpo.rollout import Rollouts
@@ -138,7 +138,7 @@ class CheckpointEvaluator:
             self.placement.close()
             raise
         if self.runtime is not None:
-            self.runtime.started(self.rollouts.samplers, who="eval: sampler and reward worker")
+            self.runtime.started(self.rollouts.samplers, who=f"{command}: sampler and reward worker")
 
     def evaluate(self, tasks: list[dict], *, samples: int, ks=(1,)) -> HeldoutResult:
         return heldout(self.rollouts, tasks, samples=samples, temperature=self.cfg.rollout.temperature, ks=ks)

@@ -14,6 +14,8 @@ completion (id, task_id, prompt, completion, split, teacher, reward, length in t
 every prompt is a train-split task of `sample.tasks`);
 `rejected.jsonl`, every prompt with no accepted completion (id, prompt, samples, best reward);
 `summary.json` (prompts, samples, accepted fraction, prompts kept and rejected, seconds).
+With `grpo.runtime=one_process` the sampler and the reward worker run in the command's process,
+without Ray (orchestrator/one_process.py).
 
 Test: `pytest tests/orchestrator/test_orch_sample.py`.
 """
@@ -75,8 +77,6 @@ def sample_tasks(cfg: RunConfig) -> list[dict]:
 
 def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     """Rejection-sample into `out` (or a new run directory); returns the run directory."""
-    import ray
-
     from orchestrator.checkpoints import resolve_model_source
     from orchestrator.evaluate import CheckpointEvaluator, check_prompt_lengths
     from orchestrator.grpo.rollout import completions_of, records_of
@@ -84,6 +84,10 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     from orchestrator.tracking import Tracker
 
     s = cfg.sample
+    if cfg.grpo.runtime == "one_process":  # the sampler and the reward worker in this process, no Ray
+        from orchestrator.one_process import check_one_process
+
+        check_one_process(cfg)
     hf, tok_path = resolve_model_source(s.teacher, s.tokenizer, "sample")
     tasks = sample_tasks(cfg)
     check_prompt_lengths(cfg, tasks, hf, tok_path)
@@ -91,14 +95,16 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
     run_dir = create_run_dir(cfg, out).resolve()
     print(f"sample: run directory {run_dir}; {len(tasks)} prompts x {s.samples} completions from {hf} at temperature {temperature}",
           flush=True)
-    init_ray(cfg.cluster)
+    if cfg.grpo.runtime == "ray":
+        init_ray(cfg.cluster)
     t0 = time.perf_counter()
     kept, rejected, n_samples, n_accepted = [], [], 0, 0
-    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="sample") as tracker, CheckpointEvaluator(cfg, hf, tok_path) as ev:
+    with Tracker(run_dir, cfg.tracking, name=cfg.name, job_type="sample") as tracker, CheckpointEvaluator(cfg, hf, tok_path, "sample") as ev:
         for r, lo in enumerate(range(0, len(tasks), s.batch_prompts)):
             batch = tasks[lo : lo + s.batch_prompts]
             gen, score = ev.rollouts.launch(batch, seed_key=(2, r), group_size=s.samples, temperature=temperature, first_group=lo)
-            texts, records = completions_of(ray.get(gen)), records_of(ray.get(score))
+            get = ev.rollouts.ray.get  # Ray's, or the one-process runtime's
+            texts, records = completions_of(get(gen)), records_of(get(score))
             k, rej = select_completions(batch, s.samples, texts, records, keep=s.keep, max_per_prompt=s.max_per_prompt, teacher=str(hf),
                                         heldout_percent=s.sft_heldout_percent)
             kept += k

@@ -67,3 +67,31 @@ def test_rejection_sampling_keeps_exactly_what_the_verifier_accepts(keep):
             assert mine == distinct[:3] and len(set(mine)) == len(mine)
         assert all(r["reward"] >= 1.0 and r["teacher"] == "t" and r["split"] == "train" for r in kept if r["task_id"] == task["id"])
     assert len(rejected) == 4  # tasks 1, 2, 5, 6 of the mixes
+
+
+def test_sample_in_one_process_scores_every_completion_without_ray(policy_dir, tmp_path):
+    """`sputnik sample grpo.runtime=one_process`: the teacher's sampler and the reward worker in the
+    command's process (no Ray started: no Ray session directory appears); every prompt is accounted
+    for, kept or rejected, and the sample count is prompts x samples."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    root, _ = policy_dir
+    env = {**os.environ, "PYTHONPATH": str(repo), "DS_ACCELERATOR": "cpu", "RAY_TMPDIR": str(tmp_path / "ray")}
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sample", f"sample.teacher={root / 'hf'}",
+                        f"sample.tokenizer={root / 'tokenizer.json'}", "sample.prompts=6", "sample.samples=3", "sample.batch_prompts=4",
+                        "rollout.max_new_tokens=12", "grpo.runtime=one_process", "tracking.wandb_mode=disabled", "--out", str(out)],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "sample: sampler and reward worker in this process (grpo.runtime=one_process" in r.stdout
+    assert not (tmp_path / "ray").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    kept = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    rejected = [json.loads(l) for l in (out / "rejected.jsonl").read_text().splitlines()]
+    assert summary["samples"] == 6 * 3 and summary["prompts_rejected"] == len(rejected)
+    assert len({k["task_id"] for k in kept}) + len(rejected) == 6 == summary["prompts_kept"] + summary["prompts_rejected"]
