@@ -1,4 +1,5 @@
-"""Resuming a pretraining checkpoint at another world size, expert-parallel layout or ZeRO stage.
+"""Resuming a pretraining (or GRPO learner) checkpoint at another world size, expert-parallel layout
+or ZeRO stage.
 
 DeepSpeed's `load_checkpoint` wants the world size, ZeRO stage and parameter set it saved with.
 When one of them changed (orchestrator/checkpoints.py: `load_pretrain_part` calls `needs_reshard`),
@@ -21,8 +22,12 @@ must stay the same: the loader's saved position counts micro-batches of that man
 
 Every rank holds the whole model's state while loading (weights and two moments, fp32).
 
+GRPO's learners (orchestrator/grpo/learner.py) use the same path when `grpo.learners`, their ZeRO
+stage or `grpo.expert_parallel` changed between the save and the resume.
+
 Test: `pytest tests/orchestrator/test_orch_expert_shard.py -k reshard` (save at 4 workers / EP 2,
-resume at 2 workers / EP 2 and at 1 worker / EP 1 on the uninterrupted run's losses).
+resume at 2 workers / EP 2 and at 1 worker / EP 1 on the uninterrupted run's losses);
+`pytest tests/orchestrator/test_orch_grpo.py -k reshard` (GRPO learners).
 """
 
 from __future__ import annotations
@@ -60,21 +65,24 @@ def check_batch(meta: dict, engine, path: Path, world: int, section: str = "pret
             f"the data continues where it stopped")
 
 
-def load_resharded(engine, path: Path, meta: dict, *, world: int, experts=None, job: str = "pretrain") -> None:
-    """Restore `engine` (and `experts`) from the pretraining checkpoint in `path` whatever world
-    size, EP degree and ZeRO stage it was saved with (call on every rank)."""
+def load_resharded(engine, path: Path, meta: dict, *, world: int, experts=None, job: str = "pretrain",
+                   experts_at: Path | None = None) -> None:
+    """Restore `engine` (and `experts`) from the checkpoint in `path` (DeepSpeed's files in
+    path/meta["tag"], owned experts' parts in `experts_at`, default `path`) whatever world size, EP
+    degree and ZeRO stage it was saved with (call on every rank)."""
     from orchestrator.expert_shard import expert_layout, owned_slice, read_expert_parts
 
     check_batch(meta, engine, path, world, section=job)
     ds_dir = Path(path) / meta["tag"]
+    experts_at = Path(path) if experts_at is None else Path(experts_at)
     full, buffers, states = read_full_state(ds_dir)
-    layout = expert_layout(path)
+    layout = expert_layout(experts_at)
     if layout is not None and experts is None:  # owned experts join the engine's parameters
-        parts = read_expert_parts(Path(path))
+        parts = read_expert_parts(experts_at)
         full.update({PREFIX + k: v for k, v in parts.items() if k != "step"})
     if experts is not None:
         if layout is not None:
-            experts.load(path)
+            experts.load(experts_at)
         else:  # the engine's experts become this rank's ExpertShard
             step = float(states["step"])
             own = {k: {n: t[owned_slice(experts, len(t))] for n, t in full.pop(PREFIX + k).items()} for k in experts.master}
@@ -222,10 +230,11 @@ def set_engine_state(engine, full: dict, buffers: dict, states: dict) -> None:
         for name, b in engine.module.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
-    scheduler = engine.lr_scheduler
-    scheduler.load_state_dict(states["lr_scheduler"])
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):  # as the saved optimizer had them
-        group["lr"] = lr
+    scheduler = engine.lr_scheduler  # none in GRPO's learners (a constant lr)
+    if scheduler is not None and states.get("lr_scheduler") is not None:
+        scheduler.load_state_dict(states["lr_scheduler"])
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):  # as the saved optimizer had them
+            group["lr"] = lr
     engine.global_steps, engine.skipped_steps = states["global_steps"], states["skipped_steps"]
     engine.global_samples = states["global_samples"]
 

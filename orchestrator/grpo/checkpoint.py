@@ -43,7 +43,7 @@ def resume(ray, learners: list, run_dir: Path) -> DriverState | None:
     for ckpt in reversed([c for c in find_checkpoints(run_dir) if c.kind == "grpo"]):
         state = DriverState(**grpo_state(ckpt))
         try:
-            ray.get([l.load.remote(str(grpo_learners_dir(run_dir)), state.tag) for l in learners])
+            ray.get([l.load.remote(str(grpo_learners_dir(run_dir)), state.tag, state.version) for l in learners])
             return state
         except Exception as e:  # a damaged checkpoint: fall back to the one before it
             cause = str(getattr(e, "cause", None) or e).strip().splitlines()

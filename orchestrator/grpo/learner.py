@@ -41,6 +41,7 @@ Test: `pytest tests/orchestrator/test_orch_grpo.py tests/orchestrator/test_orch_
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ import torch.distributed as dist
 from orchestrator.grpo.batch import LogProbs, behaviour_rows, behaviour_terms, expert_rows, kept_behaviour, kept_samples, pack_batch, replay_experts, stack_rows
 from orchestrator.grpo.rollout import RolloutChunk, load_policy, state_hash
 from orchestrator.grpo.update import MinibatchUpdates
+
+LAYOUT = "learners.json"  # beside a checkpoint's DeepSpeed files: the learners' count, ZeRO stage and EP degree
 
 
 class ReferenceModel:
@@ -277,13 +280,31 @@ class PolicyLearner(MinibatchUpdates):
     # --- checkpoints -------------------------------------------------------------------------
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed's files, the owned experts' parts, and (rank 0) the layout they were saved in."""
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
         if self.experts is not None:
             self.experts.save(Path(directory) / tag)
+        if self.rank == 0:
+            meta = {"tag": tag, "world_size": self.world, "zero_stage": self.engine.zero_optimization_stage(),
+                    "expert_parallel": self.experts.ep if self.experts is not None else 1}
+            (Path(directory) / tag / LAYOUT).write_text(json.dumps(meta))
 
-    def load(self, directory: str, tag: str) -> dict:
+    def load(self, directory: str, tag: str, version: int | None = None) -> None:
+        """Restore the policy and optimizer saved under `tag`: by DeepSpeed where the learners'
+        count, ZeRO stage and expert layout are the saved ones, else resharded (orchestrator/reshard.py:
+        weights and AdamW moments merged from every saved rank, this rank's share set)."""
+        from orchestrator.expert_shard import expert_layout
+        from orchestrator.reshard import load_resharded, needs_reshard
+
+        at = Path(directory) / tag
+        meta = json.loads((at / LAYOUT).read_text()) if (at / LAYOUT).is_file() else None
+        if meta is not None and needs_reshard(meta, self.engine, self.world, self.experts, owned=expert_layout(at) is not None):
+            load_resharded(self.engine, Path(directory), meta, world=self.world, experts=self.experts, job="grpo", experts_at=at)
+            if version is None:
+                raise ValueError(f"resharding {at}: the policy version must be given")
+            self.version = version
+            return
         _, client = self.engine.load_checkpoint(directory, tag=tag)
         if self.experts is not None:
-            self.experts.load(Path(directory) / tag)
+            self.experts.load(at)
         self.version = int(client["version"])
-        return client

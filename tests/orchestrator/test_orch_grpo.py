@@ -259,6 +259,45 @@ def test_two_learners_with_zero2_make_the_update_of_one(policy_dir, ray_session,
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("saved,resumed", [(["grpo.learners=2", "grpo.zero_stage=2"], ["grpo.learners=1", "grpo.zero_stage=2"]),
+                                           (["grpo.learners=1", "grpo.zero_stage=0"], ["grpo.learners=2", "grpo.zero_stage=3"])],
+                         ids=["2xZeRO2-to-1", "1xZeRO0-to-2xZeRO3"])
+def test_a_grpo_checkpoint_resumes_resharded_with_other_learners(policy_dir, ray_session, tmp_path, saved, resumed):
+    """Learners saved at one count and ZeRO stage, resumed at another (orchestrator/reshard.py): the
+    resumed policy is the saved one bit for bit, and its next update on the same rollouts is the
+    update the saved learners make (to 0.1% of its norm, as 2 learners against 1), which needs
+    AdamW's moments and step count back: a fresh optimizer's first step is several times larger."""
+    ray = ray_session
+    fixed = ["grpo.lr=1e-2", "grpo.checkpoint_every=100"]
+    d, tracker = driver_for(make_cfg(policy_dir, *saved, *fixed), tmp_path)
+    d.learn(d.collect(d.sample_step(1), 1), [((i % 4) - 1.5) for i in range(16)], 1)
+    d.save(1)
+    w1 = ray.get(d.weights.weights_ref)
+    batch = d.collect(d.sample_step(2), 2)
+    adv = [((i % 3) - 1.0) for i in range(len(batch.records))]
+    d.learn(batch, adv, 2)
+    want, gen = ray.get(d.weights.weights_ref), [c.completion_ids for c in ray.get(batch.gen)]
+    d.close()
+    tracker.close()
+
+    d, tracker = driver_for(make_cfg(policy_dir, *resumed, *fixed), tmp_path)  # the same run directory
+    try:
+        assert d.resume() == 1 and d.version == 1
+        got1 = ray.get(d.weights.weights_ref)
+        assert all(torch.equal(got1[k], w1[k]) for k in w1)
+        batch = d.collect(d.sample_step(2), 2)
+        assert [c.completion_ids for c in ray.get(batch.gen)] == gen  # the same rollouts from the same policy
+        d.learn(batch, adv, 2)
+        got = ray.get(d.weights.weights_ref)
+    finally:
+        d.close()
+        tracker.close()
+    update = torch.cat([(want[k] - w1[k]).flatten() for k in w1]).norm()
+    diff = torch.cat([(got[k] - want[k]).flatten() for k in w1]).norm()
+    assert update > 1e-3 and diff <= 1e-3 * update, (float(diff), float(update))
+
+
+@pytest.mark.ray
 def test_dynamic_sampling_drops_zero_variance_groups(policy_dir, ray_session, tmp_path):
     from rl.grpo import zero_variance_groups
 
