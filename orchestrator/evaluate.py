@@ -136,6 +136,8 @@ class CheckpointEvaluator:
                                      rewards=reward_config(cfg), rollout_cfg=cfg.rollout, num_evaluators=cfg.grpo.num_evaluators, seed=cfg.seed)
         except BaseException:
             self.placement.close()
+            if self.runtime is not None:
+                self.runtime.close()
             raise
         if self.runtime is not None:
             self.runtime.started(self.rollouts.samplers, who=f"{command}: sampler and reward worker")

@@ -78,8 +78,10 @@ class Driver:
         self.ray, self.placement = runtime_for(cfg)
         try:
             self._start_roles()
-        except BaseException:  # a role that cannot start: give its placement groups back
+        except BaseException:  # a role that cannot start: give its placement groups back (one_process: its threads)
             self.placement.close()
+            if cfg.grpo.runtime == "one_process":
+                self.ray.close()
             raise
         self.step = 0
 
