@@ -83,6 +83,16 @@ def _refs(future: cf.Future, num_returns: int):
     return Ref(future) if num_returns == 1 else [Ref(future, i, num_returns) for i in range(num_returns)]
 
 
+def _settled(fn, *args) -> cf.Future:
+    """fn(*args) run now, on this thread: its result, or its exception (raised at get(), as Ray does)."""
+    f: cf.Future = cf.Future()
+    try:
+        f.set_result(fn(*args))
+    except Exception as e:
+        f.set_exception(e)
+    return f
+
+
 class _Method:
     def __init__(self, actor: "_Actor", name: str, num_returns: int = 1):
         self._actor, self._name, self._num_returns = actor, name, num_returns
@@ -125,14 +135,7 @@ class _Actor:
 
     def run(self, fn, *args) -> cf.Future:
         """fn(*args) on this actor's thread, after the calls queued before it (or now, in sync mode)."""
-        if self._pool is not None:
-            return self._pool.submit(fn, *args)
-        f: cf.Future = cf.Future()
-        try:
-            f.set_result(fn(*args))
-        except Exception as e:  # raised at get(), as Ray does
-            f.set_exception(e)
-        return f
+        return self._pool.submit(fn, *args) if self._pool is not None else _settled(fn, *args)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -142,17 +145,6 @@ class _Actor:
         if name.startswith("_") and name != "__ray_ready__":
             raise AttributeError(name)
         return _Method(self, name)
-
-
-def _call_now(fn, args: tuple, kwargs: dict, num_returns: int = 1):
-    """A remote function (not an actor): runs at once on the caller's thread."""
-    f: cf.Future = cf.Future()
-    try:
-        a, kw = _resolved(args, kwargs)
-        f.set_result(fn(*a, **kw))
-    except Exception as e:  # raised at get(), as Ray does
-        f.set_exception(e)
-    return _refs(f, num_returns)
 
 
 class _Remote:
@@ -167,7 +159,11 @@ class _Remote:
     def remote(self, *args, **kwargs):
         if isinstance(self._target, type):
             return _Actor(self._target, args, kwargs, self._runtime)
-        return _call_now(self._target, args, kwargs)
+        def call():  # a remote function (not an actor): at once, on the caller's thread
+            a, kw = _resolved(args, kwargs)
+            return self._target(*a, **kw)
+
+        return Ref(_settled(call))
 
 
 class OneProcess:

@@ -299,9 +299,9 @@ class PolicyLearner(MinibatchUpdates):
         at = Path(directory) / tag
         meta = json.loads((at / LAYOUT).read_text()) if (at / LAYOUT).is_file() else None
         if meta is not None and needs_reshard(meta, self.engine, self.world, self.experts, owned=expert_layout(at) is not None):
-            load_resharded(self.engine, Path(directory), meta, world=self.world, experts=self.experts, job="grpo", experts_at=at)
             if version is None:
                 raise ValueError(f"resharding {at}: the policy version must be given")
+            load_resharded(self.engine, Path(directory), meta, world=self.world, experts=self.experts, job="grpo", experts_at=at)
             self.version = version
             return
         _, client = self.engine.load_checkpoint(directory, tag=tag)
