@@ -14,7 +14,13 @@ single-process one:
   experts' (`hook_global_norm`), so DeepSpeed clips its part by the global norm, and `step` clips
   the experts by the same factor;
 - AdamW with DeepSpeed's hyperparameters and learning rate of the step (torch's AdamW, as
-  DeepSpeed runs on CPU with torch_adam).
+  DeepSpeed runs on CPU with torch_adam);
+- memory: the D = world / K ranks of an expert-data-parallel group split those experts' fp32
+  masters, gradients and moments into D flat pieces (ZeRO-2 within the group): the gradients are
+  reduce-scattered (an all-to-all and a sum), each rank updates its piece, and the new weights are
+  all-gathered into the compute copies every rank's forward uses. Per owned parameter a rank holds
+  w bytes of compute weight (w: the compute dtype's size) and 16/D of fp32 master, gradient and
+  moments: w + 16/D instead of w + 16 (fp32 with D = 1: 16, the master is the compute weight).
 
 Why beside DeepSpeed and not through its MoE parameter groups (`allreduce=False`, `group_name`):
 DeepSpeed refuses its native MoE under ZeRO-3 ("MoE not supported with Stage 3"), and its groups
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from model.moe import MoE
 from model.parallel import apply_expert_parallel, expert_slice
@@ -51,7 +58,13 @@ def expert_groups(world: int, ep: int) -> tuple[list, list]:
 
 
 class ExpertShard:
-    """This rank's routed experts of `model` (every MoE layer, MTP's included) and their optimizer."""
+    """This rank's routed experts of `model` (every MoE layer, MTP's included) and their optimizer.
+
+    The owned experts' compute weights are whole on every rank of their expert-data-parallel group
+    (the forward needs them); their fp32 masters, gradients and AdamW moments are split into D equal
+    flat pieces over that group (D = world / K, ZeRO-2 for the experts, as DeepSpeed-MoE and Megatron's
+    distributed optimizer do): `reduce` reduce-scatters the gradients, `step` updates this rank's piece
+    and all-gathers the new weights. With D = 1 the piece is the whole slice."""
 
     def __init__(self, model: torch.nn.Module, *, ep: int, rank: int, world: int, lr: float,
                  betas: tuple[float, float], weight_decay: float, grad_clip: float, eps: float = 1e-8,
@@ -61,45 +74,76 @@ class ExpertShard:
         self.ep, self.rank, self.world, self.grad_clip = ep, rank, world, grad_clip
         self.ep_groups, self.edp_groups = expert_groups(world, ep)
         self.part = rank % ep  # which slice of every layer's experts this rank owns
+        self.dp, self.piece_index = world // ep, rank // ep  # D, and this rank's place in its EDP group
         apply_expert_parallel(model, self.ep_groups[rank // ep], shard_weights=True)
         self.compute: dict[str, torch.Tensor] = {}  # what the module computes with, by state-dict key
-        self.master: dict[str, torch.Tensor] = {}  # fp32 weights the optimizer updates
+        self.master: dict[str, torch.Tensor] = {}  # this rank's flat fp32 piece, which the optimizer updates
         self.n_experts: dict[str, int] = {}
         for mname, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
             for w in ("w1", "w2", "w3"):
                 p = moe.experts._parameters.pop(w)  # no longer a parameter: DeepSpeed never sees it
                 key = f"{mname}.experts.{w}"
-                master = p.detach().float().clone().requires_grad_(True)
-                comp = master if dtype == torch.float32 else master.detach().to(dtype).requires_grad_(True)
+                comp = p.detach().to(dtype).clone().requires_grad_(True)
                 setattr(moe.experts, w, comp)
-                self.master[key], self.compute[key] = master, comp
+                self.compute[key] = comp
+                if self.dp == 1 and dtype == torch.float32:  # the master is the compute weight itself
+                    self.master[key] = comp.detach().view(-1).requires_grad_(True)
+                else:
+                    self.master[key] = self._piece(p.detach().float()).clone().requires_grad_(True)
                 self.n_experts[key] = moe.n_experts
         self.optimizer = torch.optim.AdamW(list(self.master.values()), lr=lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay)
         self.norm = 0.0  # the experts' gradient norm of the last reduce()
 
+    def _piece(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's flat piece of a whole owned tensor (the last piece zero-padded)."""
+        n = math.ceil(t.numel() / self.dp)
+        return F.pad(t.reshape(-1), (0, n * self.dp - t.numel())).narrow(0, n * self.piece_index, n)
+
+    def _whole(self, key: str, piece: torch.Tensor, dst: int | None = None) -> torch.Tensor | None:
+        """The whole owned tensor `key` from every EDP rank's `piece`: on every rank (all-gather), or
+        on the group's rank `dst` only (gather; None elsewhere)."""
+        if self.dp == 1:
+            return piece.reshape(self.compute[key].shape)
+        group, numel = self.edp_groups[self.part], self.compute[key].numel()
+        if dst is None:
+            parts = [torch.empty_like(piece) for _ in range(self.dp)]
+            dist.all_gather(parts, piece.contiguous(), group=group)
+        else:
+            parts = [torch.empty_like(piece) for _ in range(self.dp)] if self.rank == dst else None
+            dist.gather(piece.contiguous(), parts, dst=dst, group=group)
+            if parts is None:
+                return None
+        return torch.cat(parts)[:numel].view(self.compute[key].shape)
+
     # --- one optimizer step: reduce (before engine.step), then step (after) --------------------
 
     def reduce(self) -> float:
-        """Sum the owned gradients over the expert-data-parallel group, divide by the world size,
-        and compute the experts' gradient norm over all ranks (kept for the global clip)."""
-        edp = self.edp_groups[self.part]
+        """Sum the owned gradients over the expert-data-parallel group (each rank keeps its piece of
+        the sum: a reduce-scatter, as all-to-all, which gloo and NCCL both run), divide by the world
+        size, and compute the experts' gradient norm over all ranks (kept for the global clip)."""
         sq = torch.zeros((), dtype=torch.float64)
         for key, comp in self.compute.items():
-            g = comp.grad.float() if comp.grad is not None else torch.zeros_like(self.master[key])
-            if self.world // self.ep > 1:
-                dist.all_reduce(g, group=edp)
-            g /= self.world
-            comp.grad = None  # before setting the master's: under fp32 they are the same tensor
-            self.master[key].grad = g
+            master = self.master[key]
+            g = comp.grad.float() if comp.grad is not None else torch.zeros(comp.shape)
+            comp.grad = None
+            if self.dp > 1:
+                n = master.numel()
+                sent = F.pad(g.reshape(-1), (0, n * self.dp - g.numel()))
+                got = torch.empty_like(sent)
+                dist.all_to_all_single(got, sent, group=self.edp_groups[self.part])
+                g = got.view(self.dp, n).sum(0)
+            g = g.reshape(-1) / self.world
+            master.grad = g
             sq += g.double().pow(2).sum()
-        if self.ep > 1:  # the other slices live on the other ranks of the EP group
-            dist.all_reduce(sq, group=self.ep_groups[self.rank // self.ep])
+        if self.world > 1:  # the other pieces and slices live on the other ranks
+            dist.all_reduce(sq)
         self.norm = math.sqrt(sq.item())
         return self.norm
 
     def step(self, lr: float, global_norm: float | None) -> None:
-        """AdamW on the owned experts at learning rate `lr`, clipped as DeepSpeed clips by `global_norm`."""
+        """AdamW on this rank's pieces at learning rate `lr`, clipped as DeepSpeed clips by
+        `global_norm`; then the compute weights are gathered whole from the group's new pieces."""
         if self.grad_clip > 0 and global_norm is not None and math.isfinite(global_norm):
             clip = (global_norm + 1e-6) / self.grad_clip  # DeepSpeed ZeRO's formula
             if clip > 1:
@@ -111,8 +155,9 @@ class ExpertShard:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for key, comp in self.compute.items():
-                if comp is not self.master[key]:
-                    comp.copy_(self.master[key])
+                master = self.master[key]
+                if master.data_ptr() != comp.data_ptr():
+                    comp.copy_(self._whole(key, master.detach().to(comp.dtype)))
 
     def hook_global_norm(self, engine) -> None:
         """Make the DeepSpeed engine's gradient norm (its clipping and get_global_grad_norm) the norm
@@ -159,11 +204,11 @@ class ExpertShard:
     # --- memory ---------------------------------------------------------------------------------
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for its experts: parameters (masters and compute copies),
+        """Bytes this rank holds for its experts: parameters (master pieces and compute copies),
         gradients, optimizer state."""
         params = sum(t.numel() * t.element_size() for t in self.master.values())
-        params += sum(c.numel() * c.element_size() for k, c in self.compute.items() if c is not self.master[k])
-        grads = sum(t.numel() * 4 for t in self.master.values())  # fp32 gradients during the step
+        params += sum(c.numel() * c.element_size() for k, c in self.compute.items() if c.data_ptr() != self.master[k].data_ptr())
+        grads = sum(t.numel() * 4 for t in self.master.values())  # fp32 gradient pieces during the step
         optim = sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.dim() > 0)
         if not self.optimizer.state:  # before the first step: AdamW's two moments to come
@@ -173,18 +218,24 @@ class ExpertShard:
     # --- checkpoints: one file per slice of the experts, loadable at any EP degree ---------------
 
     def save(self, folder: Path) -> None:
-        """The owned experts and their AdamW state into `folder/experts/part{j}-of{K}.pt` (one rank
-        per slice writes it: the ranks of expert-parallel group 0)."""
-        if self.rank >= self.ep:
-            return
+        """The owned experts and their AdamW state into `folder/experts/part{j}-of{K}.pt`, whole (call
+        on every rank: the ranks of expert-parallel group 0 gather their slice's pieces, one tensor at
+        a time, and write it)."""
+        writer = self.rank < self.ep
         d = Path(folder) / EXPERT_DIR
-        d.mkdir(parents=True, exist_ok=True)
+        if writer:
+            d.mkdir(parents=True, exist_ok=True)
         state = {}
         for key, master in self.master.items():
             s = self.optimizer.state.get(master, {})
-            state[key] = {"weight": master.detach(), **{k: v for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")}}
+            names = [k for k in ("exp_avg", "exp_avg_sq") if k in s]
+            for name, piece in (("weight", master.detach()), *((k, s[k]) for k in names)):
+                whole = self._whole(key, piece, dst=self.part)  # rank `part` is the slice's EDP group's first
+                if writer:
+                    state.setdefault(key, {})[name] = whole
         step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
-        torch.save({"tensors": state, "step": step}, expert_part_files(folder, self.ep)[self.part])
+        if writer:
+            torch.save({"tensors": state, "step": step}, expert_part_files(folder, self.ep)[self.part])
         if self.rank == 0:
             (d / "layout.json").write_text(json.dumps({"expert_parallel": self.ep, "n_experts": self.n_experts}))
 
@@ -192,19 +243,20 @@ class ExpertShard:
         """Restore the owned experts from a checkpoint saved at any EP degree that divides E."""
         self.load_state(read_expert_parts(Path(folder), keys=self.master, select=lambda n: expert_slice(n, self.part, self.ep)))
 
-    def load_state(self, parts: dict) -> None:
-        """Set the owned experts from `parts` ({key: {"weight", and "exp_avg", "exp_avg_sq" once
-        stepped}, "step"}, each tensor already this rank's slice: `owned_slice`)."""
+    def load_state(self, parts: dict, keys=None) -> None:
+        """Set the owned experts `keys` (default all) from `parts` ({key: {"weight", and "exp_avg",
+        "exp_avg_sq" once stepped}, "step"}, each tensor this rank's whole slice: `owned_slice`); this
+        rank keeps its piece."""
         with torch.no_grad():
-            for key, master in self.master.items():
-                t = parts[key]
-                master.copy_(t["weight"])
+            for key in (keys if keys is not None else self.master):
+                t, master = parts[key], self.master[key]
+                master.copy_(self._piece(t["weight"]))
                 if "exp_avg" in t:
-                    self.optimizer.state[master] = {"step": torch.tensor(parts["step"]), "exp_avg": t["exp_avg"].clone(),
-                                                    "exp_avg_sq": t["exp_avg_sq"].clone()}
+                    self.optimizer.state[master] = {"step": torch.tensor(parts["step"]),
+                                                    **{k: self._piece(t[k]).clone() for k in ("exp_avg", "exp_avg_sq")}}
                 comp = self.compute[key]
-                if comp is not master:
-                    comp.copy_(master)
+                if comp.data_ptr() != master.data_ptr():
+                    comp.copy_(t["weight"])
 
 
 def expert_part_files(folder: Path, k: int) -> list[Path]:

@@ -226,13 +226,15 @@ def zero_states(n: int, numels: tuple[int, ...], *, stage: int, dp: int, w: int,
     return out
 
 
-def owned_expert_states(n_own: int, w: int, gpu: bool, largest: int) -> dict[str, float]:
-    """ExpertShard's E/K routed experts: fp32 masters (and a w-byte compute copy unless fp32),
-    fp32 gradients at the step, AdamW's moments; torch's AdamW makes one temporary per tensor on
-    CPU (single-tensor loop) and of all of them on GPU (foreach)."""
-    copy = w * n_own if w != 4 else 0
-    return {"parameters": 4 * n_own + copy, "optimizer": 8 * n_own, "gradients": 4 * n_own,
-            "buffers": 0.0, "step": 4 * (n_own if gpu else largest), "host": 0.0}
+def owned_expert_states(n_own: int, w: int, gpu: bool, largest: int, dp: int) -> dict[str, float]:
+    """ExpertShard's E/K routed experts: a w-byte compute copy, and fp32 masters (the compute copy
+    itself under fp32 when dp is 1), gradients at the step and AdamW's moments split over the `dp`
+    ranks of the expert-data-parallel group; torch's AdamW makes one temporary per tensor on CPU
+    (single-tensor loop) and of all of them on GPU (foreach)."""
+    piece = n_own / dp
+    copy = w * n_own if (w != 4 or dp > 1) else 0
+    return {"parameters": 4 * piece + copy, "optimizer": 8 * piece, "gradients": 4 * piece,
+            "buffers": 0.0, "step": 4 * (piece if gpu else largest / dp), "host": 0.0}
 
 
 def _add(mem: RankMemory, states: dict[str, float]) -> None:
@@ -257,7 +259,7 @@ def pretrain_rank(args: ModelArgs, pc: ParamCount, p, *, world: int, seq: int, g
     _add(mem, zero_states(n_ds, pc.numels if owned else pc.numels + pc.routed_numels, stage=p.zero_stage, dp=world, w=w,
                           offload=p.offload_optimizer))
     if owned:
-        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K))
+        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K, dp=world // K))
     mem.buffers += pc.buffer_bytes
     mem.activations = activation_bytes(args, p.micro_batch_size, seq, w=w, gpu=gpu, checkpointing=p.activation_checkpointing)
     if K > 1 and args.n_routed_experts and args.n_layers > args.n_dense_layers:
@@ -295,7 +297,7 @@ def learner_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     mem = RankMemory("learner", g.learners, on_gpu=gpu)
     if K > 1:
         _add(mem, zero_states(pc.total - pc.routed, pc.numels, stage=g.zero_stage, dp=g.learners, w=w, offload=False))
-        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K))
+        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K, dp=g.learners // K))
     else:
         _add(mem, zero_states(pc.total, pc.numels + pc.routed_numels, stage=g.zero_stage, dp=g.learners, w=w, offload=False))
     mem.buffers += pc.buffer_bytes

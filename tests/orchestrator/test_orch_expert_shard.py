@@ -4,8 +4,11 @@ that bites) give the losses of one process holding the whole model, to 1e-5, wit
 for the other weights. A checkpoint saved at EP 2 resumes at EP 4 on the losses of the
 uninterrupted run, and its experts reassemble into the single process's full weights; one saved at
 4 workers resumes, resharded (orchestrator/reshard.py), at 2 workers and at 1 (experts back in the
-engine), and one saved with the experts in the engine under ZeRO 1 resumes at EP 2 under ZeRO 3."""
+engine), and one saved with the experts in the engine under ZeRO 1 resumes at 4 workers / EP 2 under
+ZeRO 3. Where the world exceeds K, each owned expert's master, gradient and moments are split over
+the world / K ranks that own it: the test checks each rank's piece and the bytes it holds."""
 
+import math
 import os
 
 import pytest
@@ -52,15 +55,16 @@ def worker(rank, world, port, ep, stage, out, save_at, load_from):
     if load_from:
         start, _ = load_pretrain_part(engine, load_from, rank=rank, world=world, experts=experts)
     rows, losses, norms = Rows(rank, world, start), [], []
-    owned = {k: tuple(v.shape) for k, v in experts.master.items()} if experts is not None else {}
+    owned = {k: (tuple(v.shape), experts.master[k].numel()) for k, v in experts.compute.items()} if experts is not None else {}
     for step in range(start + 1, STEPS + 1):
         loss, _ = train_step(engine, model, rows, 1, torch.device("cpu"), world, experts=experts)
         losses.append(loss["loss"])
         norms.append(float(engine.get_global_grad_norm()))
         if step == save_at:
             save_pretrain_part(engine, out, step=step, rank=rank, world=world, worker_state={}, experts=experts)
+    held = experts.state_bytes() if experts is not None else {}
     if rank == 0:
-        torch.save({"losses": losses, "norms": norms, "owned": owned}, os.path.join(out, "result.pt"))
+        torch.save({"losses": losses, "norms": norms, "owned": owned, "held": held}, os.path.join(out, "result.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -85,8 +89,12 @@ def test_owned_experts_give_the_single_process_losses(reference, tmp_path, world
     ref, _ = reference
     got, _ = run(tmp_path, "run", world, ep, stage)
     assert max(ref["norms"]) > 0.5 * 2, ref["norms"]  # the clip (0.5) bites: the global norm matters
-    for k, shape in got["owned"].items():  # E/K experts per layer on this rank
+    pieces = 0
+    for k, (shape, piece) in got["owned"].items():  # E/K experts per layer on this rank, a 1/D piece of their state
         assert shape[0] == 8 // ep, (k, shape)
+        assert piece == math.ceil(math.prod(shape) / (world // ep)), (k, shape, piece, world, ep)
+        pieces += piece
+    assert got["held"]["optimizer"] == 8 * pieces and got["held"]["gradients"] == 4 * pieces, got["held"]
     for a, b in zip(got["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (world, ep, stage, got["losses"], ref["losses"])
     for a, b in zip(got["norms"], ref["norms"]):
@@ -127,9 +135,10 @@ def test_a_checkpoint_at_ep2_resumes_at_ep4_and_reassembles_the_full_experts(ref
 def test_a_checkpoint_reshards_to_another_world_size_expert_layout_and_zero_stage(reference, saved_at_4_workers_ep2, tmp_path):
     """Resharded resumes (orchestrator/reshard.py) continue the uninterrupted run's losses: the
     4-worker EP 2 ZeRO-2 checkpoint at 2 workers / EP 2 and at 1 worker with the experts back in
-    the engine (EP 1); the single process's ZeRO-1 checkpoint at 2 workers / EP 2 under ZeRO 3."""
+    the engine (EP 1); the single process's ZeRO-1 checkpoint at 4 workers / EP 2 under ZeRO 3 (each
+    expert's state split over the 2 ranks that own it)."""
     ref, ref_dir = reference
     for name, world, ep, stage, source in (("w2", 2, 2, 2, saved_at_4_workers_ep2), ("w1", 1, 1, 2, saved_at_4_workers_ep2),
-                                           ("w2z3", 2, 2, 3, ref_dir)):
+                                           ("w4z3", 4, 2, 3, ref_dir)):
         resumed, _ = run(tmp_path, name, world, ep, stage, load_from=source)
         assert_continues(resumed, ref, name)
