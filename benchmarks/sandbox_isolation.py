@@ -22,7 +22,9 @@ import time
 
 from data.tasks import load_humaneval
 from rl.rewards.second_opinion import SecondOpinion
-from rl.sandbox import _MODES, _Cgroups, _run, isolation
+from rl.sandbox import isolation
+from rl.sandbox.cgroups import _Cgroups
+from rl.sandbox.host import _MODES, _run
 
 TIMEOUT_S, MEMORY_MB = 30, 1024
 

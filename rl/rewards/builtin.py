@@ -64,7 +64,7 @@ def overlong(completion: str, sample: Mapping) -> float:
 
 @reward("code_tests")
 def code_tests(completion: str, sample: Mapping) -> float:
-    """1 when the program in the completion passes sample["tests"] in the sandbox (rl/sandbox.py).
+    """1 when the program in the completion passes sample["tests"] in the sandbox (rl/sandbox/).
 
     Options: `fraction` (score the fraction of checks that held), `timeout_s`, `memory_mb`,
     `isolation` ("full" or "reduced"; the evaluator sets it from `rewards.isolation`)."""

@@ -5,7 +5,7 @@ inside it is unwrapped), else the last ```python fenced block, else the text aft
 </think> (the whole completion when there is none). The reward is 1.0 when every test passes and
 0.0 otherwise, or with `fraction=True` the fraction of executed checks that held (0 on timeout,
 crash, a program that does not load, or tests that run no check). The verdict comes from
-rl/sandbox.py, never from the program. The RewardEvaluator adds a second opinion on full rewards
+rl/sandbox/, never from the program. The RewardEvaluator adds a second opinion on full rewards
 (rl/rewards/second_opinion.py).
 
 HumanEval-style tasks, whose prompt is code ending inside the function to write: when the program

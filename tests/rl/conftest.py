@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rl.sandbox import _UID_BASE, _UID_RANGE
+from rl.sandbox.host import _UID_BASE, _UID_RANGE
 
 
 def _sandbox_pids() -> list[int]:

@@ -15,7 +15,8 @@ import pytest
 
 from rl.io_tests import parse_spec, run_io_tests, same_output, spec_problem
 from rl.rewards.code import code_reward
-from rl.sandbox import _MODES, _bound, _run_program, run_program
+from rl.sandbox import run_program
+from rl.sandbox.host import _MODES, _bound, _run_program
 
 ADD = "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)\n"
 

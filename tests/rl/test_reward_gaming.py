@@ -21,7 +21,9 @@ from rl.rewards import RewardConfig, RewardSpec
 from rl.rewards.builtin import math_accuracy
 from rl.rewards.code import code_reward
 from rl.rewards.math import MathVerifier, math_reward
-from rl.sandbox import _MODES, _Cgroups, _run, isolation, run_tests
+from rl.sandbox import isolation, run_tests
+from rl.sandbox.cgroups import _Cgroups
+from rl.sandbox.host import _MODES, _run
 
 REPO = Path(__file__).resolve().parents[2]
 SQUARE = "def square(x):\n    return x * x\n"

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from rl.sandbox import _MODES, _bound, _run, run_tests
+from rl.sandbox import run_tests
+from rl.sandbox.host import _MODES, _bound, _run
 
 TIMEOUT = 2.0
 MEMORY_MB = 256  # small, so that filling it takes well under TIMEOUT
