@@ -20,7 +20,10 @@ owned experts, which DeepSpeed never sees, into or out of the engine (its MoE su
 The global batch (micro_batch_size x workers x grad_accum) and the loader's rows per micro-batch
 must stay the same: the loader's saved position counts micro-batches of that many rows.
 
-Every rank holds the whole model's state while loading (weights and two moments, fp32).
+The checkpoint's files are memory-mapped and each parameter's full state (weight and two moments,
+fp32) is assembled when it is set and dropped after: a rank holds its own share plus one parameter's
+full state at a time, not the model's (a 671B checkpoint cannot be held whole by any rank); the pages
+read from the files are the kernel's page cache, not the process's memory.
 
 GRPO's learners (orchestrator/grpo/learner.py) use the same path when `grpo.learners`, their ZeRO
 stage or `grpo.expert_parallel` changed between the save and the resume.
@@ -78,15 +81,15 @@ def load_resharded(engine, path: Path, meta: dict, *, world: int, experts=None, 
     full, buffers, states = read_full_state(ds_dir)
     layout = expert_layout(experts_at)
     if layout is not None and experts is None:  # owned experts join the engine's parameters
-        parts = read_expert_parts(experts_at)
-        full.update({PREFIX + k: v for k, v in parts.items() if k != "step"})
+        full.update({PREFIX + k: (lambda k=k: read_expert_parts(experts_at, keys=[k])[k]) for k in layout["n_experts"]})
     if experts is not None:
         if layout is not None:
             experts.load(experts_at)
         else:  # the engine's experts become this rank's ExpertShard
             step = float(states["step"])
-            own = {k: {n: t[owned_slice(experts, len(t))] for n, t in full.pop(PREFIX + k).items()} for k in experts.master}
-            experts.load_state({**own, "step": step})
+            for k in experts.master:  # one key at a time
+                experts.load_state({k: {n: t[owned_slice(experts, len(t))] for n, t in full.pop(PREFIX + k)().items()},
+                                    "step": step}, keys=[k])
     set_engine_state(engine, full, buffers, states)
     if dist.get_rank() == 0:
         print(f"{job}: resuming checkpoint {path} saved at {_workers(meta['world_size'])} / EP {meta.get('expert_parallel', 1)} "
@@ -104,12 +107,14 @@ def _workers(n: int) -> str:
 
 
 def read_full_state(ds_dir: Path) -> tuple[dict, dict, dict]:
-    """({parameter name: {"weight", "exp_avg", "exp_avg_sq"}} full fp32 tensors, {buffer name: tensor},
-    {"step": AdamW's step count, "global_steps", "global_samples", "skipped_steps", "lr_scheduler"})
-    of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with ZeRO 0-3 at any world size."""
+    """({parameter name: a function returning its {"weight", "exp_avg", "exp_avg_sq"} full fp32
+    tensors}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
+    "skipped_steps", "lr_scheduler"}) of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with
+    ZeRO 0-3 at any world size. The files are memory-mapped and a parameter's state is assembled only
+    when asked for, so a rank holds one parameter's full state at a time, not the model's."""
     zero3 = (ds_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO 3: one per rank, else one
     ms = torch.load(ds_dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"),
-                    map_location="cpu", weights_only=False)
+                    map_location="cpu", mmap=True, weights_only=False)
     buffers = {k: v for k, v in ms["module"].items() if k in ms["buffer_names"]}
     states = {k: ms[k] for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
     if ms["optimizer"] is not None:  # ZeRO 0: the module and torch's optimizer state, whole
@@ -134,31 +139,48 @@ def _base_state(osd: dict, group: int) -> dict:
 
 
 def _flat(osds: list[dict], key: str, weights_key: str) -> list[list[torch.Tensor]]:
-    """Per rank, per flat group: the fp32 weights (`key` "weight") or a moment, cut to the weights' length
-    (ZeRO 1/2 save weights without the last rank's padding, moments with it); zeros before any step."""
+    """Per rank, per flat group: the fp32 weights (`key` "weight") or a moment (memory-mapped views),
+    cut to the weights' length (ZeRO 1/2 save weights without the last rank's padding, moments with
+    it); None for a moment before any step (zeros)."""
     out = []
     for osd in osds:
         weights = osd[weights_key]
         if key == "weight":
             out.append(list(weights))
         else:
-            out.append([_base_state(osd, g).get(key, torch.zeros_like(w))[:w.numel()] for g, w in enumerate(weights)])
+            out.append([_base_state(osd, g)[key][:w.numel()] if key in _base_state(osd, g) else None
+                        for g, w in enumerate(weights)])
     return out
+
+
+def _span(pieces: list[torch.Tensor | None], lengths: list[int], lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the concatenation of `pieces` (of `lengths`; a None piece reads as
+    zeros), copied out of the pieces that hold them."""
+    out, start = [], 0
+    for t, n in zip(pieces, lengths):
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append(t[a - start:b - start] if t is not None else torch.zeros(b - a))
+        start += n
+    return torch.cat(out)
 
 
 def _zero12_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
     """ZeRO 1/2: each flat group is the ranks' partitions end to end, the parameters in order (with
     DeepSpeed's per-parameter alignment padding, if any, after each)."""
     pads = osds[0].get("param_alignment_paddings")
+    per_key = {key: _flat(osds, key, "single_partition_of_fp32_groups") for key in ("weight", *MOMENTS)}
+    lengths = [[r[g].numel() for r in per_key["weight"]] for g in range(len(param_shapes))]
     full: dict = {}
-    for key in ("weight", *MOMENTS):
-        per_rank = _flat(osds, key, "single_partition_of_fp32_groups")
-        for g, shapes in enumerate(param_shapes):
-            flat, offset = torch.cat([r[g] for r in per_rank]), 0
-            for j, (name, shape) in enumerate(shapes.items()):
-                n = math.prod(shape)
-                full.setdefault(name, {})[key] = flat[offset:offset + n].view(shape).clone()
-                offset += n + (pads[g][j] if pads else 0)
+    for g, shapes in enumerate(param_shapes):
+        offset = 0
+        for j, (name, shape) in enumerate(shapes.items()):
+            n = math.prod(shape)
+
+            def state(g=g, lo=offset, n=n, shape=shape):
+                return {key: _span([r[g] for r in per_key[key]], lengths[g], lo, lo + n).view(shape) for key in per_key}
+            full[name] = state
+            offset += n + (pads[g][j] if pads else 0)
     return full
 
 
@@ -167,15 +189,19 @@ def _zero3_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
     its piece of every parameter, in order."""
     world, full = len(osds), {}
     shapes = {k: v for d in param_shapes for k, v in d.items()}
-    for key in ("weight", *MOMENTS):
-        per_rank = [torch.cat(groups) for groups in _flat(osds, key, "fp32_flat_groups")]
-        offset = 0
-        for name, shape in shapes.items():
-            n = math.prod(shape)
-            piece = math.ceil(n / world)
-            full.setdefault(name, {})[key] = torch.cat([r[offset:offset + piece] for r in per_rank])[:n].view(shape).clone()
-            offset += piece
-        assert offset == per_rank[0].numel(), (offset, per_rank[0].numel())
+    per_key = {key: _flat(osds, key, "fp32_flat_groups") for key in ("weight", *MOMENTS)}
+    lengths = [w.numel() for w in per_key["weight"][0]]  # every rank's groups have the same sizes
+    offset = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        piece = math.ceil(n / world)
+
+        def state(lo=offset, piece=piece, n=n, shape=shape):
+            return {key: torch.cat([_span(r, lengths, lo, lo + piece) for r in per_key[key]])[:n].view(shape)
+                    for key in per_key}
+        full[name] = state
+        offset += piece
+    assert offset == sum(lengths), (offset, sum(lengths))
     return full
 
 
@@ -190,8 +216,12 @@ def _zero0_state(ms: dict) -> tuple[dict, float]:
     assert len(ids) == len(names), f"{len(ids)} optimizer entries for {len(names)} parameters (tied weights?)"
     full, step = {}, 0.0
     for name, i in zip(names, ids):
-        w, s = ms["module"][name].float(), opt["state"].get(i, {})
-        full[name] = {"weight": w, **{k: s.get(k, torch.zeros_like(w)) for k in MOMENTS}}
+        s = opt["state"].get(i, {})
+
+        def state(name=name, s=s):
+            w = ms["module"][name].float()
+            return {"weight": w, **{k: s[k] if k in s else torch.zeros_like(w) for k in MOMENTS}}
+        full[name] = state
         step = float(s["step"]) if "step" in s else step
     return full, step
 
@@ -202,8 +232,8 @@ def _zero0_state(ms: dict) -> tuple[dict, float]:
 
 
 def set_engine_state(engine, full: dict, buffers: dict, states: dict) -> None:
-    """Set every engine parameter's weight and moments from `full`, the buffers, AdamW's step count,
-    the LR scheduler and the engine's step counters."""
+    """Set every engine parameter's weight and moments from `full` ({name: a function returning its
+    full state}), the buffers, AdamW's step count, the LR scheduler and the engine's step counters."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     named = dict(engine.module.named_parameters())
@@ -215,7 +245,7 @@ def set_engine_state(engine, full: dict, buffers: dict, states: dict) -> None:
         _create_moments(engine, step)
     with torch.no_grad():
         for name, p in named.items():
-            t = full[name]
+            t = full[name]()  # this parameter's full state, read now and dropped after
             if stage == 0:
                 p.copy_(t["weight"])
                 if step > 0:
