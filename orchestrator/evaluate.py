@@ -82,7 +82,8 @@ def heldout(rollouts, tasks: list[dict], *, samples: int, temperature: float, ks
     kw = dict(weights=weights, version=version)
     g_gen, g_score = rollouts.launch(tasks, seed_key=GREEDY_KEY, group_size=1, temperature=0.0, **kw)
     s_gen, s_score = rollouts.launch(tasks, seed_key=SAMPLED_KEY, group_size=samples, temperature=temperature, **kw) if samples else ([], [])
-    greedy, sampled = records_of(ray.get(g_score)), records_of(ray.get(s_score))
+    (g_gen, g_score), (_, s_score) = rollouts.results(g_gen, g_score), rollouts.results(s_gen, s_score)
+    greedy, sampled = records_of(g_score), records_of(s_score)
     texts = completions_of(ray.get(g_gen))
     rows = []
     for i, task in enumerate(tasks):

@@ -103,8 +103,8 @@ def execute(cfg: RunConfig, out: str | Path | None) -> Path:
         for r, lo in enumerate(range(0, len(tasks), s.batch_prompts)):
             batch = tasks[lo : lo + s.batch_prompts]
             gen, score = ev.rollouts.launch(batch, seed_key=(2, r), group_size=s.samples, temperature=temperature, first_group=lo)
-            get = ev.rollouts.ray.get  # Ray's, or the one-process runtime's
-            texts, records = completions_of(get(gen)), records_of(get(score))
+            gen, score = ev.rollouts.results(gen, score)
+            texts, records = completions_of(ev.rollouts.ray.get(gen)), records_of(score)  # Ray's get, or the one-process runtime's
             k, rej = select_completions(batch, s.samples, texts, records, keep=s.keep, max_per_prompt=s.max_per_prompt, teacher=str(hf),
                                         heldout_percent=s.sft_heldout_percent)
             kept += k

@@ -139,7 +139,7 @@ class Driver:
 
         g = self.cfg.grpo
         t0 = time.perf_counter()
-        batch = StepRollouts(gen=list(pending.gen), scored=self.ray.get(pending.scored))
+        batch = StepRollouts(*self.rollouts.results(pending.gen, pending.scored))
         while g.dynamic_sampling and batch.refill_rounds < g.max_refill_rounds:
             missing = g.prompts_per_step - len(varied_groups(batch.records))
             if missing <= 0:
@@ -149,7 +149,8 @@ class Driver:
             gen, score = self.rollouts.launch(
                 self.stream.take(missing), seed_key=(step, batch.refill_rounds), group_size=g.group_size, first_group=first,
                 temperature=self.cfg.rollout.temperature, weights=self.weights.sampler_weights, version=self.version)
-            batch.scored += self.ray.get(score)
+            gen, scored = self.rollouts.results(gen, score)
+            batch.scored += scored
             batch.gen += gen
         batch.wait_s = time.perf_counter() - t0
         return batch

@@ -5,9 +5,10 @@
   groups of K that hold one copy each, the routed experts split K ways (issue 21): each member
   loads only its experts, every member of a group gets the same calls, decodes its share of the
   rows and exchanges tokens with the others all-to-all (model/generate.py), and member 0 returns
-  the chunk. Weights reach each member as its own shard (weight_sync.py). A group's members cannot
-  rejoin a group once one of them is gone, so expert-parallel samplers are not restarted: a crash
-  ends the run with the member's error. Every `generate` call names the weights it must use
+  the chunk. Weights reach each member as its own shard (weight_sync.py). A process group cannot
+  take in a replacement member, so when one member fails the driver restarts the whole group (all
+  K members, a fresh rendezvous) and runs its unfinished chunks again (`Rollouts.results`). Every
+  `generate` call names the weights it must use
   (an ObjectRef the driver got from the learners, and its version): a sampler that Ray restarted
   after a crash, or one that missed a sync, loads them before sampling, so a retried call samples
   from the same policy as the original would have. With each completion it returns what the
@@ -18,8 +19,9 @@
   per-sample timeouts, live-reloaded reward files) and returns `rl.rollouts.ScoredRollout` records:
   the driver never sees token ids.
 - `Rollouts` is the driver's side: it starts the samplers and reward workers in their placement
-  bundles (restarted after a crash, calls retried) and submits tasks to them, two chunks per
-  sampler so that scoring one chunk overlaps generating the next. It returns ObjectRefs only.
+  bundles (restarted after a crash, calls retried; expert-parallel groups restarted whole, their
+  chunks resubmitted with the same seeds) and submits tasks to them, two chunks per sampler so that
+  scoring one chunk overlaps generating the next. `launch` returns ObjectRefs; `results` waits.
 
 The classes work without Ray (tests and benchmarks call them in-process); `Rollouts` wraps them.
 
@@ -291,23 +293,35 @@ class Rollouts:
                  num_evaluators: int, seed: int):
         self.ray, self.cfg, self.seed = ray, rollout_cfg, seed
         # Samplers and reward workers come back after a crash (into their bundle, rescheduled if
-        # their node died) and their calls are retried; expert-parallel samplers cannot rejoin their group.
+        # their node died) and their calls are retried. An expert-parallel group cannot take a new
+        # member into its process group: `results` restarts the whole group and reruns its chunks.
         restart = dict(max_restarts=-1, max_task_retries=-1)
         K = self.ep = rollout_cfg.expert_parallel
-        Sampler = ray.remote(**(restart if K == 1 else dict(max_restarts=0)))(RolloutSampler)
+        self.placement, self.max_group_restarts = placement, 2
+        self.Sampler = ray.remote(**(restart if K == 1 else dict(max_restarts=0)))(RolloutSampler)
+        self.sampler_kw = dict(template=template, exact=rollout_cfg.exact, static_decode=rollout_cfg.static_decode)
+        self.paths = (str(hf_dir), str(tok_path))
         Scorer = ray.remote(**restart)(RewardWorker)
-        groups = {}
-        if K > 1:
-            from orchestrator.grpo.weight_sync import rendezvous_at
-
-            groups = {i: rendezvous_at(ray, placement, "sampler", i) for i in range(0, rollout_cfg.num_samplers, K)}
-        self.samplers = [Sampler.options(**placement.options("sampler", i)).remote(
-            str(hf_dir), str(tok_path), template=template, exact=rollout_cfg.exact, static_decode=rollout_cfg.static_decode,
-            expert_group=(*groups[i - i % K], i % K, K) if K > 1 else None) for i in range(rollout_cfg.num_samplers)]
-        self.followers: list = []  # calls to members 1.. of expert-parallel groups (they return None)
+        self.samplers = [s for g in range(rollout_cfg.num_samplers // K) for s in self._start_group(g)]
+        self.followers: dict = {}  # calls to members 1.. of expert-parallel groups (they return None): ref -> its chunk's gen ref
+        self.chunks: dict = {}  # expert-parallel groups: gen ref -> (group, the launch's arguments), until its results are in
+        self.epochs = [0] * (rollout_cfg.num_samplers // K)  # restarts of each model copy's members
+        self.restarts = 0  # expert-parallel groups restarted
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
                         for i in range(num_evaluators)]
         self._check_started()
+
+    def _start_group(self, g: int) -> list:
+        """Start model copy `g`'s samplers: one, or the K members of an expert-parallel group (a fresh
+        rendezvous on member 0's node)."""
+        K = self.ep
+        if K == 1:
+            return [self.Sampler.options(**self.placement.options("sampler", g)).remote(*self.paths, **self.sampler_kw)]
+        from orchestrator.grpo.weight_sync import rendezvous_at
+
+        addr, port = rendezvous_at(self.ray, self.placement, "sampler", g * K)
+        return [self.Sampler.options(**self.placement.options("sampler", i)).remote(
+            *self.paths, **self.sampler_kw, expert_group=(addr, port, i % K, K)) for i in range(g * K, (g + 1) * K)]
 
     def _check_started(self) -> None:
         """A reward worker that refuses to start (a node that cannot isolate the code sandbox) is a
@@ -326,10 +340,7 @@ class Rollouts:
         """Submit generation + scoring for `tasks`; returns (RolloutChunk refs, ScoredChunk refs), no waiting.
         `weights`: ObjectRef of the policy state at `version` (None: the init checkpoint), or with
         expert-parallel samplers one per expert part (WeightSync.sampler_weights)."""
-        S, K = len(self.samplers) // self.ep, self.ep  # S model copies of K samplers each
-        if self.followers:  # a member that failed: its error now, not a peer's timeout later
-            done, self.followers = self.ray.wait(self.followers, num_returns=len(self.followers), timeout=0)
-            self.ray.get(done)
+        S = len(self.samplers) // self.ep  # S model copies of K = rollout.expert_parallel samplers each
         per = max(1, math.ceil(len(tasks) / (S * 2)))  # two chunks per sampler: scoring overlaps generation
         gen, score = [], []
         for c, lo in enumerate(range(0, len(tasks), per)):
@@ -337,13 +348,80 @@ class Rollouts:
             seed = int(np.random.default_rng([self.seed, *seed_key, c]).integers(2**31))
             kw = dict(group_size=group_size, max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, top_p=self.cfg.top_p, seed=seed)
             groups = list(range(first_group + lo, first_group + lo + len(chunk)))
-            refs = [member.generate.remote(chunk, groups, None if weights is None else [weights[r] if isinstance(weights, list) else weights],
-                                           version, **kw)
-                    for r, member in enumerate(self.samplers[(c % S) * K : (c % S + 1) * K])]
-            gen.append(refs[0])
-            self.followers += refs[1:]
-            score.append(self.scorers[c % len(self.scorers)].score.remote(refs[0]))
+            g, s = self._submit(c % S, (chunk, groups, weights, version, kw), scorer=c)
+            gen.append(g)
+            score.append(s)
         return gen, score
+
+    def _submit(self, g: int, call: tuple, scorer: int):
+        """One chunk's generate call (`call`: its tasks, groups, weights, version and sampling
+        arguments) on model copy `g`, every member of its group, and its scoring."""
+        K, (chunk, groups, weights, version, kw) = self.ep, call
+        refs = [member.generate.remote(chunk, groups, None if weights is None else [weights[r] if isinstance(weights, list) else weights],
+                                       version, **kw)
+                for r, member in enumerate(self.samplers[g * K : (g + 1) * K])]
+        if K > 1:
+            self.chunks[refs[0]] = (g, self.epochs[g], call, scorer)
+            self.followers.update({f: refs[0] for f in refs[1:]})
+        return refs[0], self.scorers[scorer % len(self.scorers)].score.remote(refs[0])
+
+    def results(self, gen: list, scored: list) -> tuple[list, list]:
+        """Wait for launched chunks: (their RolloutChunk refs, their ScoredChunks). Where a member of
+        an expert-parallel group failed (its own call, or member 0's), the group is restarted — all K,
+        a fresh rendezvous, the weights each call names loaded from the object store — and its
+        unfinished chunks run again with their seeds: the same completions as without the failure.
+        A group that fails more than `max_group_restarts` times within one call raises its error."""
+        if self.ep == 1:
+            return list(gen), self.ray.get(list(scored))
+        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError)
+        gen, scored, values, tries = list(gen), list(scored), [None] * len(scored), {}
+        while any(v is None for v in values):
+            index = {ref: i for i, ref in enumerate(scored) if values[i] is None}
+            mine = {f: gen.index(c) for f, c in self.followers.items() if c in gen}
+            [ref], _ = self.ray.wait([*index, *(f for f, i in mine.items() if values[i] is None)], num_returns=1)
+            i = index.get(ref, mine.get(ref))
+            try:
+                value = self.ray.get(ref)
+            except errors as e:
+                if ref in index and self._generated(gen[i]):
+                    raise  # the scorer's own error, not the samplers'
+                g, epoch, _, _ = self.chunks[gen[i]]
+                if epoch == self.epochs[g]:  # else a chunk of members already replaced: only run it again
+                    tries[g] = tries.get(g, 0) + 1
+                    if tries[g] > self.max_group_restarts:
+                        raise
+                    self._restart_group(g, e)
+                for j, ref_j in enumerate(gen):  # the group's unfinished chunks, again on its new members
+                    if values[j] is None and self.chunks[ref_j][0] == g:
+                        _, _, call, scorer = self.chunks.pop(ref_j)
+                        gen[j], scored[j] = self._submit(g, call, scorer)
+                continue
+            if ref in index:
+                values[i] = value
+                self.chunks.pop(gen[i], None)
+                self.followers = {f: c for f, c in self.followers.items() if c != gen[i]}
+            self.followers.pop(ref, None)
+        return gen, values
+
+    def _generated(self, ref) -> bool:
+        """Whether a generate call finished without error."""
+        try:
+            self.ray.get(ref, timeout=0)
+            return True
+        except Exception:
+            return False
+
+    def _restart_group(self, g: int, error: BaseException) -> None:
+        """Replace model copy `g`'s members: every chunk still on the old ones fails and runs again."""
+        K = self.ep
+        print(f"grpo: expert-parallel sampler group {g} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+              f"restarting its {K} members", flush=True)
+        for a in self.samplers[g * K : (g + 1) * K]:
+            self.ray.kill(a, no_restart=True)
+        self.followers = {f: c for f, c in self.followers.items() if c in self.chunks and self.chunks[c][0] != g}
+        self.samplers[g * K : (g + 1) * K] = self._start_group(g)  # in place: WeightSync holds this list
+        self.epochs[g] += 1
+        self.restarts += 1
 
     def close(self) -> None:
         """Let the reward workers stop their pools (the placement groups' release ends the actors)."""

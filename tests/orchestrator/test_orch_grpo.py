@@ -77,7 +77,8 @@ def test_an_expert_parallel_sampler_group_samples_as_one_sampler(policy_dir, ray
     """rollout.expert_parallel=2 (issue 21): two sampler actors hold one policy, each half of the
     routed experts; their chunks have the tokens, log-probs and routed experts of one in-process
     sampler holding the whole model with the same seeds, before and after an update; each member
-    receives only its shard of the new weights."""
+    receives only its shard of the new weights. A member killed with chunks in flight: the group is
+    restarted whole and its chunks come out as the one sampler's; the next sync reaches the new members."""
     import numpy as np
 
     from model.parallel import expert_shard_state
@@ -93,10 +94,13 @@ def test_an_expert_parallel_sampler_group_samples_as_one_sampler(policy_dir, ray
     assert members == [state_hash(expert_shard_state(full, r, 2)) for r in range(2)]  # each holds only its experts
     E = next(v for k, v in full.items() if k.endswith("experts.w1")).shape[0]
 
-    def same_as_one_sampler(step):
+    def same_as_one_sampler(step, kill=None):
         tasks = d.stream.take(4)
-        gen, _ = d.rollouts.launch(tasks, seed_key=(step, 0), group_size=4, temperature=1.0, weights=d.weights.sampler_weights,
-                                   version=d.version)
+        gen, score = d.rollouts.launch(tasks, seed_key=(step, 0), group_size=4, temperature=1.0, weights=d.weights.sampler_weights,
+                                       version=d.version)
+        if kill is not None:  # a member dies with the chunks in flight: the group restarts and runs them again
+            ray.kill(d.rollouts.samplers[kill], no_restart=True)
+        gen, _ = d.rollouts.results(gen, score)
         chunks = ray.get(gen)
         per = len(chunks[0].tasks) // 4
         for c, chunk in enumerate(chunks):
@@ -119,6 +123,16 @@ def test_an_expert_parallel_sampler_group_samples_as_one_sampler(policy_dir, ray
     parts = ray.get(d.weights.sampler_weights)
     assert all(t.shape[0] == E // 2 for part in parts for k, t in part.items() if ".experts.w" in k)  # shards travel, not the whole
     same_as_one_sampler(3)
+    old_members = list(d.rollouts.samplers)
+    same_as_one_sampler(4, kill=1)
+    assert d.rollouts.restarts == 1 and not set(d.rollouts.samplers) & set(old_members)
+    # the new members loaded the current weights' shards from the object store, and the next sync reaches them
+    assert ray.get([s.weights_hash.remote() for s in d.rollouts.samplers]) == [state_hash(expert_shard_state(new, r, 2)) for r in range(2)]
+    batch = d.collect(d.sample_step(5), 5)
+    assert {rec.version for rec in batch.records} == {d.version}
+    d.learn(batch, [((i % 4) - 1.5) for i in range(len(batch.records))], 5)
+    newer = ray.get(d.weights.weights_ref)
+    assert ray.get([s.weights_hash.remote() for s in d.rollouts.samplers]) == [state_hash(expert_shard_state(newer, r, 2)) for r in range(2)]
     d.close()
     tracker.close()
 
