@@ -292,7 +292,8 @@ def learner_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     """One GRPO PolicyLearner (orchestrator/grpo/learner.py): DeepSpeed over the policy (bf16 on
     GPU; with grpo.expert_parallel K the routed experts are owned, E/K per rank, beside it), its share
     of a minibatch as one micro-batch of prompt + max_new_tokens positions, the full logits of the
-    on-policy minibatch, and the colocated fp32 reference when grpo.kl_beta > 0."""
+    on-policy minibatch, and the colocated reference when grpo.kl_beta > 0 (whole, or partitioned over
+    the learners under ZeRO-3)."""
     w, K = (2 if gpu else 4), g.expert_parallel
     mem = RankMemory("learner", g.learners, on_gpu=gpu)
     if K > 1:
@@ -301,8 +302,11 @@ def learner_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     else:
         _add(mem, zero_states(pc.total, pc.numels + pc.routed_numels, stage=g.zero_stage, dp=g.learners, w=w, offload=False))
     mem.buffers += pc.buffer_bytes
-    if g.kl_beta > 0 and g.reference == "colocated":
-        mem.buffers += 4 * pc.total  # load_policy keeps the checkpoint's fp32
+    if g.kl_beta > 0 and g.reference == "colocated":  # learner.build_reference, in the compute dtype
+        if g.zero_stage == 3 and K == 1:  # partitioned over the learners, one parameter gathered at a time
+            mem.buffers += w * (pc.total / g.learners + max(pc.numels + pc.routed_numels, default=0))
+        else:
+            mem.buffers += w * pc.total
     rows = math.ceil(g.minibatch_size / g.learners)
     mem.activations = activation_bytes(args, rows, prompt_len + r.max_new_tokens, w=w, gpu=gpu, checkpointing=g.activation_checkpointing,
                                        loss="logprobs")

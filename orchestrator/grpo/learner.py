@@ -1,5 +1,6 @@
 """The policy learner: one rank of a DeepSpeed group that applies the GRPO update, and the frozen
-reference model (colocated with each learner, or in an actor of its own with `grpo.reference=actor`).
+reference model (colocated with each learner — partitioned over them under ZeRO-3 —, or in an actor of its own with
+`grpo.reference=actor`).
 
 Each step every rank receives the step's rollout chunks (Ray resolves the ObjectRefs the driver
 passed) and one advantage per completion, keeps the samples that enter the loss, takes its
@@ -117,6 +118,25 @@ def build_policy(init_dir: str, g, *, rank: int, world: int, exact: bool, on_gpu
     return model, experts, config(sum(q.numel() for q in model.parameters()))  # owned experts are no longer parameters
 
 
+def build_reference(init_dir: str, g, ds_cfg: dict, device: torch.device):
+    """The frozen reference colocated with a learner rank (grpo.reference=colocated). Under ZeRO-3
+    without owned experts it is partitioned over the learners as the policy is: built under zero.Init
+    and run by a DeepSpeed engine without an optimizer, which gathers each layer for its forward (as
+    OpenRLHF runs its reference), so a rank holds 1/learners of it. Otherwise each rank holds a whole
+    copy, in the policy's compute dtype (bf16 on GPUs). Every rank calls it the same number of times
+    under ZeRO-3 (`train` calls it once per step on every rank)."""
+    if g.zero_stage == 3 and g.expert_parallel == 1:
+        from model.hf import from_hf_pretrained_zero3
+        from orchestrator.ds_config import import_deepspeed
+
+        cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
+        model = from_hf_pretrained_zero3(init_dir, cfg).eval().requires_grad_(False)
+        engine, *_ = import_deepspeed().initialize(model=LogProbs(model), config=cfg)
+        return engine
+    ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False)).to(device)
+    return ref.to(torch.bfloat16) if device.type == "cuda" else ref
+
+
 class PolicyLearner(MinibatchUpdates):
     """One rank of the learner group; all ranks get the same calls in the same order.
 
@@ -144,13 +164,13 @@ class PolicyLearner(MinibatchUpdates):
             from model.parallel import apply_compile
 
             apply_compile(model, ("token_logprobs", "hidden"), backend=grpo_cfg.compile_backend)
-        self.ref = None
-        if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
-            self.ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False))
         self.engine, *_ = deepspeed.initialize(model=LogProbs(model), model_parameters=model.parameters(), config=ds_cfg)
         if self.experts is not None:
             self.experts.hook_global_norm(self.engine)
         self.device = self.engine.device
+        self.ref = None
+        if grpo_cfg.kl_beta > 0 and grpo_cfg.reference == "colocated":
+            self.ref = build_reference(init_dir, grpo_cfg, ds_cfg, self.device)
         self.version = 0
         self.sync = None  # weight_sync.SyncGroup on rank 0, with grpo.weight_sync=collective
 
@@ -201,6 +221,14 @@ class PolicyLearner(MinibatchUpdates):
                 print(f"learner: weight broadcast failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
                 self.sync = None
         return self.version, state, sent
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of parameters this rank holds: the policy's and the colocated reference's (ZeRO-3:
+        its partitions, not the gathered whole)."""
+        def held(module) -> int:
+            return sum((q.ds_tensor if hasattr(q, "ds_tensor") else q).numel() * q.element_size() for q in module.parameters())
+        return {"policy": held(self.engine.module), "reference": held(self.ref.module if hasattr(self.ref, "module") else self.ref)
+                if self.ref is not None else 0}
 
     def weights_hash(self) -> str | None:
         s = self.state_dict()

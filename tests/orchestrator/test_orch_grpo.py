@@ -209,12 +209,22 @@ def test_killed_sampler_and_evaluator_restart_and_score_every_prompt_once(policy
 @pytest.mark.ray
 def test_reference_actor_gives_the_kl_of_the_colocated_reference(policy_dir, ray_session, tmp_path):
     """Same rollouts, same updates: the KL and loss with the reference in its own actor equal those
-    with a reference copy inside the learner (1e-5), and the KL is non-zero once the policy moved."""
-    out = {}
-    for where in ("colocated", "actor"):
-        cfg = make_cfg(policy_dir, "grpo.kl_beta=0.5", f"grpo.reference={where}", "grpo.lr=1e-2")
+    with a reference copy inside the learner (1e-5), and the KL is non-zero once the policy moved.
+    Two ZeRO-3 learners hold half the colocated reference each (partitioned, gathered layer by layer
+    for its forward) and give the KL and loss of two ZeRO-2 learners holding a whole copy each."""
+    from model.hf import from_hf_pretrained
+
+    ray, out = ray_session, {}
+    for where, extra in (("colocated", []), ("actor", []), ("zero3", ["grpo.learners=2", "grpo.zero_stage=3"]),
+                         ("zero2", ["grpo.learners=2", "grpo.zero_stage=2"])):
+        cfg = make_cfg(policy_dir, "grpo.kl_beta=0.5", f"grpo.reference={'actor' if where == 'actor' else 'colocated'}", "grpo.lr=1e-2",
+                       *extra)
         d, tracker = driver_for(cfg, tmp_path / where)
         assert (d.reference is not None) == (where == "actor")
+        if where == "zero3":
+            whole = sum(q.numel() * 4 for q in from_hf_pretrained(policy_dir[0] / "hf").parameters())
+            held = [h["reference"] for h in ray.get([l.held_bytes.remote() for l in d.learners])]
+            assert all(h < 0.6 * whole for h in held), (held, whole)  # a half each, and small parameters kept whole
         batch = d.collect(d.sample_step(1), 1)
         adv = [((i % 4) - 1.5) for i in range(len(batch.records))]
         first = d.learn(batch, adv, 1)
@@ -222,10 +232,13 @@ def test_reference_actor_gives_the_kl_of_the_colocated_reference(policy_dir, ray
         out[where] = (first, second)
         d.close()
         tracker.close()
-    (c1, c2), (_, a2) = out["colocated"], out["actor"]
+    (c1, c2), (_, a2), (z1, z2), (_, w2) = out["colocated"], out["actor"], out["zero3"], out["zero2"]
     assert c1["train/kl"] == pytest.approx(0.0, abs=1e-7) and c2["train/kl"] > 1e-6
+    assert z1["train/kl"] == pytest.approx(0.0, abs=1e-7) and z2["train/kl"] > 1e-6
     for key in ("train/kl", "train/loss"):
         assert a2[key] == pytest.approx(c2[key], rel=1e-5, abs=1e-8), key
+        # two ZeRO-2 learners with a whole reference each: the same policy update (to reduction order), the same KL
+        assert z2[key] == pytest.approx(w2[key], rel=1e-3, abs=1e-7), key
 
 
 @pytest.mark.ray
