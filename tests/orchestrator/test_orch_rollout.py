@@ -41,3 +41,16 @@ def test_code_verdict_runs_the_tests_in_a_math_run(worker):
     got = worker.score(chunk([CODE, CODE], texts)).records
     assert [r.correct for r in got] == [True, False]
     assert all("code_tests" not in r.rewards for r in got)  # the run's own rewards are unchanged
+
+
+def test_sampler_expert_parallel_is_checked_before_ray(policy_dir):
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.grpo.inputs import validate
+
+    root, _ = policy_dir
+    for over, message in [(["rollout.num_samplers=3", "rollout.expert_parallel=2"], "must divide rollout.num_samplers"),
+                          (["rollout.num_samplers=3", "rollout.expert_parallel=3"], "n_routed_experts 8"),
+                          (["rollout.num_samplers=2", "rollout.expert_parallel=2", "rollout.exact=true"], "rollout.exact")]:
+        with pytest.raises(ConfigError, match=message):
+            validate(load_config(None, [f"grpo.init={root / 'hf'}", f"grpo.tokenizer={root / 'tokenizer.json'}",
+                                        "tracking.wandb_mode=disabled", *over]))
