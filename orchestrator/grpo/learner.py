@@ -260,8 +260,12 @@ class PolicyLearner(MinibatchUpdates):
         t0 = time.perf_counter()
         prompts, completions, adv = kept_samples(advantages, chunks)
         mine = list(range(self.rank, len(adv), self.world))  # this rank's share, interleaved
-        if not mine:
+        if not adv:  # no update, but the driver publishes the next version all the same
+            self.version += 1
             return {"samples": 0}
+        filler = not mine  # fewer samples than ranks: this rank runs every collective on a weightless row
+        if filler:
+            mine = [0]
         my_prompts, my_completions = [prompts[i] for i in mine], [completions[i] for i in mine]
         tokens, targets, mask = pack_batch(my_prompts, my_completions, self.pad_id)
         (B, width), model = targets.shape, self.engine.module.model
@@ -280,11 +284,11 @@ class PolicyLearner(MinibatchUpdates):
         seen = {"entropy": torch.zeros(B, width), "logp_t": torch.zeros(B, width), "routed": torch.zeros(L, B, width, K, dtype=torch.long),
                 "temperature": beh["temperature"]}
         lengths = [len(p) + len(c) - 1 for p, c in zip(my_prompts, my_completions)]
-        plan = self._minibatches(B, n_total=len(adv), step=step)
+        plan = self._minibatches(0 if filler else B, n_total=len(adv), step=step)
         first = set(plan[0][0].tolist())
         rest = [b for b in range(B) if b not in first]
         if not rest and self._lockstep():
-            rest = [plan[0][0][0].item()]  # keep the ranks' calls in step
+            rest = [0]  # keep the ranks' calls in step
         self.engine.module.eval()  # no dropout anywhere; MoE routing is the same in both modes
         with torch.no_grad():
             for rows in self._micro_batches(rest, lengths):
@@ -301,7 +305,7 @@ class PolicyLearner(MinibatchUpdates):
         entropy_mean = float((seen["entropy"] * mask).sum() / mask.sum().clamp(min=1))
         lag = torch.tensor([self.version - v for v in beh["versions"]], dtype=torch.float32)
         extra, _ = behaviour_terms(self.cfg, seen["logp_t"], seen["routed"], mask, my_prompts, beh, lag)
-        metrics.update({"entropy": entropy_mean, "samples": len(mine), "learn_seconds": time.perf_counter() - t0, **extra})
+        metrics.update({"entropy": entropy_mean, "samples": 0 if filler else len(mine), "learn_seconds": time.perf_counter() - t0, **extra})
         self.version += 1
         return metrics
 

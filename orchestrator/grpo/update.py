@@ -40,7 +40,8 @@ class MinibatchUpdates:
 
     def _minibatches(self, n_local: int, *, n_total: int, step: int) -> list[list[torch.Tensor]]:
         """Row indices of each optimizer step, per epoch: global minibatches, so every rank takes
-        the same number of steps; a rank with too few rows repeats one (the collectives stay in step)."""
+        the same number of steps; a rank with too few rows gets an empty minibatch there, which
+        `_update` runs as a weightless filler (the collectives stay in step, no row counts twice)."""
         cfg = self.cfg
         n_mb = max(1, -(-n_total // max(self.world, min(cfg.minibatch_size, n_total))))
         per_mb = -(-n_local // n_mb)
@@ -48,19 +49,21 @@ class MinibatchUpdates:
         plan = []
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=g)
-            plan.append([order[k * per_mb : (k + 1) * per_mb] if k * per_mb < n_local else order[:1] for k in range(n_mb)])
+            plan.append([order[k * per_mb : (k + 1) * per_mb] for k in range(n_mb)])
         return plan
 
     def _epochs(self, batch: dict, plan: list[list[torch.Tensor]], seen: dict, lengths: list[int]) -> dict:
         """`grpo.epochs` passes over the batch in global minibatches; the mean of each metric over updates."""
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # a filler step (no rows on this rank) reports only the global grad norm
         updates = 0
         for epoch, minibatches in enumerate(plan):
             for k, idx in enumerate(minibatches):
                 for key, v in self._update(batch, idx.tolist(), seen, lengths, on_policy=epoch == 0 and k == 0).items():
                     sums[key] = sums.get(key, 0.0) + v
+                    counts[key] = counts.get(key, 0) + 1
                 updates += 1
-        out = {k: v / updates for k, v in sums.items()}
+        out = {k: v / counts[k] for k, v in sums.items()}
         out["updates"] = updates
         return out
 
@@ -71,8 +74,11 @@ class MinibatchUpdates:
         from rl.grpo import grpo_loss, importance_weights
 
         cfg, dev = self.cfg, self.device
+        filler = not idx  # this rank has no rows here: a row's forward, backward and step at weight 0 keep the ranks in step
+        if filler:
+            idx = [0]
         # the aggregation's count over the whole minibatch: each micro-batch's loss is its share
-        local = float(batch["mask"][idx].sum()) if cfg.aggregation == "token" else float(len(idx))
+        local = 0.0 if filler else float(batch["mask"][idx].sum()) if cfg.aggregation == "token" else float(len(idx))
         scale = 1.0
         if self.world > 1:
             # DeepSpeed averages gradients over ranks: rescale so that the update is the loss of the
@@ -109,12 +115,12 @@ class MinibatchUpdates:
                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_beta=cfg.kl_beta, aggregation=cfg.aggregation,
                     constant_len=self.max_new_tokens, entropy=entropy, entropy_coef=cfg.entropy_coef,
                     is_weights=is_w.to(dev) if is_w is not None else None, total=local if len(micro) > 1 else None)
-                if self.world > 1:
-                    loss = loss * scale
+                loss_sum += float(loss.detach())  # this rank's share, before the rescaling below
+                if self.world > 1 or filler:
+                    loss = loss * (0.0 if filler else scale)
                 if len(micro) > 1:  # one gradient reduction per minibatch, at its last micro-batch
                     self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 self.engine.backward(loss)
-            loss_sum += float(loss.detach())
             # the metrics of the whole minibatch: token-weighted means, the max of the maxima
             t = float(m.sum())
             n_tok += t
@@ -137,5 +143,7 @@ class MinibatchUpdates:
             grad_norm = float(gn) if gn is not None else float("nan")
         if self.experts is not None:
             self.experts.step(lr, grad_norm)
+        if filler:
+            return {"grad_norm": grad_norm}
         mets = {k: v / n_tok if n_tok else 0.0 for k, v in weighted.items()}
         return {"loss": loss_sum, **mets, "ratio_max": ratio_max, "grad_norm": grad_norm}

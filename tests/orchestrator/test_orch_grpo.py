@@ -235,7 +235,7 @@ def test_two_learners_with_zero2_make_the_update_of_one(policy_dir, ray_session,
     gradients are tiny (single entries up to 7e-5 apart on a 1e-2 step); an update computed from the wrong
     samples on either rank would differ by a large part of its norm. The expert-parallel run's
     checkpoint reassembles (checkpoints.load_model_state, what `sputnik export` reads) to the state
-    the samplers got."""
+    the samplers got. A second step with a single sample left gives one learner's update too."""
     from orchestrator.checkpoints import find_checkpoints, load_model_state
 
     ray = ray_session
@@ -253,16 +253,23 @@ def test_two_learners_with_zero2_make_the_update_of_one(policy_dir, ray_session,
             assert saved.keys() == out[name][1].keys()
             assert all(torch.equal(saved[k], v) for k, v in out[name][1].items())
             assert ray.get([l.weights_hash.remote() for l in d.learners])[0] is not None
+        # one sample left (fewer than ranks): the other rank runs every collective on a weightless row
+        single = [a if i == next(i for i, ids in enumerate(out[name][2][0].completion_ids) if ids) else None for i, a in enumerate(adv)]
+        out[name] += (d.learn(batch, single, 2), ray.get(d.weights.weights_ref))
         d.close()
         tracker.close()
     from model.hf import from_hf_pretrained
 
-    (m1, w1, g1) = out["one"]
+    for name in ("zero2", "ep2"):  # the second update from the first's weights: the same single-sample step
+        update = torch.cat([(out["one"][4][k] - out["one"][1][k]).flatten() for k in out["one"][1]]).norm()
+        diff = torch.cat([(out["one"][4][k] - out[name][4][k]).flatten() for k in out["one"][1]]).norm()
+        assert update > 1e-3 and diff <= 1e-3 * update and out[name][3]["train/loss"] == pytest.approx(out["one"][3]["train/loss"], rel=1e-4)
+    (m1, w1, g1, *_) = out["one"]
     init = from_hf_pretrained(policy_dir[0] / "hf").state_dict()
     update = torch.cat([(w1[k] - init[k]).flatten() for k in w1]).norm()
     assert update > 1e-2  # the update did something
     for name in ("zero2", "ep2"):
-        m2, w2, g2 = out[name]
+        m2, w2, g2, *_ = out[name]
         assert [c.completion_ids for c in g1] == [c.completion_ids for c in g2]  # same rollouts
         assert w2.keys() == w1.keys()
         diff = torch.cat([(w1[k] - w2[k]).flatten() for k in w1]).norm()
