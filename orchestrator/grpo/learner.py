@@ -118,6 +118,11 @@ def build_policy(init_dir: str, g, *, rank: int, world: int, exact: bool, on_gpu
     return model, experts, config(sum(q.numel() for q in model.parameters()))  # owned experts are no longer parameters
 
 
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters held by this rank (a ZeRO-3 parameter: its partition)."""
+    return sum((q.ds_tensor if hasattr(q, "ds_tensor") else q).numel() * q.element_size() for q in module.parameters())
+
+
 def build_reference(init_dir: str, g, ds_cfg: dict, device: torch.device):
     """The frozen reference colocated with a learner rank (grpo.reference=colocated). Under ZeRO-3
     without owned experts it is partitioned over the learners as the policy is: built under zero.Init
@@ -223,12 +228,8 @@ class PolicyLearner(MinibatchUpdates):
         return self.version, state, sent
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes of parameters this rank holds: the policy's and the colocated reference's (ZeRO-3:
-        its partitions, not the gathered whole)."""
-        def held(module) -> int:
-            return sum((q.ds_tensor if hasattr(q, "ds_tensor") else q).numel() * q.element_size() for q in module.parameters())
-        return {"policy": held(self.engine.module), "reference": held(self.ref.module if hasattr(self.ref, "module") else self.ref)
-                if self.ref is not None else 0}
+        """Bytes of parameters this rank holds, the policy's and the colocated reference's (ZeRO-3: partitions)."""
+        return {"policy": held_bytes(self.engine.module), "reference": held_bytes(self.ref) if self.ref is not None else 0}
 
     def weights_hash(self) -> str | None:
         s = self.state_dict()
