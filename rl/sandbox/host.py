@@ -109,12 +109,18 @@ def run_tests(program: str, tests: str, *, timeout_s: float = 10, memory_mb: int
         raise ValueError(f"run_tests needs timeout_s > 0 and memory_mb >= 64 (got {timeout_s}, {memory_mb})")
     if entry_point is not None and not entry_point.isidentifier():
         raise ValueError(f"entry_point {entry_point!r} is not a Python identifier")
+    setup = _checked_setup(isolation)
+    return _run(program, tests, setup.mode, timeout_s, memory_mb, entry_point, setup.bound)
+
+
+def _checked_setup(isolation: str) -> _Setup:
+    """This node's setup for `isolation` ("full": IsolationError where the node cannot give it)."""
     if isolation not in ("full", "reduced"):
         raise ValueError(f"isolation must be 'full' or 'reduced' (got {isolation!r})")
     setup = _setup()
     if isolation == "full" and not setup.full:
         raise IsolationError(f"the code sandbox needs full isolation, which this node lacks: {setup.lacks}")
-    return _run(program, tests, setup.mode, timeout_s, memory_mb, entry_point, setup.bound)
+    return setup
 
 
 def isolation() -> tuple[bool, str]:
@@ -147,11 +153,7 @@ def run_program(program: str, stdin: str = "", *, timeout_s: float = 10, memory_
     (status output_limit: the pipe is closed, the program killed). Thread-safe."""
     if timeout_s <= 0 or memory_mb < 64 or output_limit < 1:
         raise ValueError(f"run_program needs timeout_s > 0, memory_mb >= 64 and output_limit >= 1 (got {timeout_s}, {memory_mb}, {output_limit})")
-    if isolation not in ("full", "reduced"):
-        raise ValueError(f"isolation must be 'full' or 'reduced' (got {isolation!r})")
-    setup = _setup()
-    if isolation == "full" and not setup.full:
-        raise IsolationError(f"the code sandbox needs full isolation, which this node lacks: {setup.lacks}")
+    setup = _checked_setup(isolation)
     return _run_program(program, stdin, setup.mode, timeout_s, memory_mb, output_limit, setup.bound)
 
 
