@@ -279,10 +279,11 @@ def test_two_learners_with_zero2_make_the_update_of_one(policy_dir, ray_session,
 
 @pytest.mark.ray
 @pytest.mark.parametrize("saved,resumed", [(["grpo.learners=2", "grpo.zero_stage=2"], ["grpo.learners=1", "grpo.zero_stage=2"]),
-                                           (["grpo.learners=1", "grpo.zero_stage=0"], ["grpo.learners=2", "grpo.zero_stage=3"])],
-                         ids=["2xZeRO2-to-1", "1xZeRO0-to-2xZeRO3"])
+                                           (["grpo.learners=1", "grpo.zero_stage=0"], ["grpo.learners=2", "grpo.zero_stage=3"]),
+                                           (["grpo.learners=2", "grpo.zero_stage=2", "grpo.expert_parallel=2"], ["grpo.learners=1", "grpo.zero_stage=2"])],
+                         ids=["2xZeRO2-to-1", "1xZeRO0-to-2xZeRO3", "2xEP2-to-1"])
 def test_a_grpo_checkpoint_resumes_resharded_with_other_learners(policy_dir, ray_session, tmp_path, saved, resumed):
-    """Learners saved at one count and ZeRO stage, resumed at another (orchestrator/reshard.py): the
+    """Learners saved at one count, ZeRO stage or expert layout, resumed at another (orchestrator/reshard.py): the
     resumed policy is the saved one bit for bit, and its next update on the same rollouts is the
     update the saved learners make (to 0.1% of its norm, as 2 learners against 1), which needs
     AdamW's moments and step count back: a fresh optimizer's first step is several times larger."""
