@@ -304,9 +304,8 @@ class Rollouts:
         Scorer = ray.remote(**restart)(RewardWorker)
         self.samplers = [s for g in range(rollout_cfg.num_samplers // K) for s in self._start_group(g)]
         self.followers: dict = {}  # calls to members 1.. of expert-parallel groups (they return None): ref -> its chunk's gen ref
-        self.chunks: dict = {}  # expert-parallel groups: gen ref -> (group, the launch's arguments), until its results are in
+        self.chunks: dict = {}  # expert-parallel groups: gen ref -> (group, its epoch, the call's arguments, scorer), until its results are in
         self.epochs = [0] * (rollout_cfg.num_samplers // K)  # restarts of each model copy's members
-        self.restarts = 0  # expert-parallel groups restarted
         self.scorers = [Scorer.options(**placement.options("evaluator", i)).remote(rewards, max_len=rollout_cfg.max_new_tokens)
                         for i in range(num_evaluators)]
         self._check_started()
@@ -421,7 +420,11 @@ class Rollouts:
         self.followers = {f: c for f, c in self.followers.items() if c in self.chunks and self.chunks[c][0] != g}
         self.samplers[g * K : (g + 1) * K] = self._start_group(g)  # in place: WeightSync holds this list
         self.epochs[g] += 1
-        self.restarts += 1
+
+    @property
+    def restarts(self) -> int:
+        """Expert-parallel groups restarted so far."""
+        return sum(self.epochs)
 
     def close(self) -> None:
         """Let the reward workers stop their pools (the placement groups' release ends the actors)."""
