@@ -61,7 +61,7 @@ def rank_file(path: Path, rank: int) -> Path:
 
 def save_pretrain_part(engine, path: Path, *, step: int, rank: int, world: int, worker_state: dict, experts=None) -> None:
     """This rank's part of a pretraining checkpoint in `path` (call on every rank); `experts`: the
-    rank's ExpertShard (owned experts), saved per slice in `path/experts/`."""
+    rank's ExpertShard (owned experts), its piece saved in `path/experts/`."""
     engine.save_checkpoint(str(path), tag=DS_TAG)
     if experts is not None:
         experts.save(path)
@@ -115,9 +115,9 @@ def _pretrain_checkpoint(folder: Path) -> Checkpoint | None:
     ranks_ok = all(rank_file(folder, r).is_file() for r in range(meta.get("world_size", 1)))
     ep = meta.get("expert_parallel", 1)
     if ep > 1:
-        from orchestrator.expert_shard import expert_part_files
+        from orchestrator.expert_shard import experts_complete
 
-        ranks_ok = ranks_ok and all(f.is_file() for f in expert_part_files(folder, ep))
+        ranks_ok = ranks_ok and experts_complete(folder)
     return Checkpoint(meta["step"], "pretrain", folder, tag) if ranks_ok and _has_model_states(folder / tag) else None
 
 
@@ -141,10 +141,9 @@ def _grpo_checkpoint(marker: Path) -> Checkpoint | None:
     if state is None:
         return None
     ds_dir, tag = marker.parent / "learners", state.get("tag") or marker.stem
-    from orchestrator.expert_shard import expert_layout, expert_part_files
+    from orchestrator.expert_shard import expert_layout, experts_complete
 
-    layout = expert_layout(ds_dir / tag)  # owned experts (grpo.expert_parallel): every slice present
-    experts_ok = layout is None or all(f.is_file() for f in expert_part_files(ds_dir / tag, layout["expert_parallel"]))
+    experts_ok = expert_layout(ds_dir / tag) is None or experts_complete(ds_dir / tag)  # owned experts: every piece present
     return Checkpoint(state["step"], "grpo", ds_dir, tag) if experts_ok and _has_model_states(ds_dir / tag) else None
 
 
@@ -171,12 +170,12 @@ def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     else:  # ZeRO 0: the module is saved whole, optimizer included
         sd = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     sd = {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    from orchestrator.expert_shard import expert_layout, read_expert_parts
+    from orchestrator.expert_shard import ExpertCheckpoint, expert_layout
 
     folder = ckpt.path if ckpt.kind == "grpo" else ckpt.ds_dir  # a GRPO checkpoint's experts are in its tag folder
     if expert_layout(folder) is not None:  # owned experts: every slice, reassembled
-        parts = read_expert_parts(folder)
-        sd.update({k: v["weight"].float() for k, v in parts.items() if k != "step"})
+        saved = ExpertCheckpoint(folder)
+        sd.update({k: saved.read(k, names=("weight",))["weight"].float() for k in saved.n_experts})
     return sd
 
 

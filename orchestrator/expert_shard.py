@@ -26,8 +26,9 @@ Why beside DeepSpeed and not through its MoE parameter groups (`allreduce=False`
 DeepSpeed refuses its native MoE under ZeRO-3 ("MoE not supported with Stage 3"), and its groups
 would tie the experts' optimizer state to DeepSpeed's checkpoint layout, which cannot change world
 size. Here the experts are plain tensors the engine never sees (no ZeRO hooks, no broadcast from
-rank 0), checkpointed per expert (`save`/`load`), so a checkpoint loads at another EP degree and
-`checkpoints.load_model_state` reassembles the full model for export.
+rank 0), checkpointed as each rank's pieces (`save`) that `ExpertCheckpoint` reads back per expert,
+so a checkpoint loads at another EP degree and group size and `checkpoints.load_model_state`
+reassembles the full model for export.
 
 Under bf16 the module computes with a bf16 copy of each owned tensor and the fp32 masters stay here.
 
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from model.moe import MoE
 from model.parallel import apply_expert_parallel, expert_slice
 
-EXPERT_DIR = "experts"  # in a checkpoint folder: one file per slice of the experts, and the layout
+EXPERT_DIR = "experts"  # in a checkpoint folder: one file per rank (its piece of its slice), and the layout
 
 
 def expert_groups(world: int, ep: int) -> tuple[list, list]:
@@ -100,21 +101,13 @@ class ExpertShard:
         n = math.ceil(t.numel() / self.dp)
         return F.pad(t.reshape(-1), (0, n * self.dp - t.numel())).narrow(0, n * self.piece_index, n)
 
-    def _whole(self, key: str, piece: torch.Tensor, dst: int | None = None) -> torch.Tensor | None:
-        """The whole owned tensor `key` from every EDP rank's `piece`: on every rank (all-gather), or
-        on the group's rank `dst` only (gather; None elsewhere)."""
+    def _whole(self, key: str, piece: torch.Tensor) -> torch.Tensor:
+        """The whole owned tensor `key` from every EDP rank's `piece` (all-gather)."""
         if self.dp == 1:
             return piece.reshape(self.compute[key].shape)
-        group, numel = self.edp_groups[self.part], self.compute[key].numel()
-        if dst is None:
-            parts = [torch.empty_like(piece) for _ in range(self.dp)]
-            dist.all_gather(parts, piece.contiguous(), group=group)
-        else:
-            parts = [torch.empty_like(piece) for _ in range(self.dp)] if self.rank == dst else None
-            dist.gather(piece.contiguous(), parts, dst=dst, group=group)
-            if parts is None:
-                return None
-        return torch.cat(parts)[:numel].view(self.compute[key].shape)
+        parts = [torch.empty_like(piece) for _ in range(self.dp)]
+        dist.all_gather(parts, piece.contiguous(), group=self.edp_groups[self.part])
+        return torch.cat(parts)[:self.compute[key].numel()].view(self.compute[key].shape)
 
     # --- one optimizer step: reduce (before engine.step), then step (after) --------------------
 
@@ -215,33 +208,31 @@ class ExpertShard:
             optim = 2 * sum(t.numel() * 4 for t in self.master.values())
         return {"parameters": params, "gradients": grads, "optimizer": optim}
 
-    # --- checkpoints: one file per slice of the experts, loadable at any EP degree ---------------
+    # --- checkpoints: one file per rank's pieces, loadable at any EP degree and group size ------
 
     def save(self, folder: Path) -> None:
-        """The owned experts and their AdamW state into `folder/experts/part{j}-of{K}.pt`, whole (call
-        on every rank: the ranks of expert-parallel group 0 gather their slice's pieces, one tensor at
-        a time, and write it)."""
-        writer = self.rank < self.ep
+        """This rank's pieces of its owned experts and of their AdamW state into
+        `folder/experts/part{j}-of{K}.piece{i}-of{D}.pt`, and (rank 0) the layout. Call on every rank;
+        nothing is gathered: each rank writes what it holds, as ZeRO's per-rank optimizer files do."""
         d = Path(folder) / EXPERT_DIR
-        if writer:
-            d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
         state = {}
         for key, master in self.master.items():
             s = self.optimizer.state.get(master, {})
-            names = [k for k in ("exp_avg", "exp_avg_sq") if k in s]
-            for name, piece in (("weight", master.detach()), *((k, s[k]) for k in names)):
-                whole = self._whole(key, piece, dst=self.part)  # rank `part` is the slice's EDP group's first
-                if writer:
-                    state.setdefault(key, {})[name] = whole
+            state[key] = {"weight": master.detach(), **{k: s[k] for k in ("exp_avg", "exp_avg_sq") if k in s}}
         step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
-        if writer:
-            torch.save({"tensors": state, "step": step}, expert_part_files(folder, self.ep)[self.part])
+        torch.save({"tensors": state, "step": step}, piece_file(folder, self.part, self.ep, self.piece_index, self.dp))
         if self.rank == 0:
-            (d / "layout.json").write_text(json.dumps({"expert_parallel": self.ep, "n_experts": self.n_experts}))
+            shapes = {k: [self.n_experts[k], *c.shape[1:]] for k, c in self.compute.items()}
+            (d / "layout.json").write_text(json.dumps({"expert_parallel": self.ep, "pieces": self.dp,
+                                                       "n_experts": self.n_experts, "shapes": shapes}))
 
     def load(self, folder: Path) -> None:
-        """Restore the owned experts from a checkpoint saved at any EP degree that divides E."""
-        self.load_state(read_expert_parts(Path(folder), keys=self.master, select=lambda n: expert_slice(n, self.part, self.ep)))
+        """Restore the owned experts from a checkpoint saved at any EP degree that divides E and any
+        expert-data-parallel size, one tensor at a time."""
+        saved = ExpertCheckpoint(folder)
+        for key in self.master:
+            self.load_state({key: saved.read(key, lambda n: expert_slice(n, self.part, self.ep)), "step": saved.step}, keys=[key])
 
     def load_state(self, parts: dict, keys=None) -> None:
         """Set the owned experts `keys` (default all) from `parts` ({key: {"weight", and "exp_avg",
@@ -259,9 +250,9 @@ class ExpertShard:
                     comp.copy_(t["weight"])
 
 
-def expert_part_files(folder: Path, k: int) -> list[Path]:
-    """The files of a checkpoint's experts saved at EP degree `k`, one per slice."""
-    return [Path(folder) / EXPERT_DIR / f"part{j}-of{k}.pt" for j in range(k)]
+def piece_file(folder: Path, j: int, k: int, i: int, d: int) -> Path:
+    """The file of piece `i` of `d` of slice `j` of `k` of a checkpoint's owned experts."""
+    return Path(folder) / EXPERT_DIR / f"part{j}-of{k}.piece{i}-of{d}.pt"
 
 
 def owned_slice(shard: ExpertShard, n_experts: int) -> slice:
@@ -274,33 +265,75 @@ def expert_layout(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_expert_parts(folder: Path, *, keys=None, select=None) -> dict:
-    """{key: {"weight", "exp_avg", "exp_avg_sq"}, "step"} from a checkpoint's expert files, each
-    tensor the experts `select(n_experts)` (a slice; all when None) of that key, read with mmap from
-    the parts that hold them."""
-    layout = expert_layout(folder)
-    if layout is None:
-        raise FileNotFoundError(f"{Path(folder) / EXPERT_DIR / 'layout.json'}: not a checkpoint with owned experts")
-    k = layout["expert_parallel"]
-    files = expert_part_files(folder, k)
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: a part of the checkpoint's experts is missing")
-    loaded: dict[int, dict] = {}
-    out: dict = {}
-    for key in (keys if keys is not None else layout["n_experts"]):
-        n = layout["n_experts"][key]
+class ExpertCheckpoint:
+    """The owned experts of a checkpoint folder, read lazily: each file memory-mapped once, each
+    tensor assembled from the pieces that hold the experts asked for. Layouts: `pieces` D (the
+    expert-data-parallel size it was saved at; each file a flat piece of a slice), or, from
+    checkpoints saved before pieces, one whole file per slice (`part{j}-of{K}.pt`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        layout = expert_layout(self.folder)
+        if layout is None:
+            raise FileNotFoundError(f"{self.folder / EXPERT_DIR / 'layout.json'}: not a checkpoint with owned experts")
+        self.k, self.d = layout["expert_parallel"], layout.get("pieces")
+        self.n_experts, self.shapes = layout["n_experts"], layout.get("shapes", {})
+        self.opened: dict[Path, dict] = {}
+        for f in self.files():
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: a part of the checkpoint's experts is missing")
+
+    def files(self) -> list[Path]:
+        if self.d is None:
+            return [self.folder / EXPERT_DIR / f"part{j}-of{self.k}.pt" for j in range(self.k)]
+        return [piece_file(self.folder, j, self.k, i, self.d) for j in range(self.k) for i in range(self.d)]
+
+    def _open(self, f: Path) -> dict:
+        if f not in self.opened:
+            self.opened[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        return self.opened[f]
+
+    @property
+    def step(self) -> float:
+        return float(self._open(self.files()[0])["step"])
+
+    def read(self, key: str, select=None, names=None) -> dict[str, torch.Tensor]:
+        """{"weight", and "exp_avg", "exp_avg_sq" once stepped} (or only `names`): experts
+        `select(n_experts)` (a slice; all when None) of `key`, each a new tensor."""
+        n = self.n_experts[key]
         want = select(n) if select else slice(0, n)
-        pieces: dict[str, list] = {}
-        for j in range(k):
-            have = expert_slice(n, j, k)
+        out: dict[str, list] = {}
+        for j in range(self.k):
+            have = expert_slice(n, j, self.k)
             lo, hi = max(want.start, have.start), min(want.stop, have.stop)
-            if lo >= hi:
-                continue
-            if j not in loaded:
-                loaded[j] = torch.load(files[j], map_location="cpu", mmap=True, weights_only=True)
-            for name, t in loaded[j]["tensors"][key].items():
-                pieces.setdefault(name, []).append(t[lo - have.start:hi - have.start])
-        out[key] = {name: torch.cat(ts).clone() for name, ts in pieces.items()}
-    out["step"] = next(iter(loaded.values()))["step"] if loaded else 0.0
-    return out
+            if lo < hi:
+                for name, t in self._rows(key, j, have, lo - have.start, hi - have.start, names).items():
+                    out.setdefault(name, []).append(t)
+        return {name: torch.cat(ts) for name, ts in out.items()}
+
+    def _rows(self, key: str, j: int, have: slice, a: int, b: int, names) -> dict[str, torch.Tensor]:
+        """Experts [a, b) of slice `j` (experts `have`) of `key`, from the pieces holding them."""
+        def tensors(f: Path) -> dict:
+            return {n: t for n, t in self._open(f)["tensors"][key].items() if names is None or n in names}
+
+        if self.d is None:
+            return {name: t[a:b] for name, t in tensors(self.files()[j]).items()}
+        rows = self.shapes[key][1:]
+        size = math.prod(rows)
+        n = math.ceil((have.stop - have.start) * size / self.d)  # a piece's length (the last one padded)
+        out: dict[str, list] = {}
+        for i in range(self.d):
+            lo, hi = max(a * size, i * n), min(b * size, (i + 1) * n)
+            if lo < hi:
+                for name, t in tensors(piece_file(self.folder, j, self.k, i, self.d)).items():
+                    out.setdefault(name, []).append(t[lo - i * n:hi - i * n])
+        return {name: torch.cat(ts).view(b - a, *rows) for name, ts in out.items()}
+
+
+def experts_complete(folder: Path) -> bool:
+    """Whether `folder` holds owned experts with every file of their layout present."""
+    try:
+        ExpertCheckpoint(folder)
+        return True
+    except FileNotFoundError:
+        return False

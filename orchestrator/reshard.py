@@ -73,7 +73,7 @@ def load_resharded(engine, path: Path, meta: dict, *, world: int, experts=None, 
     """Restore `engine` (and `experts`) from the checkpoint in `path` (DeepSpeed's files in
     path/meta["tag"], owned experts' parts in `experts_at`, default `path`) whatever world size, EP
     degree and ZeRO stage it was saved with (call on every rank)."""
-    from orchestrator.expert_shard import expert_layout, owned_slice, read_expert_parts
+    from orchestrator.expert_shard import ExpertCheckpoint, expert_layout, owned_slice
 
     check_batch(meta, engine, path, world, section=job)
     ds_dir = Path(path) / meta["tag"]
@@ -81,7 +81,8 @@ def load_resharded(engine, path: Path, meta: dict, *, world: int, experts=None, 
     full, buffers, states = read_full_state(ds_dir)
     layout = expert_layout(experts_at)
     if layout is not None and experts is None:  # owned experts join the engine's parameters
-        full.update({PREFIX + k: (lambda k=k: read_expert_parts(experts_at, keys=[k])[k]) for k in layout["n_experts"]})
+        saved = ExpertCheckpoint(experts_at)
+        full.update({PREFIX + k: (lambda k=k: saved.read(k)) for k in layout["n_experts"]})
     if experts is not None:
         if layout is not None:
             experts.load(experts_at)

@@ -35,7 +35,7 @@ experts per MoE layer (orchestrator/expert_shard.py, as pretraining does): their
 and AdamW state, reduced over the ranks that own the same experts, clipped with DeepSpeed's global
 norm; the rest stays with DeepSpeed. Every rank then runs the same number of forward passes (the
 all-to-all), the published state gathers the experts from their owners, and a checkpoint holds
-them per slice in its tag folder.
+each rank's piece of them in its tag folder.
 
 Test: `pytest tests/orchestrator/test_orch_grpo.py tests/orchestrator/test_orch_learner.py`.
 """

@@ -2,12 +2,14 @@
 expert parallel 2 or 4, each rank holds E/K experts, and 10 steps (AdamW, warmup, gradient clipping
 that bites) give the losses of one process holding the whole model, to 1e-5, with ZeRO 1, 2 and 3
 for the other weights. A checkpoint saved at EP 2 resumes at EP 4 on the losses of the
-uninterrupted run, and its experts reassemble into the single process's full weights; one saved at
+uninterrupted run, and its experts reassemble into the single process's full weights (each rank
+wrote only its own piece; a checkpoint from before pieces, one file per slice, still reads); one saved at
 4 workers resumes, resharded (orchestrator/reshard.py), at 2 workers and at 1 (experts back in the
 engine), and one saved with the experts in the engine under ZeRO 1 resumes at 4 workers / EP 2 under
 ZeRO 3. Where the world exceeds K, each owned expert's master, gradient and moments are split over
 the world / K ranks that own it: the test checks each rank's piece and the bytes it holds."""
 
+import json
 import math
 import os
 
@@ -129,6 +131,27 @@ def test_a_checkpoint_at_ep2_resumes_at_ep4_and_reassembles_the_full_experts(ref
     for k in single:
         err = (full[k] - single[k]).abs().max().item()
         assert err <= 3e-4 * single[k].abs().max().item(), (k, err)
+    # each rank wrote its own piece of its slice (nothing gathered): 2 slices x 2 pieces, each a 1/D flat piece
+    from orchestrator.expert_shard import ExpertCheckpoint
+
+    files = sorted(p.name for p in (saved / "experts").glob("*.pt"))
+    assert files == [f"part{j}-of2.piece{i}-of2.pt" for j in range(2) for i in range(2)], files
+    for name in files:
+        for key, t in torch.load(saved / "experts" / name, weights_only=True)["tensors"].items():
+            assert t.keys() == {"weight", "exp_avg", "exp_avg_sq"}
+            assert t["weight"].numel() == math.ceil(single[key].numel() / 2 / 2), (name, key)
+    # a checkpoint from before pieces (one whole file per slice) still reads, across its slices' boundary
+    key = next(k for k in single if k.endswith("experts.w1"))
+    whole = ExpertCheckpoint(saved)
+    old = tmp_path / "old"
+    (old / "experts").mkdir(parents=True)
+    for j in range(2):
+        tensors = {k: {"weight": single[k][j * 4:(j + 1) * 4]} for k in whole.n_experts}
+        torch.save({"tensors": tensors, "step": 5.0}, old / "experts" / f"part{j}-of2.pt")
+    (old / "experts" / "layout.json").write_text(json.dumps({"expert_parallel": 2, "n_experts": whole.n_experts}))
+    for select in (slice(0, 8), slice(3, 6), slice(5, 6)):
+        assert torch.equal(ExpertCheckpoint(old).read(key, lambda n: select)["weight"], single[key][select])
+        assert torch.equal(whole.read(key, lambda n: select)["weight"], full[key][select])
 
 
 @pytest.mark.slow
