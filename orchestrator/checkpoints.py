@@ -19,9 +19,7 @@ Test: `pytest tests/orchestrator/test_orch_checkpoints.py tests/orchestrator/tes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Literal
@@ -160,23 +158,35 @@ def find_checkpoints(run_dir: Path) -> list[Checkpoint]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """The Transformer's full state dict (fp32 master weights, buffers) gathered from all ranks."""
+def lazy_model_state(ckpt: Checkpoint) -> dict:
+    """{name: a function returning that tensor of the Transformer's state dict (fp32 master weights,
+    buffers)}, read from `ckpt`'s memory-mapped files when called: the owned experts from their
+    pieces, ZeRO 1-3 weights from every rank's partitions (orchestrator/reshard.py), ZeRO 0's
+    module as saved. One tensor is in memory at a time, not the model."""
     if any(ckpt.path.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 weights are partitioned over the ranks
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from orchestrator.reshard import read_full_state
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it detects
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.ds_dir), tag=ckpt.tag)
+        full, buffers, _ = read_full_state(ckpt.path)
+        state = {k: (lambda f=f: f(("weight",))["weight"]) for k, f in full.items()}
+        module = buffers
     else:  # ZeRO 0: the module is saved whole, optimizer included
-        sd = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    sd = {k.removeprefix(MODEL_PREFIX): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        module = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]
+        state = {}
+    state.update({k: (lambda v=v: v) for k, v in module.items()})
+    state = {k.removeprefix(MODEL_PREFIX): (lambda f=f: (lambda v: v.float() if v.is_floating_point() else v)(f()))
+             for k, f in state.items()}
     from orchestrator.expert_shard import ExpertCheckpoint, expert_layout
 
     folder = ckpt.path if ckpt.kind == "grpo" else ckpt.ds_dir  # a GRPO checkpoint's experts are in its tag folder
     if expert_layout(folder) is not None:  # owned experts: every slice, reassembled
         saved = ExpertCheckpoint(folder)
-        sd.update({k: saved.read(k, names=("weight",))["weight"].float() for k in saved.n_experts})
-    return sd
+        state.update({k: (lambda k=k: saved.read(k, names=("weight",))["weight"].float()) for k in saved.n_experts})
+    return state
+
+
+def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The Transformer's full state dict (fp32 master weights, buffers) gathered from all ranks."""
+    return {k: read() for k, read in lazy_model_state(ckpt).items()}
 
 
 def _hf_config(source: Path) -> Path | None:

@@ -21,34 +21,66 @@ from pathlib import Path
 import sys
 
 from model import ModelArgs, Transformer
-from orchestrator.checkpoints import Checkpoint, find_checkpoints, find_tokenizer, load_model_state, model_args
+from orchestrator.checkpoints import Checkpoint, find_checkpoints, find_tokenizer, lazy_model_state, model_args
 from orchestrator.config import ConfigError, RunConfig, load_config
 
 
-def write_hf(model: Transformer, out: Path, tokenizer: Path | None, *, template: str = "r1", **options) -> None:
-    """`model` and the tokenizer at `tokenizer` (ours or a Hugging Face one) as an HF directory;
-    `options` go to model.hf.save_hf_pretrained (mtp, fp8, dtype, max_shard_size)."""
+def write_hf(model: Transformer | ModelArgs, out: Path, tokenizer: Path | None, *, template: str = "r1", state=None,
+             shown_as: Path | None = None, **options) -> None:
+    """`model` (or a model of shape `model` whose tensor `name` is `state(name)`, read as it is
+    written: model.hf.save_hf_state) and the tokenizer at `tokenizer` (ours or a Hugging Face one)
+    as an HF directory (`shown_as`: the directory messages name, default `out`); `options` go to
+    model.hf.save_hf_state (mtp, fp8, dtype, max_shard_size)."""
     from data.tokenizer import load_tokenizer
-    from model.hf import save_hf_pretrained
+    from model.hf import save_hf_state
 
+    args = model if isinstance(model, ModelArgs) else model.args
+    if state is None:
+        state = model.state_dict().__getitem__
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    save_hf_state(args, state, out, special_ids=tok.special_ids() if tok else None, **options)
     if tok is None:
-        print(f"export: no tokenizer found for {out}; writing the model only (AutoTokenizer will not load it)", file=sys.stderr)
-    save_hf_pretrained(model, out, special_ids=tok.special_ids() if tok else None, **options)
-    if tok is not None:
-        tok.save_pretrained(out, template=template, model_max_length=model.args.max_seq_len)
+        print(f"export: no tokenizer found for {shown_as or out}; wrote the model only (AutoTokenizer will not load it)", file=sys.stderr)
+    else:
+        tok.save_pretrained(out, template=template, model_max_length=args.max_seq_len)
 
 
 def export_checkpoint(ckpt: Checkpoint, args: ModelArgs, out: Path, *, tokenizer: Path | None = None, template: str = "r1",
                       **options) -> None:
-    """Write `ckpt`'s weights, as a model of shape `args`, with `tokenizer`, to the HF directory `out`."""
-    model = Transformer(args)
-    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
-    missing = [k for k in missing if not k.endswith(".load")]  # per-step expert token counts, not weights
+    """Write `ckpt`'s weights, as a model of shape `args`, with `tokenizer`, to the HF directory `out`,
+    one tensor read from the checkpoint's memory-mapped files at a time (the model is never whole in
+    memory: the peak is one shard and one layer's experts). The files are written beside `out` and
+    moved in once complete: a checkpoint that turns out not to match leaves `out` as it was."""
+    import shutil
+
+    import torch
+
+    from model.hf.save import ShapeMismatch
+
+    state = lazy_model_state(ckpt)
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith(".load")]  # .load: per-step expert token counts
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ConfigError(f"{ckpt.path}: checkpoint does not match the model config "
                           f"({(missing or unexpected)[0]!r} {'missing' if missing else 'unexpected'})")
-    write_hf(model, out, tokenizer, template=template, **options)
+    out = Path(out)
+    part = out.parent / f".{out.name}.partial"
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        write_hf(args, part, tokenizer, template=template, state=lambda k: state[k](), shown_as=out, **options)
+    except BaseException as e:
+        shutil.rmtree(part, ignore_errors=True)
+        if isinstance(e, ShapeMismatch):
+            raise ConfigError(f"{ckpt.path}: checkpoint does not match the model config ({e})") from None
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        old.unlink()  # a previous export's shards would not match the new index
+    for f in part.iterdir():
+        f.replace(out / f.name)
+    part.rmdir()
 
 
 def select(run_dir: Path, step: int | None) -> Checkpoint:

@@ -109,7 +109,7 @@ def _workers(n: int) -> str:
 
 def read_full_state(ds_dir: Path) -> tuple[dict, dict, dict]:
     """({parameter name: a function returning its {"weight", "exp_avg", "exp_avg_sq"} full fp32
-    tensors}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
+    tensors, or those of the names it is given}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
     "skipped_steps", "lr_scheduler"}) of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with
     ZeRO 0-3 at any world size. The files are memory-mapped and a parameter's state is assembled only
     when asked for, so a rank holds one parameter's full state at a time, not the model's."""
@@ -178,8 +178,8 @@ def _zero12_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
         for j, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
 
-            def state(g=g, lo=offset, n=n, shape=shape):
-                return {key: _span([r[g] for r in per_key[key]], lengths[g], lo, lo + n).view(shape) for key in per_key}
+            def state(keys=tuple(per_key), g=g, lo=offset, n=n, shape=shape):
+                return {key: _span([r[g] for r in per_key[key]], lengths[g], lo, lo + n).view(shape) for key in keys}
             full[name] = state
             offset += n + (pads[g][j] if pads else 0)
     return full
@@ -197,9 +197,9 @@ def _zero3_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
         n = math.prod(shape)
         piece = math.ceil(n / world)
 
-        def state(lo=offset, piece=piece, n=n, shape=shape):
+        def state(keys=tuple(per_key), lo=offset, piece=piece, n=n, shape=shape):
             return {key: torch.cat([_span(r, lengths, lo, lo + piece) for r in per_key[key]])[:n].view(shape)
-                    for key in per_key}
+                    for key in keys}
         full[name] = state
         offset += piece
     assert offset == sum(lengths), (offset, sum(lengths))
@@ -219,9 +219,9 @@ def _zero0_state(ms: dict) -> tuple[dict, float]:
     for name, i in zip(names, ids):
         s = opt["state"].get(i, {})
 
-        def state(name=name, s=s):
+        def state(keys=("weight", *MOMENTS), name=name, s=s):
             w = ms["module"][name].float()
-            return {"weight": w, **{k: s[k] if k in s else torch.zeros_like(w) for k in MOMENTS}}
+            return {k: w if k == "weight" else s[k] if k in s else torch.zeros_like(w) for k in keys}
         full[name] = state
         step = float(s["step"]) if "step" in s else step
     return full, step

@@ -16,7 +16,9 @@ engines reading DeepSeek-V3's layout serve:
   config `quantization_config`, DeepSeek-V3's layout (scale = block amax / 448).
 Tokenizer files are the tokenizer's business (`data.tokenizer.Tokenizer.save_pretrained`).
 
-Memory: tensors are gathered shard by shard, so the peak is the model plus one shard.
+Memory: tensors are made shard by shard. `save_hf_state` takes a function for the model's
+tensors, so an export from a checkpoint on disk (orchestrator/export.py) holds one shard and one
+layer's experts at a time, not the model.
 
 Test: `pytest tests/model/test_model_hf.py tests/model/test_model_hf_hub.py`.
 """
@@ -25,19 +27,25 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from safetensors.torch import save_file
 
 from model.hf.config import SCALE_SUFFIX, is_fp8_linear, key_map, mtp_prefixes, to_hf_config
 from model.hf.load import MTP_STEM
+from model.args import ModelArgs
 from model.transformer import Transformer
 
 FP8_BLOCK = 128
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
+class ShapeMismatch(ValueError):
+    """A tensor given to `save_hf_state` whose shape is not the one the model config gives."""
 
 
 def parse_size(size: int | str) -> int:
@@ -76,10 +84,21 @@ def _write_set(path: Path, stem: str, names: list[str], tensor, nbytes, max_byte
         (path / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_hf_pretrained(model: Transformer, path: str | Path, *, special_ids: dict[str, int | list[int] | None] | None = None,
-                       mtp: Literal["separate", "inline", "none"] = "separate", fp8: bool = False,
-                       dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
-    """Write `model` to the HF directory `path` (see the module docstring for the options).
+def save_hf_pretrained(model: Transformer, path: str | Path, **options) -> None:
+    """Write `model` to the HF directory `path` (see the module docstring; `options` as save_hf_state's)."""
+    sd = model.state_dict()
+    save_hf_state(model.args, sd.__getitem__, path, **options)
+
+
+def save_hf_state(args: ModelArgs, state: Callable[[str], torch.Tensor], path: str | Path, *,
+                  special_ids: dict[str, int | list[int] | None] | None = None,
+                  mtp: Literal["separate", "inline", "none"] = "separate", fp8: bool = False,
+                  dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
+    """Write the model of shape `args` whose state-dict tensor `name` is `state(name)` to the HF
+    directory `path`. Tensors are asked for as their shard is written (the last three kept: a
+    layer's stacked experts are cut into one HF tensor per expert), so a `state` that reads from
+    disk keeps the peak at one shard and one layer's experts, not the model. A tensor whose shape
+    is not the one `args` gives raises ShapeMismatch naming it.
     `special_ids`: {"bos_token_id", "eos_token_id", "pad_token_id"} for config.json, plus an optional
     "stop_token_ids" list, generation_config.json's eos_token_id (default: the eos id)."""
     if mtp not in ("separate", "inline", "none"):
@@ -90,19 +109,34 @@ def save_hf_pretrained(model: Transformer, path: str | Path, *, special_ids: dic
         old.unlink()  # a previous export's shards would not match the new index
     ids = dict(special_ids or {})
     stops = ids.pop("stop_token_ids", None)
-    args = model.args
-    names = key_map(model)
+    with torch.device("meta"):  # names and shapes, no memory
+        shaped = Transformer(args)
+    names = key_map(shaped)
+    meta = shaped.state_dict()
     if args.tie_embeddings:
         names.pop("lm_head.weight")
     prefixes = mtp_prefixes(args)
     in_mtp = (lambda k: k.startswith(prefixes)) if prefixes else (lambda k: False)
-    sd = model.state_dict()
+    recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def ours(name: str) -> torch.Tensor:
+        if name not in recent:
+            t = state(name)
+            if tuple(t.shape) != tuple(meta[name].shape):
+                raise ShapeMismatch(f"{name!r} has shape {tuple(t.shape)}, the model config gives {tuple(meta[name].shape)}")
+            recent[name] = t
+            if len(recent) > 3:
+                recent.popitem(last=False)
+        return recent[name]
+
+    def split(hf: str, get) -> torch.Tensor:
+        name, transpose = names[hf]
+        name, _, expert = name.partition("#")
+        t = get(name)[int(expert)] if expert else get(name)
+        return t.t() if transpose else t
 
     def weight(hf: str) -> torch.Tensor:
-        ours, transpose = names[hf]
-        name, _, expert = ours.partition("#")
-        t = sd[name][int(expert)] if expert else sd[name]
-        return (t.t() if transpose else t).detach().cpu()
+        return split(hf, ours).detach().cpu()
 
     def tensor(k: str) -> torch.Tensor:
         if k.endswith(SCALE_SUFFIX):
@@ -124,9 +158,9 @@ def save_hf_pretrained(model: Transformer, path: str | Path, *, special_ids: dic
 
     def nbytes(k: str) -> int:
         if k.endswith(SCALE_SUFFIX):
-            N, K = weight(k[: -len(SCALE_SUFFIX)]).shape
+            N, K = split(k[: -len(SCALE_SUFFIX)], meta.__getitem__).shape
             return 4 * -(-N // FP8_BLOCK) * -(-K // FP8_BLOCK)
-        t = weight(k)
+        t = split(k, meta.__getitem__)
         if fp8 and is_fp8_linear(k):
             return t.numel()
         return t.numel() * (torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size())

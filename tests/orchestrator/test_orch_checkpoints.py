@@ -114,7 +114,7 @@ def test_export_from_grpo_run_loads_in_transformers_with_the_source_weights(grpo
 
 
 @pytest.mark.slow
-def test_export_refuses_in_one_line(grpo_run, tmp_path):
+def test_export_refuses_in_one_line(grpo_run, policy_dir, tmp_path):
     run = grpo_run(0)
     assert [(c.step, c.kind, c.tag) for c in find_checkpoints(run)] == [(1, "grpo", "step000001")]
 
@@ -130,4 +130,13 @@ def test_export_refuses_in_one_line(grpo_run, tmp_path):
     cfg = load_config(moved / "config.yaml", ["grpo.init=/nonexistent/policy"])
     create_run_dir(cfg, moved)  # rewrites config.yaml
     assert "/nonexistent/policy" in refused("--from", str(moved))
-    assert not (tmp_path / "out").exists()
+    # an init whose config gives the embedding another shape: the export is read tensor by tensor,
+    # and the mismatch refused in one line with nothing written
+    other = tmp_path / "other-init"
+    shutil.copytree(policy_dir[0] / "hf", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    create_run_dir(load_config(moved / "config.yaml", [f"grpo.init={other}"]), moved)
+    err = refused("--from", str(moved))
+    assert "does not match the model config" in err and "'embed.weight' has shape" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
