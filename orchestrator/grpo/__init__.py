@@ -36,14 +36,16 @@ from orchestrator.rundir import create_run_dir
 
 
 def export_policy(driver: Driver, out: Path) -> Path:
-    """The current policy (the weights the samplers hold) and its tokenizer as an HF directory."""
-    from model.hf import from_hf_pretrained
-    from orchestrator.export import write_hf
+    """The final policy and its tokenizer as an HF directory, from the checkpoint of the last step
+    (the learners' fp32 weights, read one tensor at a time as `sputnik export` reads them: the
+    driver never holds the model, which at DeepSeek-V3's size no single process can)."""
+    from orchestrator.checkpoints import find_checkpoints, model_args
+    from orchestrator.export import export_checkpoint
 
-    model = from_hf_pretrained(driver.hf_dir)
-    if driver.weights.weights_ref is not None:
-        model.load_state_dict(driver.ray.get(driver.weights.weights_ref))
-    write_hf(model, out, driver.tok_path, template=driver.cfg.data.template)
+    ckpt = find_checkpoints(driver.run_dir)[-1]
+    if ckpt.step != driver.step:
+        raise RuntimeError(f"grpo: the last checkpoint of {driver.run_dir} is of step {ckpt.step}, not the last step {driver.step}")
+    export_checkpoint(ckpt, model_args(driver.run_dir, ckpt), out, tokenizer=driver.tok_path, template=driver.cfg.data.template)
     return out
 
 
