@@ -166,8 +166,9 @@ def lazy_model_state(ckpt: Checkpoint) -> dict:
     if any(ckpt.path.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 weights are partitioned over the ranks
         from orchestrator.reshard import read_full_state
 
-        full, buffers, _ = read_full_state(ckpt.path)
+        full, buffers, states = read_full_state(ckpt.path)
         state = {k: (lambda f=f: f(("weight",))["weight"]) for k, f in full.items()}
+        state.update({alias: state[source] for alias, source in states["shared_params"].items() if source in state})  # tied weights
         module = buffers
     else:  # ZeRO 0: the module is saved whole, optimizer included
         module = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]

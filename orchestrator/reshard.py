@@ -110,7 +110,7 @@ def _workers(n: int) -> str:
 def read_full_state(ds_dir: Path) -> tuple[dict, dict, dict]:
     """({parameter name: a function returning its {"weight", "exp_avg", "exp_avg_sq"} full fp32
     tensors, or those of the names it is given}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
-    "skipped_steps", "lr_scheduler"}) of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with
+    "skipped_steps", "lr_scheduler", "shared_params"}) of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with
     ZeRO 0-3 at any world size. The files are memory-mapped and a parameter's state is assembled only
     when asked for, so a rank holds one parameter's full state at a time, not the model's."""
     zero3 = (ds_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()  # ZeRO 3: one per rank, else one
@@ -118,6 +118,7 @@ def read_full_state(ds_dir: Path) -> tuple[dict, dict, dict]:
                     map_location="cpu", mmap=True, weights_only=False)
     buffers = {k: v for k, v in ms["module"].items() if k in ms["buffer_names"]}
     states = {k: ms[k] for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+    states["shared_params"] = dict(ms.get("shared_params") or {})  # {alias: source} of tied weights, stored once
     if ms["optimizer"] is not None:  # ZeRO 0: the module and torch's optimizer state, whole
         full, states["step"] = _zero0_state(ms)
         return full, buffers, states

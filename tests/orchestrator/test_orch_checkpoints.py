@@ -1,6 +1,7 @@
 """`sputnik export` from a GRPO run: checkpoints written by a real DeepSpeed engine (1 gloo rank on
 CPU, ZeRO 0 and 3) in the GRPO layout, found, gathered and loaded back by transformers with the
-weights and logits of the source; incomplete checkpoints and bad arguments are refused in one line."""
+weights and logits of the source; a head tied to the embedding, which ZeRO saves once, comes back;
+incomplete checkpoints and bad arguments are refused in one line."""
 
 import json
 import os
@@ -140,3 +141,52 @@ def test_export_refuses_in_one_line(grpo_run, policy_dir, tmp_path):
     err = refused("--from", str(moved))
     assert "does not match the model config" in err and "'embed.weight' has shape" in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def write_tied_checkpoint(rank: int, port: int, out: str, stage: int) -> None:
+    """One step of a model whose output head is its embedding (tie_embeddings), saved under ZeRO
+    `stage`, which stores the shared weight once; the module's whole state to source.pt."""
+    import dataclasses
+
+    from model import Transformer, load_model_args
+    from orchestrator.config import PretrainConfig
+    from orchestrator.dist_local import join_local_group
+    from orchestrator.pretrain_worker import build_engine, train_step
+
+    join_local_group(rank, 1, port)
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(load_model_args("tiny", vocab=97), tie_embeddings=True))
+    engine, _ = build_engine(model, PretrainConfig(micro_batch_size=2, zero_stage=stage, steps=2, warmup_steps=1), 1, bf16=False)
+
+    class Rows:
+        def __next__(self):
+            t = torch.randint(0, 97, (2, 17))
+            return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+    train_step(engine, model, Rows(), 1, torch.device("cpu"), 1)
+    engine.save_checkpoint(out, tag="ds")
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / "source.pt")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_of_tied_embeddings_reads_the_weight_zero_stores_once(stage, tmp_path):
+    """Export reads each tensor from the checkpoint's files (orchestrator/checkpoints.lazy_model_state):
+    a head tied to the embedding, which ZeRO saves once, comes back as the trained embedding."""
+    import dataclasses
+
+    from model import load_model_args
+    from model.hf import from_hf_pretrained
+    from orchestrator.checkpoints import Checkpoint
+    from orchestrator.export import export_checkpoint
+
+    mp.spawn(write_tied_checkpoint, args=(free_port(), str(tmp_path), stage), nprocs=1, join=True)
+    args = dataclasses.replace(load_model_args("tiny", vocab=97), tie_embeddings=True)
+    export_checkpoint(Checkpoint(1, "pretrain", tmp_path, "ds"), args, tmp_path / "hf")
+    source, exported = torch.load(tmp_path / "source.pt"), from_hf_pretrained(tmp_path / "hf").state_dict()
+    for k in source:
+        if not k.endswith(".load") and "freqs_cis" not in k:
+            assert torch.equal(exported[k], source[k]), k
+    assert torch.equal(exported["head.weight"], source["embed.weight"])
