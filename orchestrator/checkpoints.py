@@ -160,29 +160,48 @@ def find_checkpoints(run_dir: Path) -> list[Checkpoint]:
 
 def lazy_model_state(ckpt: Checkpoint) -> dict:
     """{name: a function returning that tensor of the Transformer's state dict (fp32 master weights,
-    buffers)}, read from `ckpt`'s memory-mapped files when called: the owned experts from their
-    pieces, ZeRO 1-3 weights from every rank's partitions (orchestrator/reshard.py), ZeRO 0's
-    module as saved. One tensor is in memory at a time, not the model."""
+    buffers), or only its rows `rows` when given one (a slice of the first dimension: some experts
+    of a layer's stacked experts)}, read from `ckpt`'s memory-mapped files when called: the owned
+    experts from their pieces, ZeRO 1-3 weights from every rank's partitions
+    (orchestrator/reshard.py), ZeRO 0's module as saved. One tensor, or one expert, is in memory at
+    a time, not the model."""
     if any(ckpt.path.glob("*optim_states.pt")):  # ZeRO 1-3: the fp32 weights are partitioned over the ranks
         from orchestrator.reshard import read_full_state
 
-        full, buffers, states = read_full_state(ckpt.path)
-        state = {k: (lambda f=f: f(("weight",))["weight"]) for k, f in full.items()}
+        full, module, states = read_full_state(ckpt.path)
+        state = {k: _partitioned_weight(f) for k, f in full.items()}
         state.update({alias: state[source] for alias, source in states["shared_params"].items() if source in state})  # tied weights
-        module = buffers
     else:  # ZeRO 0: the module is saved whole, optimizer included
         module = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)["module"]
         state = {}
-    state.update({k: (lambda v=v: v) for k, v in module.items()})
-    state = {k.removeprefix(MODEL_PREFIX): (lambda f=f: (lambda v: v.float() if v.is_floating_point() else v)(f()))
-             for k, f in state.items()}
+    state.update({k: _saved_tensor(v) for k, v in module.items()})
+    state = {k.removeprefix(MODEL_PREFIX): _as_float(f) for k, f in state.items()}
     from orchestrator.expert_shard import ExpertCheckpoint, expert_layout
 
     folder = ckpt.path if ckpt.kind == "grpo" else ckpt.ds_dir  # a GRPO checkpoint's experts are in its tag folder
     if expert_layout(folder) is not None:  # owned experts: every slice, reassembled
         saved = ExpertCheckpoint(folder)
-        state.update({k: (lambda k=k: saved.read(k, names=("weight",))["weight"].float()) for k in saved.n_experts})
+        state.update({k: _as_float(_owned_experts(saved, k)) for k in saved.n_experts})
     return state
+
+
+def _partitioned_weight(full):
+    return lambda rows=None: full(("weight",), rows)["weight"]
+
+
+def _saved_tensor(t: torch.Tensor):
+    return lambda rows=None: t if rows is None else t[rows]
+
+
+def _owned_experts(saved, key: str):
+    return lambda rows=None: saved.read(key, None if rows is None else (lambda n: rows), names=("weight",))["weight"]
+
+
+def _as_float(read):
+    def tensor(rows=None) -> torch.Tensor:
+        t = read(rows)
+        return t.float() if t.is_floating_point() else t
+    return tensor
 
 
 def load_model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

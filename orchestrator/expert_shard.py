@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from model.moe import MoE
 from model.parallel import apply_expert_parallel, expert_slice
+from orchestrator.reshard import flat_span
 
 EXPERT_DIR = "experts"  # in a checkpoint folder: one file per rank (its piece of its slice), and the layout
 
@@ -301,7 +302,7 @@ class ExpertCheckpoint:
         """{"weight", and "exp_avg", "exp_avg_sq" once stepped} (or only `names`): experts
         `select(n_experts)` (a slice; all when None) of `key`, each a new tensor."""
         n = self.n_experts[key]
-        want = select(n) if select else slice(0, n)
+        want = slice(*(select(n) if select else slice(0, n)).indices(n))
         out: dict[str, list] = {}
         for j in range(self.k):
             have = expert_slice(n, j, self.k)
@@ -321,13 +322,9 @@ class ExpertCheckpoint:
         rows = self.shapes[key][1:]
         size = math.prod(rows)
         n = math.ceil((have.stop - have.start) * size / self.d)  # a piece's length (the last one padded)
-        out: dict[str, list] = {}
-        for i in range(self.d):
-            lo, hi = max(a * size, i * n), min(b * size, (i + 1) * n)
-            if lo < hi:
-                for name, t in tensors(piece_file(self.folder, j, self.k, i, self.d)).items():
-                    out.setdefault(name, []).append(t[lo - i * n:hi - i * n])
-        return {name: torch.cat(ts).view(b - a, *rows) for name, ts in out.items()}
+        pieces = [tensors(piece_file(self.folder, j, self.k, i, self.d)) for i in range(self.d)]
+        return {name: flat_span([p[name] for p in pieces], [n] * self.d, a * size, b * size).view(b - a, *rows)
+                for name in pieces[0]}
 
 
 def experts_complete(folder: Path) -> bool:

@@ -33,10 +33,11 @@ def write_hf(model: Transformer | ModelArgs, out: Path, tokenizer: Path | None, 
     model.hf.save_hf_state (mtp, fp8, dtype, max_shard_size)."""
     from data.tokenizer import load_tokenizer
     from model.hf import save_hf_state
+    from model.hf.save import dict_state
 
     args = model if isinstance(model, ModelArgs) else model.args
     if state is None:
-        state = model.state_dict().__getitem__
+        state = dict_state(model.state_dict())
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     save_hf_state(args, state, out, special_ids=tok.special_ids() if tok else None, **options)
     if tok is None:
@@ -69,7 +70,7 @@ def export_checkpoint(ckpt: Checkpoint, args: ModelArgs, out: Path, *, tokenizer
     part = out.parent / f".{out.name}.partial"
     shutil.rmtree(part, ignore_errors=True)
     try:
-        write_hf(args, part, tokenizer, template=template, state=lambda k: state[k](), shown_as=out, **options)
+        write_hf(args, part, tokenizer, template=template, state=lambda k, rows=None: state[k](rows), shown_as=out, **options)
     except BaseException as e:
         shutil.rmtree(part, ignore_errors=True)
         if isinstance(e, ShapeMismatch):

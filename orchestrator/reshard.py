@@ -109,7 +109,8 @@ def _workers(n: int) -> str:
 
 def read_full_state(ds_dir: Path) -> tuple[dict, dict, dict]:
     """({parameter name: a function returning its {"weight", "exp_avg", "exp_avg_sq"} full fp32
-    tensors, or those of the names it is given}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
+    tensors, or those of the names it is given, `(keys, rows)`: only rows `rows` (a slice of the
+    first dimension, e.g. some of a layer's stacked experts)}, {buffer name: tensor}, {"step": AdamW's step count, "global_steps", "global_samples",
     "skipped_steps", "lr_scheduler", "shared_params"}) of a DeepSpeed checkpoint folder (`<ckpt>/ds`) saved with
     ZeRO 0-3 at any world size. The files are memory-mapped and a parameter's state is assembled only
     when asked for, so a rank holds one parameter's full state at a time, not the model's."""
@@ -155,7 +156,7 @@ def _flat(osds: list[dict], key: str, weights_key: str) -> list[list[torch.Tenso
     return out
 
 
-def _span(pieces: list[torch.Tensor | None], lengths: list[int], lo: int, hi: int) -> torch.Tensor:
+def flat_span(pieces: list[torch.Tensor | None], lengths: list[int], lo: int, hi: int) -> torch.Tensor:
     """Elements [lo, hi) of the concatenation of `pieces` (of `lengths`; a None piece reads as
     zeros), copied out of the pieces that hold them."""
     out, start = [], 0
@@ -165,6 +166,18 @@ def _span(pieces: list[torch.Tensor | None], lengths: list[int], lo: int, hi: in
             out.append(t[a - start:b - start] if t is not None else torch.zeros(b - a))
         start += n
     return torch.cat(out)
+
+
+def _rows(shape, rows: slice | None) -> tuple[int, int, tuple]:
+    """(first element, element count, shape) of rows `rows` (a slice of the first dimension; all of
+    them when None) of a tensor of `shape` stored flat."""
+    if rows is None:
+        return 0, math.prod(shape), tuple(shape)
+    start, stop, step = rows.indices(shape[0])
+    if step != 1 or stop < start:
+        raise ValueError(f"rows {rows} of a tensor of shape {tuple(shape)}: a contiguous range is needed")
+    row = math.prod(shape[1:])
+    return start * row, (stop - start) * row, (stop - start, *shape[1:])
 
 
 def _zero12_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
@@ -179,8 +192,9 @@ def _zero12_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
         for j, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
 
-            def state(keys=tuple(per_key), g=g, lo=offset, n=n, shape=shape):
-                return {key: _span([r[g] for r in per_key[key]], lengths[g], lo, lo + n).view(shape) for key in keys}
+            def state(keys=tuple(per_key), rows=None, g=g, lo=offset, shape=shape):
+                a, m, sub = _rows(shape, rows)
+                return {key: flat_span([r[g] for r in per_key[key]], lengths[g], lo + a, lo + a + m).view(sub) for key in keys}
             full[name] = state
             offset += n + (pads[g][j] if pads else 0)
     return full
@@ -198,9 +212,11 @@ def _zero3_merge(osds: list[dict], param_shapes: list[dict]) -> dict:
         n = math.prod(shape)
         piece = math.ceil(n / world)
 
-        def state(keys=tuple(per_key), lo=offset, piece=piece, n=n, shape=shape):
-            return {key: torch.cat([_span(r, lengths, lo, lo + piece) for r in per_key[key]])[:n].view(shape)
-                    for key in keys}
+        def state(keys=tuple(per_key), rows=None, lo=offset, piece=piece, shape=shape):
+            a, m, sub = _rows(shape, rows)  # elements [a, a + m) of the parameter: rank r holds [r * piece, (r + 1) * piece)
+            spans = [(r, max(a, r * piece), min(a + m, (r + 1) * piece)) for r in range(world)]
+            return {key: torch.cat([flat_span(per_key[key][r], lengths, lo + x - r * piece, lo + y - r * piece)
+                                    for r, x, y in spans if x < y]).view(sub) for key in keys}
         full[name] = state
         offset += piece
     assert offset == sum(lengths), (offset, sum(lengths))
@@ -220,9 +236,10 @@ def _zero0_state(ms: dict) -> tuple[dict, float]:
     for name, i in zip(names, ids):
         s = opt["state"].get(i, {})
 
-        def state(keys=("weight", *MOMENTS), name=name, s=s):
-            w = ms["module"][name].float()
-            return {k: w if k == "weight" else s[k] if k in s else torch.zeros_like(w) for k in keys}
+        def state(keys=("weight", *MOMENTS), rows=None, name=name, s=s):
+            part = (lambda t: t) if rows is None else (lambda t: t[rows])
+            w = part(ms["module"][name]).float()
+            return {k: w if k == "weight" else part(s[k]) if k in s else torch.zeros_like(w) for k in keys}
         full[name] = state
         step = float(s["step"]) if "step" in s else step
     return full, step

@@ -17,8 +17,8 @@ engines reading DeepSeek-V3's layout serve:
 Tokenizer files are the tokenizer's business (`data.tokenizer.Tokenizer.save_pretrained`).
 
 Memory: tensors are made shard by shard. `save_hf_state` takes a function for the model's
-tensors, so an export from a checkpoint on disk (orchestrator/export.py) holds one shard and one
-layer's experts at a time, not the model.
+tensors that can also give one expert of a layer's stacked experts, so an export from a checkpoint
+on disk (orchestrator/export.py) holds one shard and one tensor at a time, not the model.
 
 Test: `pytest tests/model/test_model_hf.py tests/model/test_model_hf_hub.py`.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -86,19 +85,24 @@ def _write_set(path: Path, stem: str, names: list[str], tensor, nbytes, max_byte
 
 def save_hf_pretrained(model: Transformer, path: str | Path, **options) -> None:
     """Write `model` to the HF directory `path` (see the module docstring; `options` as save_hf_state's)."""
-    sd = model.state_dict()
-    save_hf_state(model.args, sd.__getitem__, path, **options)
+    save_hf_state(model.args, dict_state(model.state_dict()), path, **options)
 
 
-def save_hf_state(args: ModelArgs, state: Callable[[str], torch.Tensor], path: str | Path, *,
+def dict_state(sd: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`save_hf_state`'s tensor function for a state dict held in memory."""
+    return lambda name, rows=None: sd[name] if rows is None else sd[name][rows]
+
+
+def save_hf_state(args: ModelArgs, state: Callable[..., torch.Tensor], path: str | Path, *,
                   special_ids: dict[str, int | list[int] | None] | None = None,
                   mtp: Literal["separate", "inline", "none"] = "separate", fp8: bool = False,
                   dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
     """Write the model of shape `args` whose state-dict tensor `name` is `state(name)` to the HF
-    directory `path`. Tensors are asked for as their shard is written (the last three kept: a
-    layer's stacked experts are cut into one HF tensor per expert), so a `state` that reads from
-    disk keeps the peak at one shard and one layer's experts, not the model. A tensor whose shape
-    is not the one `args` gives raises ShapeMismatch naming it.
+    directory `path`; `state(name, rows)` gives only rows `rows` (a slice of the first dimension),
+    which is how one expert of a layer's stacked experts (one HF tensor) is asked for. Tensors are
+    asked for as their shard is written, each once, so a `state` that reads from disk keeps the
+    peak at one shard and one tensor, not the model. A tensor whose shape is
+    not the one `args` gives raises ShapeMismatch naming it.
     `special_ids`: {"bos_token_id", "eos_token_id", "pad_token_id"} for config.json, plus an optional
     "stop_token_ids" list, generation_config.json's eos_token_id (default: the eos id)."""
     if mtp not in ("separate", "inline", "none"):
@@ -117,22 +121,28 @@ def save_hf_state(args: ModelArgs, state: Callable[[str], torch.Tensor], path: s
         names.pop("lm_head.weight")
     prefixes = mtp_prefixes(args)
     in_mtp = (lambda k: k.startswith(prefixes)) if prefixes else (lambda k: False)
-    recent: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def ours(name: str) -> torch.Tensor:
-        if name not in recent:
-            t = state(name)
-            if tuple(t.shape) != tuple(meta[name].shape):
-                raise ShapeMismatch(f"{name!r} has shape {tuple(t.shape)}, the model config gives {tuple(meta[name].shape)}")
-            recent[name] = t
-            if len(recent) > 3:
-                recent.popitem(last=False)
-        return recent[name]
+    def ours(name: str, expert: int | None) -> torch.Tensor:
+        if expert is not None:  # one expert of a layer's stacked experts: one HF tensor
+            return one_expert(name, expert)
+        t = state(name)
+        if tuple(t.shape) != tuple(meta[name].shape):
+            raise ShapeMismatch(f"{name!r} has shape {tuple(t.shape)}, the model config gives {tuple(meta[name].shape)}")
+        return t
+
+    def one_expert(name: str, e: int) -> torch.Tensor:
+        n, *inner = meta[name].shape
+        t = state(name, slice(e, e + 1 if e < n - 1 else None))  # the last one with any after it: their count is checked
+        if t.shape[0] != 1:
+            raise ShapeMismatch(f"{name!r} has {e + t.shape[0]} experts, the model config gives {n}")
+        if list(t.shape[1:]) != inner:
+            raise ShapeMismatch(f"{name!r} has experts of shape {tuple(t.shape[1:])}, the model config gives {tuple(inner)}")
+        return t[0]
 
     def split(hf: str, get) -> torch.Tensor:
         name, transpose = names[hf]
         name, _, expert = name.partition("#")
-        t = get(name)[int(expert)] if expert else get(name)
+        t = get(name, int(expert) if expert else None)
         return t.t() if transpose else t
 
     def weight(hf: str) -> torch.Tensor:
@@ -156,11 +166,14 @@ def save_hf_state(args: ModelArgs, state: Callable[[str], torch.Tensor], path: s
             cache[k] = tuple(x.contiguous() for x in fp8_quantize_weight_reference(weight(k).float(), FP8_BLOCK))
         return cache[k]
 
+    def from_meta(name: str, expert: int | None) -> torch.Tensor:
+        return meta[name] if expert is None else meta[name][expert]
+
     def nbytes(k: str) -> int:
         if k.endswith(SCALE_SUFFIX):
-            N, K = split(k[: -len(SCALE_SUFFIX)], meta.__getitem__).shape
+            N, K = split(k[: -len(SCALE_SUFFIX)], from_meta).shape
             return 4 * -(-N // FP8_BLOCK) * -(-K // FP8_BLOCK)
-        t = split(k, meta.__getitem__)
+        t = split(k, from_meta)
         if fp8 and is_fp8_linear(k):
             return t.numel()
         return t.numel() * (torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size())

@@ -99,3 +99,32 @@ def test_bad_checkpoint_errors_name_the_tensor(tmp_path):
     save_file(sd, str(f), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="o_proj.weight.*missing"):
         from_hf_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change", ["one more expert", "one fewer expert", "wider experts"])
+def test_export_refuses_stacked_experts_of_another_shape_naming_them(tmp_path, change):
+    """save_hf_state reads stacked experts one expert at a time (so an export never holds a layer's
+    experts whole), and still refuses a checkpoint whose count or shape of experts is not the config's."""
+    from model.hf import save_hf_state
+    from model.hf.config import from_hf_config
+    from model.hf.save import ShapeMismatch, dict_state
+
+    model = Transformer(from_hf_config(hf_config(None).to_dict()))
+    sd = dict(model.state_dict())
+    key = next(k for k in sd if k.endswith("experts.w1"))
+    w = sd[key]
+    sd[key] = {"one more expert": torch.cat([w, w[:1]]), "one fewer expert": w[1:],
+               "wider experts": torch.cat([w, w[:, :1]], dim=1)}[change]
+    asked = []
+
+    def state(name, rows=None):
+        asked.append((name, rows))
+        return dict_state(sd)(name, rows)
+
+    n = w.shape[0]
+    message = {"one more expert": f"has {n + 1} experts, the model config gives {n}",
+               "one fewer expert": f"has {n - 1} experts, the model config gives {n}",
+               "wider experts": "has experts of shape"}[change]
+    with pytest.raises(ShapeMismatch, match=f"{key}.*{message}"):
+        save_hf_state(model.args, state, tmp_path / "hf")
+    assert (key, None) not in asked and (key, slice(0, 1)) in asked  # never the layer's experts whole

@@ -143,9 +143,9 @@ def test_export_refuses_in_one_line(grpo_run, policy_dir, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def write_tied_checkpoint(rank: int, port: int, out: str, stage: int) -> None:
+def write_tied_checkpoint(rank: int, port: int, out: str, stage: int, world: int = 1) -> None:
     """One step of a model whose output head is its embedding (tie_embeddings), saved under ZeRO
-    `stage`, which stores the shared weight once; the module's whole state to source.pt."""
+    `stage` by `world` ranks (ZeRO stores the shared weight once); the module's whole state to source.pt."""
     import dataclasses
 
     from model import Transformer, load_model_args
@@ -153,12 +153,12 @@ def write_tied_checkpoint(rank: int, port: int, out: str, stage: int) -> None:
     from orchestrator.dist_local import join_local_group
     from orchestrator.pretrain_worker import build_engine, train_step
 
-    join_local_group(rank, 1, port)
+    join_local_group(rank, world, port)
     import deepspeed
 
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(load_model_args("tiny", vocab=97), tie_embeddings=True))
-    engine, _ = build_engine(model, PretrainConfig(micro_batch_size=2, zero_stage=stage, steps=2, warmup_steps=1), 1, bf16=False)
+    engine, _ = build_engine(model, PretrainConfig(micro_batch_size=2, zero_stage=stage, steps=2, warmup_steps=1), world, bf16=False)
 
     class Rows:
         def __next__(self):
@@ -167,8 +167,9 @@ def write_tied_checkpoint(rank: int, port: int, out: str, stage: int) -> None:
 
     train_step(engine, model, Rows(), 1, torch.device("cpu"), 1)
     engine.save_checkpoint(out, tag="ds")
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / "source.pt")
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):  # every rank takes part
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / "source.pt")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -190,3 +191,24 @@ def test_export_of_tied_embeddings_reads_the_weight_zero_stores_once(stage, tmp_
         if not k.endswith(".load") and "freqs_cis" not in k:
             assert torch.equal(exported[k], source[k]), k
     assert torch.equal(exported["head.weight"], source["embed.weight"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_rows_read_from_a_checkpoint_are_the_rows_of_the_trained_tensor(stage, tmp_path):
+    """Export asks for one expert of a layer's stacked experts at a time (model.hf.save_hf_state):
+    lazy_model_state's read of some rows of a tensor is those rows of the trained module's tensor,
+    from a checkpoint of 2 ranks; under ZeRO 3 a range of rows can straddle the ranks' pieces."""
+    from orchestrator.checkpoints import Checkpoint, lazy_model_state
+
+    mp.spawn(write_tied_checkpoint, args=(free_port(), str(tmp_path), stage, 2), nprocs=2, join=True)
+    source = torch.load(tmp_path / "source.pt")
+    state = lazy_model_state(Checkpoint(1, "pretrain", tmp_path, "ds"))
+    stacked = [k for k in source if k.endswith(("experts.w1", "experts.w2", "experts.w3"))]
+    assert stacked and all(source[k].dim() == 3 for k in stacked), stacked
+    for k in stacked:
+        n = source[k].shape[0]
+        for rows in (slice(0, 1), slice(n // 2 - 1, n // 2 + 1), slice(n - 1, None), slice(1, n)):
+            assert torch.equal(state[k](rows), source[k][rows]), (k, rows)
+    for k in source:
+        if not k.endswith(".load") and "freqs_cis" not in k:
+            assert torch.equal(state[k](), source[k]), k
