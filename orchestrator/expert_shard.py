@@ -94,7 +94,7 @@ class ExpertShard:
                     self.master[key] = self._piece(p.detach().float()).clone().requires_grad_(True)
                 self.n_experts[key] = moe.n_experts
         self.optimizer = torch.optim.AdamW(list(self.master.values()), lr=lr, betas=betas, eps=eps,
-                                           weight_decay=weight_decay)
+                                           weight_decay=weight_decay, fused=True)
         self.norm = 0.0  # the experts' gradient norm of the last reduce()
 
     def _piece(self, t: torch.Tensor) -> torch.Tensor:

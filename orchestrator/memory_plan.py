@@ -6,7 +6,8 @@ model's shapes (built on the meta device). Per rank of each role:
   (ZeRO 1-3 keep one even for an fp32 model) and the owned experts' masters (orchestrator/expert_shard.py);
 - optimizer: AdamW's two fp32 moments, sharded over the data-parallel ranks from ZeRO-1 (owned
   experts: over nothing, each rank updates its E/K experts), in host memory with offload;
-- gradients: what the optimizer step holds (ZeRO-2 and 3 shard them), plus AdamW's temporary;
+- gradients: what the optimizer step holds (ZeRO-2 and 3 shard them); AdamW is fused (one pass per
+  tensor, no temporaries: ds_config.adamw_params);
 - buffers: DeepSpeed's buckets (capped at the model's size by ds_config.deepspeed_config), ZeRO-3's
   gathered layer, the model's buffers (RoPE table), a colocated reference model;
 - activations: what autograd saves for one micro-batch (`activation_bytes`, derived from
@@ -14,8 +15,8 @@ model's shapes (built on the meta device). Per rank of each role:
   activation checkpointing the blocks' inputs plus one block recomputed), and the loss's chunk of logits;
 - kv cache: a sampler's MLA latent cache, (kv_lora_rank + qk_rope_head_dim) values per token per
   layer for one generate call (prompts per call x group size, prompt + max_new_tokens positions).
-The peak is parameters + optimizer + buffers + the larger of (activations + cache) and (gradients
-+ the step's temporaries): activations are freed by the time the optimizer steps.
+The peak is parameters + optimizer + buffers + the larger of (activations + cache) and the
+gradients: activations are freed by the time the optimizer steps.
 
 Test: `pytest tests/orchestrator/test_orch_memory_plan.py` (the plan against measured peaks on CPU).
 """
@@ -181,7 +182,6 @@ class RankMemory:
     bucket: float = 0.0  # ZeRO-2's gradient bucket, alive during the backward only
     activations: float = 0.0  # one micro-batch (or a sampler's forward)
     kv_cache: float = 0.0  # a sampler's MLA latent cache
-    step: float = 0.0  # the optimizer step's temporaries
     host: float = 0.0  # CPU memory: offloaded optimizer state and masters
     capacity: float = 0.0  # the device's (or, for a CPU role, its share of the node's) memory
     on_gpu: bool = True
@@ -190,7 +190,7 @@ class RankMemory:
     @property
     def peak(self) -> float:
         return self.parameters + self.optimizer + self.buffers + max(self.activations + self.kv_cache + self.bucket,
-                                                                     self.gradients + self.step)
+                                                                     self.gradients)
 
     @property
     def headroom(self) -> float:
@@ -201,8 +201,8 @@ def zero_states(n: int, numels: tuple[int, ...], *, stage: int, dp: int, w: int,
     """Per-rank bytes of DeepSpeed's part: n parameters in w-byte compute copies on dp ranks.
 
     ZeRO 1-2 flatten the compute copies and keep an fp32 master of this rank's 1/dp (even of an
-    fp32 model); at the step the partition's gradients exist in the compute dtype and in fp32, and
-    AdamW makes one fp32 temporary of the partition. Reduction goes through one bucket of
+    fp32 model); at the step the partition's gradients exist in the compute dtype and in fp32 (the
+    fused AdamW adds no temporary). Reduction goes through one bucket of
     min(n, 5e8) elements (ds_config caps it): ZeRO-1 keeps it, ZeRO-2 frees it after the backward
     (measured: tests/orchestrator/test_orch_memory_plan.py). ZeRO-3 also partitions the compute copies, except
     tensors under the persistence threshold, and gathers a layer at a time (prefetch bucket).
@@ -211,30 +211,29 @@ def zero_states(n: int, numels: tuple[int, ...], *, stage: int, dp: int, w: int,
     bucket = w * min(n, DS_BUCKET)
     if stage == 0:
         return {"parameters": w * n + (4 * n if w != 4 else 0), "optimizer": 8 * n, "gradients": 4 * n,
-                "buffers": 0.0, "step": 4 * max(numels, default=0), "host": 0.0}
+                "buffers": 0.0, "host": 0.0}
     out = {"parameters": w * n + master, "optimizer": opt, "gradients": (w + 4) * n / dp, "buffers": bucket if stage != 2 else 0.0,
-           "bucket": bucket if stage == 2 else 0.0, "step": 4 * n / dp, "host": 0.0}
+           "bucket": bucket if stage == 2 else 0.0, "host": 0.0}
     if stage == 3:
         persist = sum(k for k in numels if k < min(DS_PERSIST, n))
         gathered = w * (min(DS_PREFETCH, n) + max(numels, default=0))  # the prefetch bucket and the layer in use
         out["parameters"] = w * (persist + (n - persist) / dp) + master
         out["buffers"] = bucket + gathered
-    if offload:  # masters, moments, fp32 gradients and the step live in host memory
-        out["host"] = master + opt + 4 * n / dp + out["step"]
+    if offload:  # masters, moments and fp32 gradients live in host memory
+        out["host"] = master + opt + 4 * n / dp
         out["parameters"] -= master
-        out["optimizer"], out["gradients"], out["step"] = 0.0, w * n / dp, 0.0
+        out["optimizer"], out["gradients"] = 0.0, w * n / dp
     return out
 
 
-def owned_expert_states(n_own: int, w: int, gpu: bool, largest: int, dp: int) -> dict[str, float]:
+def owned_expert_states(n_own: int, w: int, dp: int) -> dict[str, float]:
     """ExpertShard's E/K routed experts: a w-byte compute copy, and fp32 masters (the compute copy
     itself under fp32 when dp is 1), gradients at the step and AdamW's moments split over the `dp`
-    ranks of the expert-data-parallel group; torch's AdamW makes one temporary per tensor on CPU
-    (single-tensor loop) and of all of them on GPU (foreach)."""
+    ranks of the expert-data-parallel group (the fused AdamW adds no temporary)."""
     piece = n_own / dp
     copy = w * n_own if (w != 4 or dp > 1) else 0
     return {"parameters": 4 * piece + copy, "optimizer": 8 * piece, "gradients": 4 * piece,
-            "buffers": 0.0, "step": 4 * (piece if gpu else largest / dp), "host": 0.0}
+            "buffers": 0.0, "host": 0.0}
 
 
 def _add(mem: RankMemory, states: dict[str, float]) -> None:
@@ -259,7 +258,7 @@ def pretrain_rank(args: ModelArgs, pc: ParamCount, p, *, world: int, seq: int, g
     _add(mem, zero_states(n_ds, pc.numels if owned else pc.numels + pc.routed_numels, stage=p.zero_stage, dp=world, w=w,
                           offload=p.offload_optimizer))
     if owned:
-        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K, dp=world // K))
+        _add(mem, owned_expert_states(pc.routed // K, w, dp=world // K))
     mem.buffers += pc.buffer_bytes
     mem.activations = activation_bytes(args, p.micro_batch_size, seq, w=w, gpu=gpu, checkpointing=p.activation_checkpointing)
     if K > 1 and args.n_routed_experts and args.n_layers > args.n_dense_layers:
@@ -298,7 +297,7 @@ def learner_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     mem = RankMemory("learner", g.learners, on_gpu=gpu)
     if K > 1:
         _add(mem, zero_states(pc.total - pc.routed, pc.numels, stage=g.zero_stage, dp=g.learners, w=w, offload=False))
-        _add(mem, owned_expert_states(pc.routed // K, w, gpu, max(pc.routed_numels) // K, dp=g.learners // K))
+        _add(mem, owned_expert_states(pc.routed // K, w, dp=g.learners // K))
     else:
         _add(mem, zero_states(pc.total, pc.numels + pc.routed_numels, stage=g.zero_stage, dp=g.learners, w=w, offload=False))
     mem.buffers += pc.buffer_bytes
@@ -328,11 +327,13 @@ def sampler_calls(g, r) -> int:
     return per * g.group_size
 
 
-def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu: bool, role: str = "sampler") -> RankMemory:
+def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu: bool, role: str = "sampler",
+                 max_group: int | None = None) -> RankMemory:
     """One RolloutSampler (or the reference actor): the policy as the HF export stores it (fp32), the
     MLA latent cache of its rows of one generate call, the prefill's logits and the routed experts it
     records. With rollout.expert_parallel K (samplers only) a member holds E/K routed experts and
-    decodes 1/K of the call's rows (model/generate.py)."""
+    decodes 1/K of the call's rows (model/generate.py); a larger group is advised only where it fits
+    `max_group` devices (a group is placed on one node: placement.py)."""
     K = r.expert_parallel if role == "sampler" else 1
     B, S = math.ceil(sampler_calls(g, r) / K), prompt_len + r.max_new_tokens
     mem = RankMemory(role, r.num_samplers, on_gpu=gpu)
@@ -344,7 +345,8 @@ def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     if K > 1:  # the prefill's all-to-all copies of one MoE layer's (token, expert) rows, sent and received
         mem.activations += 2 * B * prompt_len * args.n_activated_experts * args.dim * 4
     options = []
-    if role == "sampler" and pc.routed and r.num_samplers >= 2 * K and args.n_routed_experts % (2 * K) == 0:
+    if role == "sampler" and pc.routed and r.num_samplers >= 2 * K and args.n_routed_experts % (2 * K) == 0 \
+            and 2 * K <= (max_group or 2 * K):
         options.append(f"a larger sampler expert-parallel group (rollout.expert_parallel={2 * K}, rollout.num_samplers a multiple)")
     options += [f"fewer completions per call (more rollout.num_samplers; now {B} per sampler)",
                 f"shorter completions (rollout.max_new_tokens={max(1, r.max_new_tokens // 2)})"]
@@ -357,8 +359,10 @@ def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
 # ---------------------------------------------------------------------------------------------
 
 
-def role_memory(cfg, command: str, roles, *, gpu_gib: float, host_gib: float, prompt_len: int) -> list[RankMemory]:
-    """The memory of each role of `sputnik <command>` (placement.roles_for's roles), with its device's capacity."""
+def role_memory(cfg, command: str, roles, *, gpu_gib: float, host_gib: float, prompt_len: int,
+                max_group: int | None = None) -> list[RankMemory]:
+    """The memory of each role of `sputnik <command>` (placement.roles_for's roles), with its device's
+    capacity; max_group: the most GPUs of one node (a sampler group's limit)."""
     args, gpu_of = cfg.model, {r.name: r.gpus for r in roles}
     pc = count_parameters(args)
     out = []
@@ -371,7 +375,8 @@ def role_memory(cfg, command: str, roles, *, gpu_gib: float, host_gib: float, pr
         elif role.name == "learner":
             mem = learner_rank(args, pc, cfg.grpo, cfg.rollout, prompt_len=prompt_len, gpu=gpu)
         elif role.name in ("sampler", "reference"):
-            mem = sampler_rank(args, pc, cfg.grpo, cfg.rollout, prompt_len=prompt_len, gpu=gpu, role=role.name)
+            mem = sampler_rank(args, pc, cfg.grpo, cfg.rollout, prompt_len=prompt_len, gpu=gpu, role=role.name,
+                               max_group=max_group if gpu else None)
             mem.ranks = role.count
         else:
             continue  # reward evaluators hold no model
@@ -382,10 +387,10 @@ def role_memory(cfg, command: str, roles, *, gpu_gib: float, host_gib: float, pr
 
 def table(mems: list[RankMemory]) -> str:
     """Fixed-width GiB per rank: one row per role, one column per component."""
-    head = ["role", "ranks", "params", "optim", "buffers", "activ", "bucket", "kv cache", "grads", "step", "peak", "device",
+    head = ["role", "ranks", "params", "optim", "buffers", "activ", "bucket", "kv cache", "grads", "peak", "device",
             "headroom", "host"]
     rows = [[m.role, str(m.ranks), *(f"{v / GIB:.2f}" for v in (m.parameters, m.optimizer, m.buffers, m.activations, m.bucket,
-                                                                  m.kv_cache, m.gradients, m.step, m.peak)),
+                                                                  m.kv_cache, m.gradients, m.peak)),
              f"{m.capacity / GIB:.0f} {'GPU' if m.on_gpu else 'CPU'}", f"{m.headroom / GIB:.2f}", f"{m.host / GIB:.2f}"] for m in mems]
     widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" if j else f"{{:<{w}}}" for j, w in enumerate(widths))
@@ -407,5 +412,5 @@ def explain(pc: ParamCount) -> str:
     """The arithmetic under the table: parameters by part."""
     return (f"parameters: {pc.total / 1e9:.3f}B ({pc.main / 1e9:.3f}B without MTP, of which routed experts "
             f"{(pc.routed - pc.routed_mtp) / 1e9:.3f}B; MTP {pc.mtp / 1e9:.3f}B; activated per token {pc.activated / 1e9:.3f}B); "
-            f"GiB per rank; peak = params + optim + buffers + max(activ + bucket + kv cache, grads + step)")
+            f"GiB per rank; peak = params + optim + buffers + max(activ + bucket + kv cache, grads)")
 

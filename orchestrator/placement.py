@@ -407,7 +407,8 @@ def run(cfg: RunConfig, cli_args) -> int:
         host_gib = getattr(cli_args, "host_memory_gib", None) or memory_plan.DEFAULT_HOST_GIB
         per_node = max(Counter(n for r in roles for n in plan.assignment[r.name]).values())  # CPU roles share a node's memory
         mems = memory_plan.role_memory(cfg, cmd, roles, gpu_gib=getattr(cli_args, "gpu_memory_gib", None) or memory_plan.DEFAULT_GPU_GIB,
-                                       host_gib=host_gib / per_node, prompt_len=getattr(cli_args, "prompt_len", None) or 256)
+                                       host_gib=host_gib / per_node, prompt_len=getattr(cli_args, "prompt_len", None) or 256,
+                                       max_group=int(max(n.gpus for n in nodes)))
         print(f"\nmemory per rank (GiB) of sputnik {cmd}:")
         print(memory_plan.table(mems))
         print(memory_plan.explain(memory_plan.count_parameters(cfg.model)))

@@ -136,7 +136,8 @@ def test_zero_arithmetic_by_hand():
     z3 = zero_states(n, (10**9,), stage=3, dp=dp, w=2, offload=False)
     assert z3["parameters"] == 2 * n / dp + 4 * n / dp and z3["buffers"] == 2 * 5e8 + 2 * (5e7 + 10**9)
     off = zero_states(n, (10**9,), stage=2, dp=dp, w=2, offload=True)
-    assert off["optimizer"] == 0 and off["host"] == 4 * n / dp + 8 * n / dp + 4 * n / dp + 4 * n / dp
+    # offloaded: fp32 masters, moments and gradients in host memory (DeepSpeed's CPU Adam, no temporary)
+    assert off["optimizer"] == 0 and off["host"] == 4 * n / dp + 8 * n / dp + 4 * n / dp
 
 
 def test_activation_checkpointing_keeps_block_inputs_and_one_block():
@@ -171,3 +172,19 @@ def test_a_sampler_groups_weights_and_cache_are_the_plans(tmp_path, ep):
     cache = sum(c.buf_BSL.numel() * c.buf_BSL.element_size() for c in member.new_caches(rows, 32 + 64))
     ids = (args.n_layers - args.n_dense_layers) * rows * (32 + 64) * args.n_activated_experts  # the uint8 routed-expert record
     assert plan.kv_cache == cache + ids
+
+
+def test_a_larger_sampler_group_is_advised_only_where_it_fits_one_node():
+    """The placement keeps an expert-parallel sampler group on one node (its all-to-all at every
+    decoding step): the plan advises doubling the group only where the doubled group fits a node's GPUs."""
+    from orchestrator.config import load_config
+    from orchestrator.memory_plan import sampler_rank
+
+    cfg = load_config(None, ["model.preset=deepseek-v3-671b", "rollout.num_samplers=16", "rollout.expert_parallel=4"])
+    pc = count_parameters(cfg.model)
+
+    def advice(max_group):
+        return sampler_rank(cfg.model, pc, cfg.grpo, cfg.rollout, prompt_len=256, gpu=True, max_group=max_group).advice
+
+    assert advice(8)[0].startswith("a larger sampler expert-parallel group (rollout.expert_parallel=8")
+    assert advice(4) == advice(8)[1:] and not any("expert_parallel" in a for a in advice(4))
