@@ -47,54 +47,74 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+STRAIGHT = ["pretrain", *SMALL, "pretrain.steps=16", "pretrain.checkpoint_every=4", "pretrain.workers=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+    """16 steps on 2 workers with a checkpoint every 4, uninterrupted: the reference run of exact
+    resume and of recovery from a killed worker (made once, read only)."""
+    out = tmp_path_factory.mktemp("pretrain") / "straight"
+    sputnik(*STRAIGHT, "--out", str(out), cache=cache)
+    return out
+
+
+ONE_WORKER = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8", "pretrain.workers=1", "pretrain.micro_batch_size=8",
+              "pretrain.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def one_worker(cache, tmp_path_factory):
+    """8 steps of 8 rows on one worker (ZeRO-1): the reference of 2 workers under ZeRO 2/3 and expert
+    parallel, and of FP8 (made once, read only)."""
+    out = tmp_path_factory.mktemp("pretrain") / "one-worker"
+    sputnik(*ONE_WORKER, "--out", str(out), cache=cache)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_exact_resume(tmp_path, cache):
-    common = ["pretrain", *SMALL, "pretrain.steps=16", "pretrain.checkpoint_every=4", "pretrain.workers=2"]
-    sputnik(*common, "--out", str(tmp_path / "straight"), cache=cache)
-    sputnik(*common, "pretrain.stop_after=8", "--out", str(tmp_path / "resumed"), cache=cache)
+def test_exact_resume(tmp_path, cache, straight):
+    sputnik(*STRAIGHT, "pretrain.stop_after=8", "--out", str(tmp_path / "resumed"), cache=cache)
     assert max(losses(tmp_path / "resumed")) == 8
     # Ray Train forgets its registration of the step-8 checkpoint (as when a worker dies between
     # writing its part and Ray registering the report): the complete checkpoint on disk is used
     (tmp_path / "resumed" / "checkpoints" / "train" / "checkpoint_manager_snapshot.json").unlink()
-    r = sputnik(*common, "--out", str(tmp_path / "resumed"), cache=cache)
+    r = sputnik(*STRAIGHT, "--out", str(tmp_path / "resumed"), cache=cache)
     assert "resumed from step 8, from the run directory" in r.stdout + r.stderr
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    a, b = losses(straight), losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
     assert a[16] < a[1]  # and it learns
     # the exported model is a transformers checkpoint of the final weights
     transformers = pytest.importorskip("transformers")
-    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "straight" / "hf")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(straight / "hf")
     assert hf.config.num_hidden_layers == 3
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_fp8_pretraining_tracks_full_precision(tmp_path, cache):
-    """pretrain.fp8 (emulated on CPU): the first steps within 0.5% of the fp32 run (but not equal:
-    FP8 is on), and the final loss within 3% (early training at this lr is chaotic in between:
-    measured, a one-step 11% bump at step 7 that the FP8 run recovered from)."""
-    common = ["pretrain", *SMALL, "pretrain.steps=12", "pretrain.checkpoint_every=12", "pretrain.workers=1"]
-    sputnik(*common, "--out", str(tmp_path / "fp32"), cache=cache)
-    r = sputnik(*common, "pretrain.fp8=true", "--out", str(tmp_path / "fp8"), cache=cache)
+def test_fp8_pretraining_tracks_full_precision(tmp_path, cache, one_worker):
+    """pretrain.fp8 (emulated on CPU) against the same run in fp32: the first 5 steps within 0.5%
+    (but not equal: FP8 is on), every step within 3%, and it learns. Measured (2026-12-07):
+    +0.01% to +0.37% at every step, step 8 at 0.597 of step 1 (early training at this lr is chaotic:
+    a 12-step run with 4-row batches once had a one-step 11% bump that the FP8 run recovered from)."""
+    r = sputnik(*ONE_WORKER, "pretrain.fp8=true", "--out", str(tmp_path / "fp8"), cache=cache)
     assert "FP8 block-scaled GEMMs in" in r.stdout + r.stderr
-    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "fp8")
-    assert sorted(a) == sorted(b) == list(range(1, 13))
+    a, b = losses(one_worker), losses(tmp_path / "fp8")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
     assert any(a[s] != b[s] for s in a)
-    for s in range(1, 6):
-        assert abs(a[s] - b[s]) <= 0.005 * a[s], (s, a[s], b[s])
-    assert abs(a[12] - b[12]) <= 0.03 * a[12], (a[12], b[12])
-    assert b[12] < 0.6 * b[1]
+    for s in a:
+        assert abs(a[s] - b[s]) <= (0.005 if s <= 5 else 0.03) * a[s], (s, a[s], b[s])
+    assert b[8] < 0.65 * b[1]
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, cache):
+def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, cache, one_worker):
     common = ["pretrain", *SMALL, "pretrain.steps=8", "pretrain.checkpoint_every=8"]
-    sputnik(*common, "pretrain.workers=1", "pretrain.micro_batch_size=8", "pretrain.zero_stage=1", "--out", str(tmp_path / "w1"), cache=cache)
-    ref = losses(tmp_path / "w1")
+    ref = losses(one_worker)
     # (workers, ZeRO stage, expert parallel) through the whole `sputnik pretrain` path; the other
     # combinations of world size, EP degree and ZeRO stage (4 workers, EP 4, ZeRO 1/2/3 under owned
     # experts) are tests/orchestrator/test_orch_expert_shard.py's, at a fraction of the time
@@ -110,25 +130,28 @@ def test_two_workers_zero2_zero3_and_expert_parallel_match_one_worker(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_recovers_from_a_killed_worker(tmp_path, cache):
-    common = ["pretrain", *SMALL, "pretrain.steps=24", "pretrain.checkpoint_every=4", "pretrain.workers=2"]
-    sputnik(*common, "--out", str(tmp_path / "clean"), cache=cache)
-    proc = sputnik(*common, "pretrain.max_failures=2", "--out", str(tmp_path / "killed"), cache=cache, popen=True)
+def test_recovers_from_a_killed_worker(tmp_path, cache, straight):
+    """A training worker killed (SIGKILL, from outside) after the first checkpoint: Ray Train
+    restarts the group from the latest checkpoint and the run ends with the uninterrupted run's losses."""
+    proc = sputnik(*STRAIGHT, "pretrain.max_failures=2", "--out", str(tmp_path / "killed"), cache=cache, popen=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
-        time.sleep(0.5)
-    # kill one training worker process from outside
+    # step 5 logged: the step-4 checkpoint is complete, 11 steps are still to run
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
     pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
     assert pids, "no Ray Train worker process found"
     os.kill(int(pids[-1]), signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
-    a, b = losses(tmp_path / "clean"), losses(tmp_path / "killed")
-    assert abs(a[24] - b[24]) <= 1e-6 * abs(a[24])
-    assert "resumed from step" in "".join(lines)
+    reader.join(timeout=60)
+    assert "resumed from step" in "".join(lines), "".join(lines)[-3000:]
+    a, b = losses(straight), losses(tmp_path / "killed")
+    assert sorted(b) == list(range(1, 17))
+    for step in a:  # the steps after the checkpoint are run again, exactly
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
 
 
 @pytest.mark.slow
