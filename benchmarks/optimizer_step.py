@@ -5,8 +5,9 @@ Unfused is what DeepSpeed gave torch's AdamW before: the single-tensor loop on C
 CUDA (torch's default there); both make fp32 temporaries the size of the partition. Fused is one
 pass per tensor with no temporaries.
 
-Run: `python benchmarks/optimizer_step.py [--numel 279000000] [--threads 1] [--steps 3]` (CPU or
-CUDA; 279M is the small preset's parameter count, one rank's partition under ZeRO with one rank).
+Run: `python benchmarks/optimizer_step.py [--numel N] [--threads 1] [--steps 3]` (CPU or CUDA; by
+default 279M elements on CPU, the small preset's parameter count, one rank's partition under ZeRO
+with one rank, and 1B on CUDA).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def step_seconds(numel: int, fused: bool, steps: int, device: torch.device) -> t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--numel", type=int, default=279_000_000)
+    ap.add_argument("--numel", type=int, default=None, help="elements (default: 279M on CPU, 1B on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a.numel = a.numel or (1_000_000_000 if device.type == "cuda" else 279_000_000)
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
