@@ -89,8 +89,8 @@ def deepspeed_config(
 def adamw_params(lr: float, betas, weight_decay: float, *, torch_adam: bool) -> dict[str, Any]:
     """DeepSpeed's AdamW parameters. torch_adam: torch's AdamW instead of DeepSpeed's compiled op (no
     build step on CPU), fused: one pass over each tensor, on CPU and CUDA, with no temporaries (the
-    unfused update makes fp32 temporaries the size of the whole flat partition that ZeRO hands it:
-    on CPU, one thread, a 279M-element partition steps in 2.05 s unfused, 0.16 s fused). The
+    unfused update makes fp32 temporaries the size of the whole flat partition that ZeRO hands it,
+    and is 12-13x slower on CPU: benchmarks/optimizer_step.py, BENCHMARKS.md "Optimizer"). The
     offloaded optimizer is DeepSpeed's CPU Adam, fused already."""
     params: dict[str, Any] = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": torch_adam}
     if torch_adam:
