@@ -25,6 +25,11 @@ so gradients reach the router. `MoE.routed_idx_NK` keeps the choice of the last 
 sampler/learner routing comparison. With `exact` set (Transformer.set_exact) the gate and the
 experts use the batch-invariant primitives of model/exact.py.
 
+The balancing state (Gate.bias, MoE.load) stays fp32 when the model is cast to bf16 (a bf16
+sampler, `model.to(torch.bfloat16)`), as DeepSpeed's bf16 mode keeps buffers for the learners: in
+bf16 a count stops at 256 (256 + 1 rounds to 256) and a bias step of 1e-3 vanishes beside a bias
+above 0.25.
+
 Shapes: N tokens, D dim, E routed experts, K activated experts, I expert hidden size.
 Test: `pytest tests/model/test_model_moe.py`.
 """
@@ -39,6 +44,22 @@ from sputnik_kernels import swiglu
 from sputnik_kernels.moe import grouped_mm, permute, routing_metadata, unpermute
 from model import exact as bi
 from model.args import ModelArgs
+
+
+class Fp32Buffers(nn.Module):
+    """A module whose buffers named in FP32_BUFFERS keep their fp32 values through a dtype cast
+    (moved with the module to its new device, never rounded)."""
+
+    FP32_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in self.FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return self
 
 
 class MLP(nn.Module):
@@ -58,8 +79,9 @@ class MLP(nn.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
-class Gate(nn.Module):
+class Gate(Fp32Buffers):
     exact = False  # batch-invariant mode (Transformer.set_exact)
+    FP32_BUFFERS = ("bias",)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -153,8 +175,9 @@ class Experts(nn.Module):
         return torch.bmm(w_NK.unsqueeze(1).to(y.dtype), y).squeeze(1)
 
 
-class MoE(nn.Module):
+class MoE(Fp32Buffers):
     exact = False  # batch-invariant mode (Transformer.set_exact)
+    FP32_BUFFERS = ("load",)
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -212,11 +212,14 @@ def _owned(args: ModelArgs, experts: tuple[int, int] | None) -> range:
 
 
 @torch.no_grad()
-def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = None) -> Transformer:
-    """Build our Transformer (fp32) from a Hugging Face DeepseekV3 checkpoint directory.
-    experts=(part, k): only routed experts [part * E/k, (part + 1) * E/k) of every MoE layer are
-    allocated and read (the others are never materialised): the shard an expert-parallel rank owns,
-    ready for model.parallel.apply_expert_parallel."""
+def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = None,
+                       dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build our Transformer from a Hugging Face DeepseekV3 checkpoint directory, its
+    parameters in `dtype` (bf16: each tensor rounded once as it is read, never an fp32 copy of the
+    whole model; the MoE balancing buffers stay fp32, as under DeepSpeed's bf16 mode). experts=(part, k): only routed
+    experts [part * E/k, (part + 1) * E/k) of every MoE layer are allocated and read (the others are
+    never materialised): the shard an expert-parallel rank owns, ready for
+    model.parallel.apply_expert_parallel."""
     path = Path(path)
     cfg, args = _read_config(path)
     with torch.device("meta"):
@@ -227,7 +230,7 @@ def from_hf_pretrained(path: str | Path, *, experts: tuple[int, int] | None = No
             for w in ("w1", "w2", "w3"):
                 full = getattr(moe.experts, w)
                 setattr(moe.experts, w, torch.nn.Parameter(torch.empty(len(owned), *full.shape[1:], device="meta")))
-    model = model.to_empty(device="cpu")  # one uninitialised copy; the checkpoint fills it
+    model = model.to(dtype).to_empty(device="cpu")  # one uninitialised copy; the checkpoint fills it
     model.freqs_cis = precompute_freqs_cis(args)
     if args.tie_embeddings:
         model.head.weight = model.embed.weight

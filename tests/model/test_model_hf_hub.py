@@ -334,3 +334,20 @@ def test_a_zero3_import_materialises_each_ranks_share(hub, tmp_path):
               f"the model {whole / 2**20:.1f} MiB, its largest tensor {largest / 2**20:.2f} MiB")
         assert held <= whole / 2 + 4096  # its half (DeepSpeed pads each partition a little)
         assert peak <= 0.7 * whole, (peak / whole, largest / whole)
+
+
+def test_a_bf16_import_is_the_fp32_import_rounded_once(hub):
+    """from_hf_pretrained(dtype=bf16) (a bf16 sampler's weights, rollout.dtype): every parameter
+    equals the fp32 import rounded to bf16 (FP8 blocks dequantised, then rounded once), the
+    balancing biases stay the fp32 import's; with experts=(part, k) too."""
+    hub_dir, _, _ = hub
+    whole = from_hf_pretrained(hub_dir)
+    params = {k for k, _ in whole.named_parameters()}
+    for experts in (None, (1, 2)):
+        ref = whole.state_dict() if experts is None else from_hf_pretrained(hub_dir, experts=experts).state_dict()
+        got = from_hf_pretrained(hub_dir, experts=experts, dtype=torch.bfloat16).state_dict()
+        assert got.keys() == ref.keys()
+        for k, v in ref.items():
+            want = v.to(torch.bfloat16) if k in params else v
+            assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    assert any(k.endswith("gate.bias") and v.dtype == torch.float32 and v.any() for k, v in got.items())

@@ -140,3 +140,21 @@ def test_router_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w, i, s = m.gate(x)
     assert s.dtype == torch.float32 and torch.equal(i, i_ref) and torch.allclose(s, s_ref)
+
+
+def test_balancing_state_stays_fp32_when_the_model_is_cast_to_bf16():
+    """A bf16 sampler (model.to(torch.bfloat16)) keeps the balancing bias and the loads fp32, as
+    DeepSpeed's bf16 mode keeps a learner's buffers: the bias keeps its fp32 value (routing follows
+    it, not a rounding of it) and a count goes past 256 (in bf16, 256 + 1 rounds back to 256)."""
+    m = make_moe()
+    with torch.no_grad():
+        m.gate.bias.add_(1e-4)  # values bf16 cannot hold
+    bias = m.gate.bias.clone()
+    m = m.to(torch.bfloat16).train()
+    assert m.gate.weight.dtype == m.experts.w1.dtype == torch.bfloat16
+    assert m.gate.bias.dtype == m.load.dtype == torch.float32 and torch.equal(m.gate.bias, bias)
+    x = torch.randn(2, 400, 32).to(torch.bfloat16)  # 2,400 (token, expert) pairs over 8 experts
+    with torch.no_grad():
+        m(x)
+    expected = torch.bincount(m.routed_idx_NK.flatten(), minlength=8).float()
+    assert expected.max() > 256 and torch.equal(m.load, expected)
