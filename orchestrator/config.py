@@ -36,7 +36,6 @@ class ConfigError(ValueError):
 
 # Component configs owned by the orchestrator (ModelArgs, DataConfig and RewardConfig live in their own packages).
 
-
 @dataclasses.dataclass
 class TrackingConfig:
     """Where metrics go: always metrics.jsonl in the run directory, plus Weights & Biases."""
@@ -169,6 +168,7 @@ class RolloutConfig:
     expert_parallel: PositiveInt = 1  # samplers per model copy, the routed experts split among them (all-to-all); divides num_samplers
     # fixed-shape decoding, each token one CUDA graph replay (model/static_decode.py); null: on CUDA samplers without exact/EP
     static_decode: Optional[bool] = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # weights and compute of the samplers; auto: the learners' (bf16 on GPUs, fp32 on CPU)
 
 
 @dataclasses.dataclass

@@ -329,25 +329,29 @@ def sampler_calls(g, r) -> int:
 
 def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu: bool, role: str = "sampler",
                  max_group: int | None = None) -> RankMemory:
-    """One RolloutSampler (or the reference actor): the policy as the HF export stores it (fp32), the
-    MLA latent cache of its rows of one generate call, the prefill's logits and the routed experts it
-    records. With rollout.expert_parallel K (samplers only) a member holds E/K routed experts and
-    decodes 1/K of the call's rows (model/generate.py); a larger group is advised only where it fits
-    `max_group` devices (a group is placed on one node: placement.py)."""
+    """One RolloutSampler (or the reference actor): the policy in its compute dtype (rollout.dtype;
+    auto and the reference: bf16 on a GPU, fp32 on CPU), the MLA latent cache of its rows of one
+    generate call in the same dtype, the prefill's logits and the routed experts it records. With
+    rollout.expert_parallel K (samplers only) a member holds E/K routed experts and decodes 1/K of
+    the call's rows (model/generate.py); the advice of a larger group says when it would span nodes,
+    larger than `max_group` devices (placement.py)."""
     K = r.expert_parallel if role == "sampler" else 1
     B, S = math.ceil(sampler_calls(g, r) / K), prompt_len + r.max_new_tokens
     mem = RankMemory(role, r.num_samplers, on_gpu=gpu)
-    mem.parameters = 4 * (pc.total - pc.routed + pc.routed // K)
+    dtype = r.dtype if role == "sampler" else "auto"
+    elt = 2 if dtype == "bfloat16" or (dtype == "auto" and gpu) else 4
+    mem.parameters = elt * (pc.total - pc.routed + pc.routed // K)
     mem.buffers = pc.buffer_bytes
-    mem.kv_cache = B * S * (args.kv_lora_rank + args.qk_rope_head_dim) * 4 * args.n_layers
+    mem.kv_cache = B * S * (args.kv_lora_rank + args.qk_rope_head_dim) * elt * args.n_layers
     mem.kv_cache += (args.n_layers - args.n_dense_layers) * B * S * args.n_activated_experts  # uint8 expert ids
     mem.activations = B * prompt_len * args.vocab * 4 + B * prompt_len * args.dim * 4 * 4  # prefill logits, a few hidden states
     if K > 1:  # the prefill's all-to-all copies of one MoE layer's (token, expert) rows, sent and received
         mem.activations += 2 * B * prompt_len * args.n_activated_experts * args.dim * 4
     options = []
-    if role == "sampler" and pc.routed and r.num_samplers >= 2 * K and args.n_routed_experts % (2 * K) == 0 \
-            and 2 * K <= (max_group or 2 * K):
-        options.append(f"a larger sampler expert-parallel group (rollout.expert_parallel={2 * K}, rollout.num_samplers a multiple)")
+    if role == "sampler" and pc.routed and args.n_routed_experts % (2 * K) == 0:
+        span = f", spanning {math.ceil(2 * K / max_group)} nodes" if max_group and 2 * K > max_group else ""
+        options.append(f"a larger sampler expert-parallel group (rollout.expert_parallel={2 * K}{span}, "
+                       f"rollout.num_samplers a multiple{'' if r.num_samplers >= 2 * K else f' >= {2 * K}'})")
     options += [f"fewer completions per call (more rollout.num_samplers; now {B} per sampler)",
                 f"shorter completions (rollout.max_new_tokens={max(1, r.max_new_tokens // 2)})"]
     mem.advice = tuple(options)
@@ -362,7 +366,7 @@ def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
 def role_memory(cfg, command: str, roles, *, gpu_gib: float, host_gib: float, prompt_len: int,
                 max_group: int | None = None) -> list[RankMemory]:
     """The memory of each role of `sputnik <command>` (placement.roles_for's roles), with its device's
-    capacity; max_group: the most GPUs of one node (a sampler group's limit)."""
+    capacity; max_group: the most GPUs of one node (a larger sampler group spans nodes)."""
     args, gpu_of = cfg.model, {r.name: r.gpus for r in roles}
     pc = count_parameters(args)
     out = []

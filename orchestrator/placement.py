@@ -5,9 +5,11 @@ Every role instance is one placement-group bundle ({"CPU": c, "GPU": g}):
   before the next is used, so their collectives stay inside a node where they can;
 - rollout samplers and reward evaluators in SPREAD groups: they use every node, and losing a node
   takes few of them (they restart into their rescheduled bundle elsewhere);
-- expert-parallel samplers (`rollout.expert_parallel=K`) in groups of K, each group a STRICT_PACK
-  placement group: a group's members exchange tokens all-to-all at every decoding step, so they
-  share one node; the groups are spread like single samplers.
+- expert-parallel samplers (`rollout.expert_parallel=K`) in groups of K, each group a placement
+  group of its own: a group's members exchange tokens all-to-all at every decoding step, so a group
+  shares one node (STRICT_PACK) wherever a node of the cluster is large enough for it; a group larger
+  than any node (a 671B policy on 8-GPU nodes) spans the fewest nodes that hold it (PACK: whole
+  nodes first), its all-to-all crossing the network. The groups are spread like single samplers.
 
 `make_plan(roles, nodes)` simulates this placement on a cluster description and raises
 `PlanError` with the reason when it cannot hold the roles; `sputnik plan --config FILE --nodes 4
@@ -52,7 +54,7 @@ class Role:
     cpus: float
     gpus: float
     strategy: str  # "PACK" or "SPREAD"
-    group: int = 1  # instances that share one node (expert-parallel samplers); SPREAD applies to the groups
+    group: int = 1  # instances placed as one unit (expert-parallel samplers): one node if one can hold them; SPREAD applies to the groups
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
@@ -84,6 +86,14 @@ class Plan:
         """How many instances of `role` share a node, largest first: what Ray's placement must give
         (which of several equal nodes it picks is Ray's choice)."""
         return sorted(Counter(self.assignment[role]).values(), reverse=True)
+
+    def grouping(self, role: Role) -> str:
+        """", in groups of K (on one node / spanning N nodes each)" for a role placed in groups."""
+        if role.group == 1:
+            return ""
+        at = self.assignment[role.name]
+        spans = max(len(set(at[k : k + role.group])) for k in range(0, len(at), role.group))
+        return f", in groups of {role.group} " + ("on one node each" if spans == 1 else f"spanning up to {spans} nodes each")
 
     def table(self) -> str:
         """The plan as a fixed-width table: one row per node, one column per role."""
@@ -145,10 +155,9 @@ def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
     for role in roles:
         if role.count < 1:
             raise PlanError(f"{role.name}: count must be at least 1, got {role.count}")
-        if not any(role.group * role.cpus <= n.cpus + _EPS and role.group * role.gpus <= n.gpus + _EPS for n in nodes):
+        if not any(role.cpus <= n.cpus + _EPS and role.gpus <= n.gpus + _EPS for n in nodes):
             big = max(nodes, key=lambda n: (n.gpus, n.cpus))
-            one = f"a group of {role.group} {role.name}s (one node: their all-to-all)" if role.group > 1 else f"one {role.name}"
-            raise PlanError(f"{one} needs {role.describe_group()}, but the largest node has {big.cpus:g} CPU + {big.gpus:g} GPU")
+            raise PlanError(f"one {role.name} needs {role.describe()}, but the largest node has {big.cpus:g} CPU + {big.gpus:g} GPU")
     need_cpu, need_gpu = sum(r.count * r.cpus for r in roles), sum(r.count * r.gpus for r in roles)
     have_cpu, have_gpu = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
     need = ", ".join(f"{r.count} {r.name}(s) x {r.describe()}" for r in roles)
@@ -162,7 +171,12 @@ def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
     assignment: dict[str, list[int]] = {}
     for role in roles:
         placed: list[int] = []
-        K = role.group  # a unit of K instances goes to one node
+        K = role.group  # a unit of K instances goes to one node, or spans nodes where none can hold it
+        if K > 1 and spans_nodes(role, nodes):
+            for k in range(0, role.count, K):
+                placed += _span(role, free, f"group {k // K + 1} of {role.count // K}", len(nodes))
+            assignment[role.name] = placed
+            continue
         for k in range(0, role.count, K):
             fits = [i for i, (fc, fg) in enumerate(free) if K * role.cpus <= fc + _EPS and K * role.gpus <= fg + _EPS]
             if not fits:
@@ -179,6 +193,32 @@ def make_plan(roles: list[Role], nodes: list[Node]) -> Plan:
             placed += [i] * K
         assignment[role.name] = placed
     return Plan(roles, nodes, assignment)
+
+
+def spans_nodes(role: Role, nodes: list[Node]) -> bool:
+    """Whether a group of `role` is larger than every node, so that it spans nodes."""
+    return not any(role.group * role.cpus <= n.cpus + _EPS and role.group * role.gpus <= n.gpus + _EPS for n in nodes)
+
+
+def _span(role: Role, free: list[list[float]], what: str, n_nodes: int) -> list[int]:
+    """Place one group across nodes as Ray's PACK does: the nodes with the most room first (fewest
+    nodes), each filled before the next; `free` is updated. -> the node of each member."""
+    room = [min(fc / role.cpus if role.cpus else role.group, fg / role.gpus if role.gpus else role.group) + _EPS
+            for fc, fg in free]
+    order = sorted(range(len(free)), key=lambda j: (-int(room[j]), j))
+    out: list[int] = []
+    for i in order:
+        take = min(int(room[i]), role.group - len(out))
+        out += [i] * take
+        if len(out) == role.group:
+            break
+    if len(out) < role.group:
+        raise PlanError(f"{role.name} {what} ({role.describe_group()}, spanning nodes) fits on no set of nodes after "
+                        f"placing the others: the bundles do not pack into {n_nodes} node(s) of this size")
+    for i in out:
+        free[i][0] -= role.cpus
+        free[i][1] -= role.gpus
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,10 +251,12 @@ class RolePlacement:
         # later role's small bundle cannot take the room the plan keeps for an earlier role's group.
         self.groups: dict[str, list] = {}
         deadline = time.monotonic() + timeout_s
+        nodes = live_nodes(ray)
         try:
             for r in roles:
+                one_node = "PACK" if spans_nodes(r, nodes) else "STRICT_PACK"  # a group larger than any node spans the fewest
                 self.groups[r.name] = ([placement_group([r.bundle()] * r.count, strategy=r.strategy, name="")] if r.group == 1 else
-                                       [placement_group([r.bundle()] * r.group, strategy="STRICT_PACK", name="")
+                                       [placement_group([r.bundle()] * r.group, strategy=one_node, name="")
                                         for _ in range(r.count // r.group)])
                 ray.get([g.ready() for g in self.groups[r.name]], timeout=max(deadline - time.monotonic(), 0.1))
         except ray.exceptions.GetTimeoutError:
@@ -402,7 +444,7 @@ def run(cfg: RunConfig, cli_args) -> int:
         except PlanError as e:
             print(f"sputnik plan: impossible for sputnik {cmd}: {e}", file=sys.stderr)
             return 2
-        print(f"\nsputnik {cmd}: " + "; ".join(f"{r.count} {r.name}(s) x {r.describe()}, {r.strategy}" for r in roles))
+        print(f"\nsputnik {cmd}: " + "; ".join(f"{r.count} {r.name}(s) x {r.describe()}, {r.strategy}{plan.grouping(r)}" for r in roles))
         print(plan.table())
         host_gib = getattr(cli_args, "host_memory_gib", None) or memory_plan.DEFAULT_HOST_GIB
         per_node = max(Counter(n for r in roles for n in plan.assignment[r.name]).values())  # CPU roles share a node's memory

@@ -63,9 +63,9 @@ class ReferenceModel:
 
     def __init__(self, init_dir: str, *, pad_id: int, threads: int = 1, batch: int = 64):
         torch.set_num_threads(threads)
-        self.model = LogProbs(load_policy(init_dir).eval().requires_grad_(False))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # as the learners compute (DeepSpeed's bf16 on GPUs)
+        self.model = LogProbs(load_policy(init_dir, dtype=dtype).eval().requires_grad_(False)).to(self.device)
         self.pad_id, self.batch = pad_id, batch
 
     @torch.no_grad()
@@ -138,8 +138,8 @@ def build_reference(init_dir: str, g, ds_cfg: dict, device: torch.device):
         model = from_hf_pretrained_zero3(init_dir, cfg).eval().requires_grad_(False)
         engine, *_ = import_deepspeed().initialize(model=LogProbs(model), config=cfg)
         return engine
-    ref = LogProbs(load_policy(init_dir).eval().requires_grad_(False)).to(device)
-    return ref.to(torch.bfloat16) if device.type == "cuda" else ref
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # read in bf16: no fp32 copy on the way
+    return LogProbs(load_policy(init_dir, dtype=dtype).eval().requires_grad_(False)).to(device)
 
 
 class PolicyLearner(MinibatchUpdates):

@@ -1,6 +1,7 @@
 """The rollout roles, and the driver's handle on them.
 
-- `RolloutSampler` holds an inference copy of the policy and generates G completions per prompt
+- `RolloutSampler` holds an inference copy of the policy (in `rollout.dtype`: by default bf16 on a
+  GPU, as the learners compute, fp32 on CPU) and generates G completions per prompt
   with `model.generate` (MLA latent KV cache). With `rollout.expert_parallel=K` the samplers form
   groups of K that hold one copy each, the routed experts split K ways (issue 21): each member
   loads only its experts, every member of a group gets the same calls, decodes its share of the
@@ -63,10 +64,18 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_policy(init_dir: str | Path, experts: tuple[int, int] | None = None):
+def load_policy(init_dir: str | Path, experts: tuple[int, int] | None = None, dtype: torch.dtype = torch.float32):
     from model.hf import from_hf_pretrained
 
-    return from_hf_pretrained(init_dir, experts=experts)
+    return from_hf_pretrained(init_dir, experts=experts, dtype=dtype)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """rollout.dtype on `device`: "auto" is the learners' compute dtype, bf16 on a GPU (DeepSpeed's
+    bf16 mode) and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 @dataclasses.dataclass
@@ -105,22 +114,23 @@ class ScoredChunk:
 class RolloutSampler:
     def __init__(self, init_dir: str, tokenizer_path: str, *, template: str, threads: int = 1, exact: bool = False,
                  expert_group: tuple[str, int, int, int] | None = None, group_timeout_s: float = 600.0,
-                 static_decode: bool | None = None):
+                 static_decode: bool | None = None, dtype: str = "auto"):
         """expert_group=(addr, port, rank, K): member `rank` of an expert-parallel sampler group whose
         store member 0 hosts at addr:port (the constructor returns once all K have joined).
         static_decode (rollout.static_decode): True samples through one StaticDecoder kept for the
         actor's life (model/static_decode.py: fixed shapes, a CUDA graph per step shape on CUDA, its
         buffers and graphs reused by every step, weight syncs copied in place); None does so on
-        CUDA without exact mode or an expert group; False never."""
+        CUDA without exact mode or an expert group; False never. dtype (rollout.dtype): of the
+        weights and the compute ("auto": bf16 on a GPU, fp32 on CPU); weights loaded later are cast to it."""
         from data.tokenizer import load_tokenizer
 
         torch.set_num_threads(threads)
         self.tok = load_tokenizer(tokenizer_path)
         self.template = template
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a GPU only to GPU samplers
-        self.group, self.ep_rank = None, 0
+        self.group, self.ep_rank, self.dtype = None, 0, compute_dtype(dtype, self.device)
         if expert_group is None:
-            self.model = load_policy(init_dir).set_exact(exact)
+            self.model = load_policy(init_dir, dtype=self.dtype).set_exact(exact)
         else:
             import datetime
 
@@ -128,7 +138,7 @@ class RolloutSampler:
             from model.parallel import apply_expert_parallel
 
             addr, port, self.ep_rank, k = expert_group
-            self.model = load_policy(init_dir, experts=(self.ep_rank, k))  # this member's experts only
+            self.model = load_policy(init_dir, experts=(self.ep_rank, k), dtype=self.dtype)  # this member's experts only
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=f"tcp://{addr}:{port}",
                                     rank=self.ep_rank, world_size=k, timeout=datetime.timedelta(seconds=group_timeout_s))
             self.group = dist.group.WORLD
@@ -299,7 +309,8 @@ class Rollouts:
         K = self.ep = rollout_cfg.expert_parallel
         self.placement, self.max_group_restarts = placement, 2
         self.Sampler = ray.remote(**(restart if K == 1 else dict(max_restarts=0)))(RolloutSampler)
-        self.sampler_kw = dict(template=template, exact=rollout_cfg.exact, static_decode=rollout_cfg.static_decode)
+        self.sampler_kw = dict(template=template, exact=rollout_cfg.exact, static_decode=rollout_cfg.static_decode,
+                               dtype=rollout_cfg.dtype)
         self.paths = (str(hf_dir), str(tok_path))
         Scorer = ray.remote(**restart)(RewardWorker)
         self.samplers = [s for g in range(rollout_cfg.num_samplers // K) for s in self._start_group(g)]

@@ -152,9 +152,10 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_block():
 
 @pytest.mark.parametrize("ep", [1, 2, 4])
 def test_a_sampler_groups_weights_and_cache_are_the_plans(tmp_path, ep):
-    """rollout.expert_parallel K: the weights a member loads (from_hf_pretrained(experts=(0, K)), what
-    RolloutSampler holds) are exactly the plan's parameters, and its latent cache for its share of a
-    call's rows is the plan's (Transformer.new_caches)."""
+    """rollout.expert_parallel K: the weights a member loads (from_hf_pretrained(experts=(0, K)) in
+    rollout.dtype, what RolloutSampler holds) are exactly the plan's parameters, and its latent cache
+    for its share of a call's rows is the plan's (Transformer.new_caches), for each rollout.dtype on
+    a GPU and on CPU (auto: bf16 on a GPU)."""
     from model import Transformer
     from model.hf import from_hf_pretrained, save_hf_pretrained
     from orchestrator.config import load_config
@@ -163,28 +164,34 @@ def test_a_sampler_groups_weights_and_cache_are_the_plans(tmp_path, ep):
     args = load_model_args("tiny")
     torch.manual_seed(0)
     save_hf_pretrained(Transformer(args), tmp_path / "hf")
-    member = from_hf_pretrained(tmp_path / "hf", experts=(0, ep) if ep > 1 else None)
-    held = sum(p.numel() * p.element_size() for p in member.parameters())
-    cfg = load_config(None, [f"rollout.num_samplers={2 * ep}", f"rollout.expert_parallel={ep}", "rollout.max_new_tokens=64"])
-    plan = sampler_rank(args, count_parameters(args), cfg.grpo, cfg.rollout, prompt_len=32, gpu=False)
-    assert plan.parameters == held
-    rows = -(-sampler_calls(cfg.grpo, cfg.rollout) // ep)
-    cache = sum(c.buf_BSL.numel() * c.buf_BSL.element_size() for c in member.new_caches(rows, 32 + 64))
-    ids = (args.n_layers - args.n_dense_layers) * rows * (32 + 64) * args.n_activated_experts  # the uint8 routed-expert record
-    assert plan.kv_cache == cache + ids
+    for name, gpu, dtype in [("auto", False, torch.float32), ("auto", True, torch.bfloat16),
+                             ("bfloat16", False, torch.bfloat16), ("float32", True, torch.float32)]:
+        member = from_hf_pretrained(tmp_path / "hf", experts=(0, ep) if ep > 1 else None, dtype=dtype)
+        held = sum(p.numel() * p.element_size() for p in member.parameters())
+        cfg = load_config(None, [f"rollout.num_samplers={2 * ep}", f"rollout.expert_parallel={ep}", "rollout.max_new_tokens=64",
+                                 f"rollout.dtype={name}"])
+        plan = sampler_rank(args, count_parameters(args), cfg.grpo, cfg.rollout, prompt_len=32, gpu=gpu)
+        assert plan.parameters == held, name
+        rows = -(-sampler_calls(cfg.grpo, cfg.rollout) // ep)
+        cache = sum(c.buf_BSL.numel() * c.buf_BSL.element_size() for c in member.new_caches(rows, 32 + 64))
+        ids = (args.n_layers - args.n_dense_layers) * rows * (32 + 64) * args.n_activated_experts  # the uint8 routed-expert record
+        assert plan.kv_cache == cache + ids, name
 
 
-def test_a_larger_sampler_group_is_advised_only_where_it_fits_one_node():
-    """The placement keeps an expert-parallel sampler group on one node (its all-to-all at every
-    decoding step): the plan advises doubling the group only where the doubled group fits a node's GPUs."""
+def test_a_larger_sampler_group_is_advised_and_says_when_it_spans_nodes():
+    """The plan advises doubling a sampler group first; where the doubled group is larger than a
+    node's GPUs it says the group spans nodes (placement.py), and it asks for the samplers it needs."""
     from orchestrator.config import load_config
     from orchestrator.memory_plan import sampler_rank
 
-    cfg = load_config(None, ["model.preset=deepseek-v3-671b", "rollout.num_samplers=16", "rollout.expert_parallel=4"])
+    cfg = load_config(None, ["model.preset=deepseek-v3-671b", "rollout.num_samplers=8", "rollout.expert_parallel=4"])
     pc = count_parameters(cfg.model)
 
     def advice(max_group):
         return sampler_rank(cfg.model, pc, cfg.grpo, cfg.rollout, prompt_len=256, gpu=True, max_group=max_group).advice
 
-    assert advice(8)[0].startswith("a larger sampler expert-parallel group (rollout.expert_parallel=8")
-    assert advice(4) == advice(8)[1:] and not any("expert_parallel" in a for a in advice(4))
+    assert advice(8)[0] == "a larger sampler expert-parallel group (rollout.expert_parallel=8, rollout.num_samplers a multiple)"
+    assert advice(4)[0] == "a larger sampler expert-parallel group (rollout.expert_parallel=8, spanning 2 nodes, rollout.num_samplers a multiple)"
+    assert advice(2)[0].startswith("a larger sampler expert-parallel group (rollout.expert_parallel=8, spanning 4 nodes")
+    cfg.rollout.num_samplers = 4
+    assert advice(8)[0].endswith("rollout.num_samplers a multiple >= 8)") and advice(4)[1:] == advice(8)[1:]

@@ -38,15 +38,22 @@ def test_learners_pack_node_by_node_and_samplers_spread_over_the_rest():
         assert gpus <= node.gpus and cpus <= node.cpus
 
 
-def test_expert_parallel_sampler_groups_share_a_node_and_spread_as_groups():
+def test_expert_parallel_sampler_groups_share_a_node_and_spread_as_groups_or_span_where_none_holds_one():
     roles = [Role("learner", 4, 4, 1, "PACK"), Role("sampler", 8, 2, 1, "SPREAD", group=4)]
     plan = make_plan(roles, nodes(3, 96, 8))
     got = plan.nodes_of("sampler")
     assert plan.nodes_of("learner") == [0] * 4 and got[:4] == [got[0]] * 4 and got[4:] == [got[4]] * 4 and got[0] != got[4]
     assert {got[0], got[4]} == {1, 2}  # the two empty nodes, not next to the learners
-    with pytest.raises(PlanError, match=r"a group of 4 samplers \(one node: their all-to-all\) needs 4 x 2 CPU \+ 1 GPU, "
-                                        r"but the largest node has 96 CPU \+ 2 GPU"):
-        make_plan([Role("sampler", 4, 2, 1, "SPREAD", group=4)], nodes(4, 96, 2))
+    # a group larger than every node spans the fewest nodes, each filled (a 671B policy: groups of 16 on 8-GPU nodes)
+    assert sorted(Counter(make_plan([Role("sampler", 4, 2, 1, "SPREAD", group=4)], nodes(4, 96, 2)).nodes_of("sampler")).values()) == [2, 2]
+    wide_plan = make_plan([Role("learner", 8, 4, 1, "PACK"), Role("sampler", 32, 4, 1, "SPREAD", group=16)], nodes(5, 96, 8))
+    wide = wide_plan.nodes_of("sampler")
+    assert wide_plan.grouping(wide_plan.roles[1]) == ", in groups of 16 spanning up to 2 nodes each"
+    assert plan.grouping(roles[1]) == ", in groups of 4 on one node each" and plan.grouping(roles[0]) == ""
+    assert [sorted(Counter(wide[:16]).values()), sorted(Counter(wide[16:]).values())] == [[8, 8], [8, 8]]
+    assert 0 not in wide and not set(wide[:16]) & set(wide[16:])  # not beside the learners; the groups on nodes of their own
+    with pytest.raises(PlanError, match=r"sampler group 1 of 1 \(4 x 1 CPU \+ 1 GPU, spanning nodes\) fits on no set of nodes"):
+        make_plan([Role("learner", 1, 3.5, 0, "PACK"), Role("sampler", 4, 1, 1, "SPREAD", group=4)], nodes(2, 4, 3))
     with pytest.raises(PlanError, match=r"sampler group 2 of 2 \(4 x 2 CPU \+ 1 GPU\) fits on no node after placing"):
         make_plan([Role("learner", 2, 4, 1, "PACK"), Role("sampler", 8, 2, 1, "SPREAD", group=4)], nodes(2, 96, 5))
     cfg = load_config(None, ["rollout.num_samplers=8", "rollout.expert_parallel=4"])
@@ -130,7 +137,8 @@ def test_live_placement_is_the_plan_and_an_impossible_one_fails_at_once(tmp_path
     instances land as `sputnik plan --node 0 --node 2 --node 2 --node 2` plans them (how many
     share a node, per role), and a placement no node can hold is refused at once with the reason,
     by GRPO's RolePlacement and by pretraining before its workers start, although
-    cluster.placement_timeout_s is 600 s."""
+    cluster.placement_timeout_s is 600 s. Expert-parallel sampler groups share a node, or span
+    nodes where they are larger than every node."""
     import ray
     import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
@@ -178,6 +186,17 @@ def test_live_placement_is_the_plan_and_an_impossible_one_fails_at_once(tmp_path
         finally:
             placement.close()
         assert members[0] == members[1] != members[2] == members[3] and learner_node not in members, (learner_node, members)
+        # a group of 4 is larger than every 2-CPU node: it spans the two nodes the learner leaves free
+        wide = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.num_samplers=4", "rollout.expert_parallel=4",
+                                                                            "cluster.cpus_per_sampler=1", "grpo.num_evaluators=1"]), "grpo", 0)
+        placement = RolePlacement(ray, wide, autoscaling=False, timeout_s=60)
+        try:
+            learner_node = ray.get(where.options(**placement.options("learner", 0)).remote())
+            members = ray.get([where.options(**placement.options("sampler", i)).remote() for i in range(4)])
+        finally:
+            placement.close()
+        assert sorted(Counter(members).values()) == [2, 2] and learner_node not in members, (learner_node, members)
+        assert placement.plan.shape("sampler") == [2, 2]
 
         bad = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["cluster.cpus_per_sampler=3"]), "grpo", 0)
         t0 = time.monotonic()
