@@ -243,15 +243,14 @@ class RolePlacement:
         from ray.util.placement_group import placement_group
 
         self.ray, self.roles = ray, {r.name: r for r in roles}
-        self.plan = None
+        self.plan, nodes = None, live_nodes(ray)
         if not autoscaling:  # a fixed cluster: refuse an impossible plan now, with the reason
-            self.plan = make_plan(roles, live_nodes(ray))
+            self.plan = make_plan(roles, nodes)
         # per role its placement groups: one for the role, or one per group of instances that share a
         # node. Made role by role in the plan's order, each ready before the next is asked for, so a
         # later role's small bundle cannot take the room the plan keeps for an earlier role's group.
         self.groups: dict[str, list] = {}
         deadline = time.monotonic() + timeout_s
-        nodes = live_nodes(ray)
         try:
             for r in roles:
                 one_node = "PACK" if spans_nodes(r, nodes) else "STRICT_PACK"  # a group larger than any node spans the fewest
