@@ -186,6 +186,7 @@ class RankMemory:
     capacity: float = 0.0  # the device's (or, for a CPU role, its share of the node's) memory
     on_gpu: bool = True
     advice: tuple[str, ...] = ()  # what to change when it does not fit, most effective first
+    weight_advice: tuple[str, ...] = ()  # what shrinks the weights (a sampler's), when they alone do not fit
 
     @property
     def peak(self) -> float:
@@ -347,14 +348,16 @@ def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     mem.activations = B * prompt_len * args.vocab * 4 + B * prompt_len * args.dim * 4 * 4  # prefill logits, a few hidden states
     if K > 1:  # the prefill's all-to-all copies of one MoE layer's (token, expert) rows, sent and received
         mem.activations += 2 * B * prompt_len * args.n_activated_experts * args.dim * 4
-    options = []
+    weights = []
+    if role == "sampler" and elt == 4 and gpu:
+        weights.append("bf16 weights (rollout.dtype=auto)")
     if role == "sampler" and pc.routed and args.n_routed_experts % (2 * K) == 0:
         span = f", spanning {math.ceil(2 * K / max_group)} nodes" if max_group and 2 * K > max_group else ""
-        options.append(f"a larger sampler expert-parallel group (rollout.expert_parallel={2 * K}{span}, "
+        weights.append(f"a larger sampler expert-parallel group (rollout.expert_parallel={2 * K}{span}, "
                        f"rollout.num_samplers a multiple{'' if r.num_samplers >= 2 * K else f' >= {2 * K}'})")
-    options += [f"fewer completions per call (more rollout.num_samplers; now {B} per sampler)",
-                f"shorter completions (rollout.max_new_tokens={max(1, r.max_new_tokens // 2)})"]
-    mem.advice = tuple(options)
+    mem.weight_advice = tuple(weights)
+    mem.advice = (*weights, f"fewer completions per call (more rollout.num_samplers; now {B} per sampler)",
+                  f"shorter completions (rollout.max_new_tokens={max(1, r.max_new_tokens // 2)})")
     return mem
 
 
@@ -406,8 +409,10 @@ def misfit(mems: list[RankMemory]) -> str | None:
     for m in mems:
         if m.headroom < 0:
             where = "its GPU" if m.on_gpu else "its node's memory"
-            change = "; ".join(m.advice[:3]) or "a larger device"
-            return (f"{m.role} needs {m.peak / GIB:.1f} GiB per rank but {where} has {m.capacity / GIB:.0f} GiB: "
+            alone = m.parameters + m.buffers > m.capacity and m.weight_advice  # then nothing else can help
+            change = "; ".join((m.weight_advice if alone else m.advice)[:3]) or "a larger device"
+            what = f" (its weights alone {(m.parameters + m.buffers) / GIB:.1f} GiB)" if alone else ""
+            return (f"{m.role} needs {m.peak / GIB:.1f} GiB per rank{what} but {where} has {m.capacity / GIB:.0f} GiB: "
                     f"try {change}")
     return None
 

@@ -195,3 +195,25 @@ def test_a_larger_sampler_group_is_advised_and_says_when_it_spans_nodes():
     assert advice(2)[0].startswith("a larger sampler expert-parallel group (rollout.expert_parallel=8, spanning 4 nodes")
     cfg.rollout.num_samplers = 4
     assert advice(8)[0].endswith("rollout.num_samplers a multiple >= 8)") and advice(4)[1:] == advice(8)[1:]
+
+def test_a_sampler_whose_weights_alone_do_not_fit_is_told_only_what_shrinks_them():
+    """When a sampler's weights exceed its GPU, fewer completions or shorter ones cannot help: the
+    one-line verdict names the weights ((non-expert + routed / K) x bytes per parameter) and advises
+    bf16 weights (fp32 asked for) and a larger group only."""
+    from orchestrator.config import load_config
+    from orchestrator.memory_plan import GIB, misfit, sampler_rank
+
+    for dtype, elt in (("float32", 4), ("auto", 2)):
+        cfg = load_config(None, ["model.preset=deepseek-v3-671b", "rollout.num_samplers=16", "rollout.expert_parallel=8",
+                                 f"rollout.dtype={dtype}"])
+        pc = count_parameters(cfg.model)
+        mem = sampler_rank(cfg.model, pc, cfg.grpo, cfg.rollout, prompt_len=256, gpu=True, max_group=8)
+        mem.capacity = 131 * GIB
+        weights = (pc.total - pc.routed + pc.routed // 8) * elt + pc.buffer_bytes
+        line = misfit([mem])
+        assert f"(its weights alone {weights / GIB:.1f} GiB)" in line and "completions" not in line, line
+        assert ("bf16 weights (rollout.dtype=auto); " in line) == (dtype == "float32"), line
+        assert line.endswith("a larger sampler expert-parallel group (rollout.expert_parallel=16, spanning 2 nodes, "
+                             "rollout.num_samplers a multiple)"), line
+        mem.capacity = weights + 1  # the weights fit, the cache does not: the other advice comes back
+        assert "fewer completions per call" in misfit([mem])
