@@ -9,9 +9,11 @@ exchange tokens all-to-all. Per process it reports the bytes of the model's tens
 latent KV cache, its peak RSS (the whole process: libraries, the Python heap, the allocator's
 slack), and the group's completion tokens per second; the tokens are checked equal to K = 1's.
 On a machine with fewer cores than K processes the tokens/s figures say little (the processes
-share cores); the memory figures do not depend on it.
+share cores); the memory figures do not depend on it. `--dtype bfloat16` loads the weights as a bf16
+sampler does (`rollout.dtype`, read straight into bf16); then the groups' tokens need not equal
+K = 1's (other batch shapes per GEMM round differently in bf16).
 
-Run: `python benchmarks/sampler_expert_parallel.py [--preset small] [--prompts 16] [--new 32] [--ks 1,2,4]`.
+Run: `python benchmarks/sampler_expert_parallel.py [--preset small] [--prompts 16] [--new 32] [--ks 1,2,4] [--dtype float32]`.
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ def member(rank: int, k: int, port: int, hf_dir: str, args, out: str) -> None:
     from model.parallel import apply_expert_parallel
 
     join_local_group(rank, k, port)
-    model = from_hf_pretrained(hf_dir, experts=(rank, k) if k > 1 else None).eval()
+    model = from_hf_pretrained(hf_dir, experts=(rank, k) if k > 1 else None, dtype=getattr(torch, args.dtype)).eval()
     group = None
     if k > 1:
         group = dist.group.WORLD
         apply_expert_parallel(model, group, shard_weights=True)
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    elt = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     batch = prompts(args.prompts, model.args.vocab)
     rows = len(batch) * (rank + 1) // k - len(batch) * rank // k
-    cache = rows * (max(map(len, batch)) + args.new) * (model.args.kv_lora_rank + model.args.qk_rope_head_dim) * 4 * model.args.n_layers
+    cache = rows * (max(map(len, batch)) + args.new) * (model.args.kv_lora_rank + model.args.qk_rope_head_dim) * elt * model.args.n_layers
     sample(model, batch[: max(k, 2)], max_new_tokens=4, seed=1, group=group)  # warm-up
     dist.barrier()
     t0 = time.perf_counter()
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--ks", default="1,2,4")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     from model import Transformer, load_model_args
     from model.hf import save_hf_pretrained
@@ -84,7 +88,8 @@ def main() -> None:
         save_hf_pretrained(m, f"{tmp}/hf")
         del m
         print(f"{platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}; preset {args.preset}: model tensors "
-              f"{total / mib:.1f} MiB, routed experts {routed / mib:.1f} MiB ({routed / total:.0%}); {args.prompts} prompts x {args.new} new tokens")
+              f"{total / mib:.1f} MiB, routed experts {routed / mib:.1f} MiB ({routed / total:.0%}); {args.prompts} prompts x {args.new} new tokens; "
+              f"sampler weights in {args.dtype}")
         print("K | model tensors per process, MiB | latent cache per process, MiB | peak RSS per process, MiB | tokens/s | tokens equal K=1")
         base = None
         for k in ks:

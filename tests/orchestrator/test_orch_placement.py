@@ -175,28 +175,24 @@ def test_live_placement_is_the_plan_and_an_impossible_one_fails_at_once(tmp_path
         assert {name: sorted(c.values(), reverse=True) for name, c in live.items()} == planned
         assert placement.plan is not None and all(placement.plan.shape(n) == planned[n] for n in planned)
 
-        # expert-parallel samplers: each group of 2 (1 CPU each) on one node, the learners' node too
-        # full for a group; SPREAD alone would put a member beside the learners
-        ep = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.num_samplers=4", "rollout.expert_parallel=2",
-                                                                          "cluster.cpus_per_sampler=1", "grpo.num_evaluators=1"]), "grpo", 0)
-        placement = RolePlacement(ray, ep, autoscaling=False, timeout_s=60)
-        try:
-            learner_node = ray.get(where.options(**placement.options("learner", 0)).remote())
-            members = ray.get([where.options(**placement.options("sampler", i)).remote() for i in range(4)])
-        finally:
-            placement.close()
+        def sampler_nodes(k):  # 4 samplers of 1 CPU in groups of k, placed live: (learner's node, each member's node, plan)
+            ep = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.num_samplers=4", f"rollout.expert_parallel={k}",
+                                                                              "cluster.cpus_per_sampler=1", "grpo.num_evaluators=1"]), "grpo", 0)
+            placement = RolePlacement(ray, ep, autoscaling=False, timeout_s=60)
+            try:
+                return (ray.get(where.options(**placement.options("learner", 0)).remote()),
+                        ray.get([where.options(**placement.options("sampler", i)).remote() for i in range(4)]), placement.plan)
+            finally:
+                placement.close()
+
+        # expert-parallel samplers: each group of 2 on one node, the learners' node too full for a
+        # group; SPREAD alone would put a member beside the learners
+        learner_node, members, _ = sampler_nodes(2)
         assert members[0] == members[1] != members[2] == members[3] and learner_node not in members, (learner_node, members)
         # a group of 4 is larger than every 2-CPU node: it spans the two nodes the learner leaves free
-        wide = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.num_samplers=4", "rollout.expert_parallel=4",
-                                                                            "cluster.cpus_per_sampler=1", "grpo.num_evaluators=1"]), "grpo", 0)
-        placement = RolePlacement(ray, wide, autoscaling=False, timeout_s=60)
-        try:
-            learner_node = ray.get(where.options(**placement.options("learner", 0)).remote())
-            members = ray.get([where.options(**placement.options("sampler", i)).remote() for i in range(4)])
-        finally:
-            placement.close()
+        learner_node, members, plan = sampler_nodes(4)
         assert sorted(Counter(members).values()) == [2, 2] and learner_node not in members, (learner_node, members)
-        assert placement.plan.shape("sampler") == [2, 2]
+        assert plan.shape("sampler") == [2, 2]
 
         bad = roles_for(load_config(REPO / "configs" / "grpo_math.yaml", ["cluster.cpus_per_sampler=3"]), "grpo", 0)
         t0 = time.monotonic()

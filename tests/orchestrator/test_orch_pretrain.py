@@ -142,9 +142,19 @@ def test_recovers_from_a_killed_worker(tmp_path, cache, straight):
     # step 5 logged: the step-4 checkpoint is complete, 11 steps are still to run
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.05)
-    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert pids, "no Ray Train worker process found"
-    os.kill(int(pids[-1]), signal.SIGKILL)
+    import psutil
+
+    # this run's workers only (its embedded Ray's processes descend from it): another run on the
+    # machine, a demo or a second test session, must not lose a worker to this test
+    def is_worker(p) -> bool:
+        try:
+            return "RayTrainWorker" in " ".join(p.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return False
+
+    pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if is_worker(p)]
+    assert pids, "no Ray Train worker process of this run found"
+    os.kill(max(pids), signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
     reader.join(timeout=60)
     assert "resumed from step" in "".join(lines), "".join(lines)[-3000:]
