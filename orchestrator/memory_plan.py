@@ -339,8 +339,11 @@ def sampler_rank(args: ModelArgs, pc: ParamCount, g, r, *, prompt_len: int, gpu:
     K = r.expert_parallel if role == "sampler" else 1
     B, S = math.ceil(sampler_calls(g, r) / K), prompt_len + r.max_new_tokens
     mem = RankMemory(role, r.num_samplers, on_gpu=gpu)
-    dtype = r.dtype if role == "sampler" else "auto"
-    elt = 2 if dtype == "bfloat16" or (dtype == "auto" and gpu) else 4
+    import torch
+
+    from orchestrator.grpo.rollout import compute_dtype
+
+    elt = compute_dtype(r.dtype if role == "sampler" else "auto", torch.device("cuda" if gpu else "cpu")).itemsize
     mem.parameters = elt * (pc.total - pc.routed + pc.routed // K)
     mem.buffers = pc.buffer_bytes
     mem.kv_cache = B * S * (args.kv_lora_rank + args.qk_rope_head_dim) * elt * args.n_layers

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.grpo.batch import LogProbs, behaviour_rows, behaviour_terms, expert_rows, kept_behaviour, kept_samples, pack_batch, replay_experts, stack_rows
-from orchestrator.grpo.rollout import RolloutChunk, load_policy, state_hash
+from orchestrator.grpo.rollout import RolloutChunk, compute_dtype, load_policy, state_hash
 from orchestrator.grpo.update import MinibatchUpdates
 
 LAYOUT = "learners.json"  # beside a checkpoint's DeepSpeed files: the learners' count, ZeRO stage and EP degree
@@ -64,7 +64,7 @@ class ReferenceModel:
     def __init__(self, init_dir: str, *, pad_id: int, threads: int = 1, batch: int = 64):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # as the learners compute (DeepSpeed's bf16 on GPUs)
+        dtype = compute_dtype("auto", self.device)  # as the learners compute (DeepSpeed's bf16 on GPUs)
         self.model = LogProbs(load_policy(init_dir, dtype=dtype).eval().requires_grad_(False)).to(self.device)
         self.pad_id, self.batch = pad_id, batch
 
@@ -138,7 +138,7 @@ def build_reference(init_dir: str, g, ds_cfg: dict, device: torch.device):
         model = from_hf_pretrained_zero3(init_dir, cfg).eval().requires_grad_(False)
         engine, *_ = import_deepspeed().initialize(model=LogProbs(model), config=cfg)
         return engine
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # read in bf16: no fp32 copy on the way
+    dtype = compute_dtype("auto", device)  # read in bf16 on GPUs: no fp32 copy on the way
     return LogProbs(load_policy(init_dir, dtype=dtype).eval().requires_grad_(False)).to(device)
 
 
